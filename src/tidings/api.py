@@ -1,0 +1,135 @@
+"""The HTTP API: publish, the seed-style publish endpoints, health and metrics.
+
+Errors follow Centrifugo's server API: a request that was understood but cannot be done answers
+``{"error": {"code": N, "message": "..."}}``; a missing or wrong API key is HTTP 401; a body
+that is not the documented JSON is HTTP 400 with the same error shape.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from .auth import check_api_key
+from .errors import BadRequest, TidingsError, Unauthorized
+
+if TYPE_CHECKING:
+    from .app import Tidings
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+def error_response(exc: TidingsError, status: int = 200) -> Response:
+    return json_response({"error": exc.as_dict()}, status)
+
+
+async def _json_object(request: Request, limit: int) -> dict[str, Any]:
+    body = await request.body()
+    if len(body) > limit:
+        raise BadRequest(f"request body larger than {limit} bytes")
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadRequest("body must be a JSON object")
+    return value
+
+
+def _string(payload: dict[str, Any], key: str) -> str:
+    value = payload.get(key)
+    if not isinstance(value, str):
+        raise BadRequest(f'"{key}" must be a string')
+    return value
+
+
+def build_router(tidings: Tidings) -> APIRouter:
+    router = APIRouter()
+    settings = tidings.settings
+    hub = tidings.hub
+    body_limit = settings.max_message_size + 1024
+
+    def authorized(request: Request) -> bool:
+        return check_api_key(settings, dict(request.headers))
+
+    async def publish(channel: str, data: bytes) -> Response:
+        try:
+            position = await hub.publish_json(channel, data)
+        except TidingsError as exc:
+            return error_response(exc)
+        return json_response({"result": {"offset": position.offset, "epoch": position.epoch}})
+
+    @router.post("/api/publish", tags=["api"])
+    async def api_publish(request: Request) -> Response:
+        """Publish ``{"channel": str, "data": any JSON}``; answers the new stream position."""
+        if not authorized(request):
+            return error_response(Unauthorized(), 401)
+        try:
+            payload = await _json_object(request, body_limit)
+            channel = _string(payload, "channel")
+            if "data" not in payload:
+                raise BadRequest('"data" is required')
+        except TidingsError as exc:
+            return error_response(exc, 400)
+        return await publish(channel, orjson.dumps(payload["data"]))
+
+    @router.post("/push", tags=["seed"])
+    async def push(request: Request) -> Response:
+        """The FastAPI + broadcaster example's shape: ``{"channel": str, "message": str}``."""
+        if not authorized(request):
+            return error_response(Unauthorized(), 401)
+        try:
+            payload = await _json_object(request, body_limit)
+            channel = _string(payload, "channel")
+            message = _string(payload, "message")
+        except TidingsError as exc:
+            return error_response(exc, 400)
+        return await publish(channel, orjson.dumps(message))
+
+    @router.post("/publish/{channel}", tags=["seed"])
+    async def publish_text(channel: str, request: Request) -> Response:
+        """The tutorial shape: the request body, as text, is the message."""
+        if not authorized(request):
+            return error_response(Unauthorized(), 401)
+        body = await request.body()
+        try:
+            if len(body) > body_limit:
+                raise BadRequest(f"request body larger than {body_limit} bytes")
+            text = body.decode()
+        except UnicodeDecodeError:
+            return error_response(BadRequest("body is not UTF-8 text"), 400)
+        except TidingsError as exc:
+            return error_response(exc, 400)
+        return await publish(channel, orjson.dumps(text))
+
+    @router.get("/health", tags=["ops"])
+    async def health() -> Response:
+        """Liveness plus broker connectivity: 503 when the broker cannot be reached."""
+        try:
+            await hub.broker.ping()
+        except Exception as exc:
+            return json_response(
+                {"status": "error", "broker": {"ok": False, "error": str(exc)}}, 503
+            )
+        return json_response(
+            {
+                "status": "ok",
+                "node": hub.node_id,
+                "broker": {"ok": True, "engine": type(hub.broker).__name__},
+                "connections": len(hub.sessions),
+                "channels": len(list(hub.channels)),
+            }
+        )
+
+    @router.get("/metrics", tags=["ops"])
+    async def metrics() -> Response:
+        """Prometheus exposition of the hub's counters."""
+        body, content_type = tidings.metrics_exposition()
+        return Response(body, media_type=content_type)
+
+    return router

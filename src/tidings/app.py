@@ -1,0 +1,96 @@
+"""Wiring: settings -> broker -> hub -> routes. Mount it in your FastAPI app or serve it alone.
+
+tidings = Tidings()                       # env TIDINGS_* and defaults
+app = FastAPI(lifespan=tidings.lifespan)
+app.include_router(tidings.router)
+...
+await tidings.hub.publish("orders", {"id": 1})
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import HTMLResponse
+from starlette.routing import WebSocketRoute
+
+from .api import build_router
+from .auth import TokenVerifier
+from .brokers import create_broker
+from .config import Settings
+from .endpoints import RawEndpoint
+from .hub import Hub
+from .metrics import exposition
+
+log = logging.getLogger("tidings")
+
+
+class Tidings:
+    """A tidings node: its settings, broker, hub and routes.
+
+    ``Tidings(broker_url="redis://...")`` or ``Tidings(settings)``; keyword arguments override
+    settings read from the environment."""
+
+    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+        if settings is None:
+            settings = Settings.load(**overrides)
+        elif overrides:
+            settings = settings.model_copy(update=overrides)
+        self.settings = settings
+        self.broker = create_broker(settings.broker_url)
+        self.hub = Hub(self.broker, settings)
+        self.tokens = TokenVerifier(settings)
+        self.router = self._routes()
+
+    def _routes(self) -> APIRouter:
+        router = build_router(self)
+        router.routes.append(WebSocketRoute("/ws/{channel}", RawEndpoint(self), name="raw"))
+        if self.settings.demo:
+
+            @router.get("/", response_class=HTMLResponse, include_in_schema=False)
+            async def demo() -> HTMLResponse:
+                page = resources.files("tidings").joinpath("static/index.html").read_text()
+                return HTMLResponse(page)
+
+        return router
+
+    async def start(self) -> None:
+        if self.settings.dev_mode:
+            log.warning(
+                "tidings is in DEV MODE: no api_key or token secret is set, so anyone who can "
+                "reach it may subscribe and publish"
+            )
+        await self.hub.start()
+
+    async def stop(self) -> None:
+        await self.hub.stop()
+
+    async def __aenter__(self) -> Tidings:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @asynccontextmanager
+    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
+        """Use as ``FastAPI(lifespan=tidings.lifespan)``, or inside your own lifespan."""
+        async with self:
+            yield
+
+    def metrics_exposition(self) -> tuple[bytes, str]:
+        return exposition(self.hub)
+
+
+def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
+    """The standalone server's app: the tidings routes and nothing else."""
+    tidings = Tidings(settings, **overrides)
+    app = FastAPI(title="tidings", lifespan=tidings.lifespan)
+    app.include_router(tidings.router)
+    app.state.tidings = tidings
+    return app

@@ -1,0 +1,200 @@
+"""The broker interface: the only road between tidings nodes.
+
+A broker does three jobs. It carries publications to every node that subscribed the channel
+(pub/sub), it keeps each channel's stream (offset, epoch, recent history) so clients can
+recover what they missed, and it keeps presence. Every engine implements this one small class
+and passes the same contract tests; the hub never knows which engine it talks to.
+
+Payloads are bytes holding JSON: the hub encodes once and brokers move bytes untouched.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPosition:
+    """Where a channel's stream is: ``offset`` grows by exactly 1 per publication; ``epoch``
+    names one life of the stream and changes only when the stream is lost (expired, reset)."""
+
+    offset: int
+    epoch: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """Who is behind a connection, as presence and join/leave report it."""
+
+    client: str
+    user: str = ""
+    conn_info: bytes | None = None
+    chan_info: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """One message in a channel. ``data`` is JSON bytes, never re-encoded by a broker."""
+
+    channel: str
+    data: bytes
+    offset: int = 0
+    epoch: str = ""
+    info: ClientInfo | None = None
+    tags: dict[str, str] | None = None
+    time: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryOptions:
+    """How a publication is kept: ``size`` items for ``ttl`` seconds (0 size: not kept);
+    ``meta_ttl`` is how long an idle stream keeps its offset and epoch."""
+
+    size: int = 0
+    ttl: float = 0.0
+    meta_ttl: float = 7 * 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryResult:
+    publications: list[Publication]
+    position: StreamPosition
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceStats:
+    num_clients: int
+    num_users: int
+
+
+@dataclass(frozen=True, slots=True)
+class JoinLeave:
+    """A presence change pushed to subscribers of ``channel``."""
+
+    channel: str
+    info: ClientInfo
+    join: bool = True
+
+
+class EventHandler(Protocol):
+    """What a broker calls when something arrives for this node. The hub implements it.
+
+    These are plain functions: a broker calls them from its receiving task, in order, and they
+    never block (the hub only queues bytes)."""
+
+    def on_publication(self, publication: Publication) -> None: ...
+
+    def on_join_leave(self, event: JoinLeave) -> None: ...
+
+    def on_control(self, data: bytes) -> None: ...
+
+
+@dataclass(slots=True)
+class _NullHandler:
+    seen: list[object] = field(default_factory=list)
+
+    def on_publication(self, publication: Publication) -> None:
+        self.seen.append(publication)
+
+    def on_join_leave(self, event: JoinLeave) -> None:
+        self.seen.append(event)
+
+    def on_control(self, data: bytes) -> None:
+        self.seen.append(data)
+
+
+class Broker(abc.ABC):
+    """One engine. Create it from a URL with :func:`tidings.brokers.create_broker`."""
+
+    #: URL schemes this engine answers to.
+    schemes: tuple[str, ...] = ()
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.handler: EventHandler = _NullHandler()
+
+    # -- life ----------------------------------------------------------------------------------
+
+    async def start(self, handler: EventHandler) -> None:
+        """Connect; from now on deliver events for subscribed channels to ``handler``."""
+        self.handler = handler
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Disconnect and release everything; idempotent."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise if the engine cannot be reached (used by /health)."""
+
+    # -- pub/sub -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def subscribe(self, channel: str) -> None:
+        """Start receiving ``channel`` on this node. Returns once delivery is guaranteed."""
+
+    @abc.abstractmethod
+    async def unsubscribe(self, channel: str) -> None:
+        """Stop receiving ``channel`` on this node."""
+
+    @abc.abstractmethod
+    async def publish(
+        self,
+        channel: str,
+        data: bytes,
+        history: HistoryOptions,
+        *,
+        info: ClientInfo | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> StreamPosition:
+        """Append to the channel's stream (kept per ``history``) and fan out to every node."""
+
+    async def publish_join_leave(self, event: JoinLeave) -> None:
+        """Send a join/leave event to every node subscribed to its channel."""
+        raise NotImplementedError(f"{type(self).__name__} does not carry join/leave events")
+
+    async def publish_control(self, data: bytes) -> None:
+        """Send a control message to every node (disconnect a user, etc.)."""
+        raise NotImplementedError(f"{type(self).__name__} does not carry control messages")
+
+    # -- streams -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: StreamPosition | None = None,
+        limit: int | None = None,
+        reverse: bool = False,
+        meta_ttl: float = 7 * 86400.0,
+    ) -> HistoryResult:
+        """Publications after ``since.offset`` (all kept ones without ``since``), at most
+        ``limit`` (None: no limit, 0: none, only the position), oldest first unless ``reverse``.
+
+        The position is always the stream's current one (a stream that did not exist starts
+        now, with a new epoch), so a caller compares epochs to tell whether ``since`` is still
+        valid."""
+
+    @abc.abstractmethod
+    async def remove_history(self, channel: str) -> None:
+        """Drop kept publications; offset and epoch stay."""
+
+    # -- presence ------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def add_presence(self, channel: str, info: ClientInfo, ttl: float) -> None:
+        """Record (or refresh) ``info.client`` as present in ``channel`` for ``ttl`` seconds."""
+
+    @abc.abstractmethod
+    async def remove_presence(self, channel: str, client: str) -> None: ...
+
+    @abc.abstractmethod
+    async def presence(self, channel: str) -> dict[str, ClientInfo]:
+        """Present clients by client id."""
+
+    async def presence_stats(self, channel: str) -> PresenceStats:
+        clients = await self.presence(channel)
+        return PresenceStats(len(clients), len({c.user for c in clients.values()}))

@@ -1,0 +1,196 @@
+"""The embedded default broker: everything in this process's memory.
+
+``memory://`` gives each broker a private store (one node). ``memory://NAME`` shares one store
+among every broker in the process with that name, so tests can run several hubs as if they were
+several nodes and check the same contract as the networked engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from .base import (
+    Broker,
+    ClientInfo,
+    EventHandler,
+    HistoryOptions,
+    HistoryResult,
+    JoinLeave,
+    Publication,
+    StreamPosition,
+)
+
+SWEEP_INTERVAL = 30.0
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(4)
+
+
+@dataclass(slots=True)
+class _Stream:
+    epoch: str = field(default_factory=new_epoch)
+    offset: int = 0
+    items: deque[tuple[float, Publication]] = field(default_factory=deque)
+    size: int = 0
+    expires: float = 0.0  # monotonic time the whole stream (offset, epoch) is forgotten
+
+
+@dataclass(slots=True)
+class _Store:
+    streams: dict[str, _Stream] = field(default_factory=dict)
+    presence: dict[str, dict[str, tuple[float, ClientInfo]]] = field(default_factory=dict)
+    nodes: set[MemoryBroker] = field(default_factory=set)
+
+
+_shared: dict[str, _Store] = {}
+
+
+class MemoryBroker(Broker):
+    schemes = ("memory",)
+
+    def __init__(self, url: str = "memory://") -> None:
+        super().__init__(url)
+        name = urlsplit(url).netloc
+        self._store = _shared.setdefault(name, _Store()) if name else _Store()
+        self._channels: set[str] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self, handler: EventHandler) -> None:
+        await super().start(handler)
+        self._store.nodes.add(self)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def close(self) -> None:
+        self._store.nodes.discard(self)
+        self._channels.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    async def ping(self) -> None:
+        return None
+
+    async def subscribe(self, channel: str) -> None:
+        self._channels.add(channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        self._channels.discard(channel)
+
+    # -- streams -------------------------------------------------------------------------------
+
+    def _stream(self, channel: str, now: float, meta_ttl: float) -> _Stream:
+        stream = self._store.streams.get(channel)
+        if stream is None or stream.expires <= now:
+            stream = self._store.streams[channel] = _Stream()
+        stream.expires = now + meta_ttl
+        return stream
+
+    @staticmethod
+    def _trim(stream: _Stream, now: float) -> None:
+        items = stream.items
+        while items and (items[0][0] <= now or len(items) > stream.size):
+            items.popleft()
+
+    async def publish(
+        self,
+        channel: str,
+        data: bytes,
+        history: HistoryOptions,
+        *,
+        info: ClientInfo | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> StreamPosition:
+        now = time.monotonic()
+        stream = self._stream(channel, now, history.meta_ttl)
+        stream.offset += 1
+        pub = Publication(channel, data, stream.offset, stream.epoch, info, tags, time.time())
+        if history.size > 0:
+            stream.size = history.size
+            stream.items.append((now + history.ttl if history.ttl > 0 else float("inf"), pub))
+            self._trim(stream, now)
+        for node in tuple(self._store.nodes):
+            if channel in node._channels:
+                node.handler.on_publication(pub)
+        return StreamPosition(stream.offset, stream.epoch)
+
+    async def publish_join_leave(self, event: JoinLeave) -> None:
+        for node in tuple(self._store.nodes):
+            if event.channel in node._channels:
+                node.handler.on_join_leave(event)
+
+    async def publish_control(self, data: bytes) -> None:
+        for node in tuple(self._store.nodes):
+            node.handler.on_control(data)
+
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: StreamPosition | None = None,
+        limit: int | None = None,
+        reverse: bool = False,
+        meta_ttl: float = 7 * 86400.0,
+    ) -> HistoryResult:
+        now = time.monotonic()
+        stream = self._stream(channel, now, meta_ttl)
+        self._trim(stream, now)
+        position = StreamPosition(stream.offset, stream.epoch)
+        if limit == 0:
+            return HistoryResult([], position)
+        pubs = [p for _, p in stream.items]
+        if since is not None:
+            pubs = [p for p in pubs if p.offset > since.offset]
+        if reverse:
+            pubs.reverse()
+        if limit is not None and limit > 0:
+            pubs = pubs[:limit]
+        return HistoryResult(pubs, position)
+
+    async def remove_history(self, channel: str) -> None:
+        stream = self._store.streams.get(channel)
+        if stream is not None:
+            stream.items.clear()
+
+    # -- presence ------------------------------------------------------------------------------
+
+    async def add_presence(self, channel: str, info: ClientInfo, ttl: float) -> None:
+        self._store.presence.setdefault(channel, {})[info.client] = (time.monotonic() + ttl, info)
+
+    async def remove_presence(self, channel: str, client: str) -> None:
+        entries = self._store.presence.get(channel)
+        if entries is not None:
+            entries.pop(client, None)
+            if not entries:
+                del self._store.presence[channel]
+
+    async def presence(self, channel: str) -> dict[str, ClientInfo]:
+        now = time.monotonic()
+        entries = self._store.presence.get(channel, {})
+        return {cid: info for cid, (expires, info) in entries.items() if expires > now}
+
+    # -- housekeeping --------------------------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Forget expired streams, history items and presence entries."""
+        now = time.monotonic()
+        streams = self._store.streams
+        for name in [n for n, s in streams.items() if s.expires <= now]:
+            del streams[name]
+        for stream in streams.values():
+            self._trim(stream, now)
+        for channel, entries in list(self._store.presence.items()):
+            for cid in [c for c, (exp, _) in entries.items() if exp <= now]:
+                del entries[cid]
+            if not entries:
+                del self._store.presence[channel]
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            self.sweep()

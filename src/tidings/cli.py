@@ -1,0 +1,205 @@
+"""The ``tidings`` command: serve a hub, publish to it, subscribe to it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import httpx
+import orjson
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.panel import Panel
+
+from .config import Settings
+
+app = typer.Typer(
+    help="tidings: real-time channels for Python.", no_args_is_help=True, add_completion=False
+)
+err = Console(stderr=True)
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+UrlOption = Annotated[
+    str, typer.Option("--url", envvar="TIDINGS_URL", help="Base URL of the tidings server.")
+]
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(2)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address [env TIDINGS_HOST].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [env TIDINGS_PORT].")] = None,
+    broker: Annotated[
+        str | None, typer.Option("--broker", help="Broker URL [env TIDINGS_BROKER_URL].")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML file with settings and namespaces.")
+    ] = None,
+    insecure: Annotated[
+        bool | None,
+        typer.Option("--insecure", help="Allow dev mode (no secrets) on a non-loopback address."),
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="Log level [env TIDINGS_LOG_LEVEL].")
+    ] = None,
+) -> None:
+    """Run a tidings hub (default: in-memory broker on http://127.0.0.1:8000)."""
+    try:
+        settings = Settings.load(
+            config,
+            host=host,
+            port=port,
+            broker_url=broker,
+            insecure=insecure,
+            log_level=log_level,
+        )
+    except (ValidationError, FileNotFoundError, ValueError) as exc:
+        raise _fail(f"bad configuration:\n{exc}") from None
+    if settings.dev_mode and not settings.loopback_only and not settings.insecure:
+        raise _fail(
+            f"refusing to serve {settings.host} in dev mode (no TIDINGS_API_KEY or "
+            "TIDINGS_TOKEN_HMAC_SECRET set): anyone could publish. Set a secret, bind "
+            "127.0.0.1, or pass --insecure."
+        )
+    run(settings)
+
+
+def run(settings: Settings) -> None:
+    import uvicorn
+
+    from .app import create_app
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        application = create_app(settings)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    url = f"http://{settings.host}:{settings.port}"
+    if settings.dev_mode:
+        err.print(
+            Panel.fit(
+                "[bold yellow]DEV MODE[/]: no secrets configured. Anyone who can reach this "
+                "server may subscribe and publish.\nSet TIDINGS_API_KEY and "
+                "TIDINGS_TOKEN_HMAC_SECRET before exposing it.",
+                border_style="yellow",
+            )
+        )
+    err.print(f"tidings on [bold]{url}[/]  broker [bold]{settings.broker_url}[/]  demo {url}/")
+    uvicorn.run(
+        application,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        ws_max_size=settings.max_message_size,
+        ws_ping_interval=settings.ping_interval,
+        ws_ping_timeout=settings.pong_timeout,
+        lifespan="on",
+    )
+
+
+def _data(value: str, as_text: bool) -> Any:
+    if as_text:
+        return value
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return value
+
+
+@app.command()
+def publish(
+    channel: str,
+    data: Annotated[str, typer.Argument(help="JSON value, or plain text (sent as a string).")],
+    url: UrlOption = DEFAULT_URL,
+    text: Annotated[
+        bool, typer.Option("--text", help="Send DATA as a string, even if JSON.")
+    ] = False,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="TIDINGS_API_KEY", help="API key, if the server has one.")
+    ] = None,
+) -> None:
+    """Publish DATA to CHANNEL through the server's HTTP API."""
+    headers = {"X-API-Key": api_key} if api_key else {}
+    body = {"channel": channel, "data": _data(data, text)}
+    try:
+        response = httpx.post(f"{url.rstrip('/')}/api/publish", json=body, headers=headers)
+    except httpx.HTTPError as exc:
+        raise _fail(f"cannot reach {url}: {exc}") from None
+    try:
+        answer = response.json()
+    except ValueError:
+        raise _fail(f"HTTP {response.status_code}: {response.text[:200]}") from None
+    if "error" in answer:
+        raise _fail(f"{answer['error'].get('message')} (code {answer['error'].get('code')})")
+    result = answer["result"]
+    err.print(f"published to {channel}: offset {result['offset']} epoch {result['epoch']}")
+
+
+def ws_url(base: str, channel: str, token: str | None) -> str:
+    parts = urlsplit(base)
+    scheme = {"https": "wss", "http": "ws"}.get(parts.scheme, parts.scheme)
+    path = parts.path.rstrip("/") + "/ws/" + quote(channel, safe="")
+    query = f"token={quote(token)}" if token else ""
+    return urlunsplit((scheme, parts.netloc, path, query, ""))
+
+
+@app.command()
+def subscribe(
+    channel: str,
+    url: UrlOption = DEFAULT_URL,
+    token: Annotated[
+        str | None, typer.Option(envvar="TIDINGS_TOKEN", help="Connection JWT.")
+    ] = None,
+    count: Annotated[int | None, typer.Option(help="Exit after this many messages.")] = None,
+) -> None:
+    """Print each message of CHANNEL as it arrives; reconnect with backoff when dropped."""
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_subscribe(ws_url(url, channel, token), count))
+
+
+async def _subscribe(url: str, count: int | None) -> None:
+    import websockets
+
+    delay, seen = 0.5, 0
+    while True:
+        try:
+            async with websockets.connect(url, max_size=None) as ws:
+                err.print(f"[green]subscribed[/] {url}")
+                delay = 0.5
+                async for message in ws:
+                    line = message if isinstance(message, str) else message.decode(errors="replace")
+                    sys.stdout.write(line + "\n")
+                    sys.stdout.flush()
+                    seen += 1
+                    if count is not None and seen >= count:
+                        return
+        except websockets.ConnectionClosed as exc:
+            rcvd = exc.rcvd
+            if rcvd is not None and rcvd.code == 1008:
+                raise _fail(f"refused: {rcvd.reason}") from None
+            err.print(f"[yellow]disconnected[/] ({rcvd.code if rcvd else 'no close frame'})")
+        except (OSError, websockets.InvalidHandshake) as exc:
+            err.print(f"[yellow]cannot connect[/]: {exc}")
+        await asyncio.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 10.0)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Configuration: environment (``TIDINGS_*``), an optional TOML file, and code.
+
+Precedence, highest first: arguments given in code or on the command line, environment
+variables, the TOML file, defaults. Channel behaviour is configured per *namespace*: the part of
+a channel name before the first ``:`` (``chat:room1`` is in namespace ``chat``); channels without
+a namespace use ``[defaults]``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+SubscribeRule = Literal["anonymous", "authenticated", "token"]
+
+
+class ChannelOptions(BaseModel):
+    """What a channel (namespace) allows and keeps. Unknown keys are an error naming the key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    history_size: int = Field(100, ge=0, description="Publications kept per channel (0: none).")
+    history_ttl: float = Field(300.0, ge=0, description="Seconds a publication stays in history.")
+    presence: bool = Field(False, description="Track who is subscribed.")
+    presence_ttl: float = Field(
+        60.0, gt=0, description="Seconds a presence entry lives unrefreshed."
+    )
+    join_leave: bool = Field(False, description="Emit join/leave events.")
+    force_push_join_leave: bool = Field(False, description="Push join/leave to every subscriber.")
+    allow_publish: bool | None = Field(
+        None, description="Clients may publish (default: yes in dev mode, no otherwise)."
+    )
+    allow_subscribe: SubscribeRule | None = Field(
+        None, description="Who may subscribe (default: anonymous in dev mode, else authenticated)."
+    )
+    allow_history: bool = Field(True, description="Clients may read history.")
+    allow_presence: bool = Field(True, description="Clients may read presence.")
+    force_recovery: bool = Field(False, description="Recover on resubscribe even if not asked.")
+
+
+class Settings(BaseSettings):
+    """Every setting of a tidings node; each is also an env var ``TIDINGS_<NAME>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TIDINGS_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    host: str = Field("127.0.0.1", description="Address `tidings serve` binds.")
+    port: int = Field(8000, ge=0, le=65535, description="Port `tidings serve` binds.")
+    insecure: bool = Field(False, description="Allow dev mode on a non-loopback address.")
+    broker_url: str = Field("memory://", description="Broker engine, chosen by URL scheme.")
+    api_key: SecretStr | None = Field(None, description="Key required by the HTTP API.")
+    token_hmac_secret: SecretStr | None = Field(None, description="HS256 secret for client JWTs.")
+
+    max_connections: int = Field(10_000, ge=1, description="WebSocket connections per process.")
+    max_message_size: int = Field(65_536, ge=64, description="Largest incoming message, bytes.")
+    outbox_limit: int = Field(
+        1_048_576, ge=1024, description="Bytes queued for one client before it counts as slow."
+    )
+    ping_interval: float = Field(25.0, gt=0, description="Seconds between server pings.")
+    pong_timeout: float = Field(10.0, gt=0, description="Seconds to wait for a pong.")
+    close_timeout: float = Field(2.0, gt=0, description="Seconds to wait for a close handshake.")
+    max_channel_length: int = Field(255, ge=1, description="Longest channel name.")
+    channel_chars: str = Field(
+        r"A-Za-z0-9_\-:.@$#,=!+~*",
+        description="Characters allowed in channel names (a regex character class body).",
+    )
+    history_meta_ttl: float = Field(
+        7 * 86400.0, gt=0, description="Seconds an idle channel keeps its offset and epoch."
+    )
+    demo: bool = Field(True, description="Serve the demo page at /.")
+    log_level: str = Field("info", description="Logging level of `tidings serve`.")
+
+    defaults: ChannelOptions = Field(default_factory=lambda: ChannelOptions())
+    namespaces: dict[str, ChannelOptions] = Field(default_factory=dict)
+
+    @field_validator("channel_chars")
+    @classmethod
+    def _valid_class(cls, value: str) -> str:
+        re.compile(f"[{value}]")
+        return value
+
+    @field_validator("namespaces")
+    @classmethod
+    def _valid_names(cls, value: dict[str, ChannelOptions]) -> dict[str, ChannelOptions]:
+        for name in value:
+            if not name or ":" in name:
+                raise ValueError(f"bad namespace name {name!r}")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
+        """Settings from env and ``config_file`` (TOML), with ``overrides`` on top.
+
+        ``None`` overrides are dropped, so CLI options that were not given fall through.
+        """
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if config_file is None:
+            return cls(**given)
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        bound = type(
+            "FileSettings", (cls,), {"model_config": {**cls.model_config, "toml_file": path}}
+        )
+        return cls.model_validate(bound(**given).model_dump())
+
+    # -- derived -----------------------------------------------------------------------------
+
+    @property
+    def dev_mode(self) -> bool:
+        """No secret is configured: anonymous access and an open publish API."""
+        return self.api_key is None and self.token_hmac_secret is None
+
+    @property
+    def loopback_only(self) -> bool:
+        host = self.host.strip("[]")
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    def channel_options(self, namespace: str) -> ChannelOptions:
+        """Options of a namespace ('' for channels without one); KeyError if unknown."""
+        if namespace == "":
+            return self.defaults
+        return self.namespaces[namespace]
+
+    def allows_client_publish(self, options: ChannelOptions) -> bool:
+        return self.dev_mode if options.allow_publish is None else options.allow_publish
+
+    def subscribe_rule(self, options: ChannelOptions) -> SubscribeRule:
+        if options.allow_subscribe is not None:
+            return options.allow_subscribe
+        return "anonymous" if self.dev_mode else "authenticated"

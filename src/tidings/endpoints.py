@@ -1,0 +1,88 @@
+"""WebSocket endpoints as plain ASGI apps (no per-message framework overhead)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+from .auth import ANONYMOUS, Credentials, can_subscribe
+from .brokers.base import ClientInfo
+from .errors import Disconnect, TidingsError
+from .protocol.raw import RAW_TEXT
+from .session import Frame, Session
+from .transport.asgi import AsgiTransport
+
+if TYPE_CHECKING:
+    from .app import Tidings
+
+log = logging.getLogger("tidings.endpoints")
+
+POLICY = 1008
+UNSUPPORTED = 1003
+
+
+def close_reason(message: str) -> str:
+    """A close reason must fit in 123 bytes."""
+    raw = message.encode()[:123]
+    return raw.decode(errors="ignore")
+
+
+class RawEndpoint:
+    """``/ws/{channel}``: each publication is one text frame; text sent is published.
+
+    With tokens configured, ``?token=JWT`` authenticates the connection and ``?sub_token=JWT``
+    grants a channel whose namespace requires one."""
+
+    def __init__(self, tidings: Tidings) -> None:
+        self.tidings = tidings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        tidings = self.tidings
+        hub, settings = tidings.hub, tidings.settings
+        transport = AsgiTransport(receive, send, settings.max_message_size)
+        await transport.accept()
+        session = Session(hub, transport, RAW_TEXT)
+        try:
+            hub.connect(session)
+        except Disconnect as reason:
+            log.warning("refusing a connection: %s", reason)
+            await transport.close(reason.code, reason.reason)
+            return
+        try:
+            name = scope["path_params"]["channel"]
+            channel = hub.channel(name)
+            query = parse_qs(scope.get("query_string", b"").decode())
+            who = self._credentials(query)
+            if who.user:
+                hub.set_user(session, who.user)
+            sub_token = query.get("sub_token", [""])[0]
+            if sub_token:
+                tidings.tokens.subscription(sub_token, channel.name, who.user)
+            can_subscribe(settings, channel, who, token=bool(sub_token))
+            await hub.subscribe(session, channel.name, RAW_TEXT)
+        except TidingsError as exc:
+            await hub.disconnect(session)
+            await transport.close(POLICY, close_reason(f"{exc.code}: {exc.message}"))
+            return
+        except BaseException:
+            await hub.disconnect(session)
+            raise
+        allowed = settings.allows_client_publish(channel.options)
+        info = ClientInfo(session.client_id, session.user)
+
+        async def handle(session: Session, message: Frame) -> None:
+            if isinstance(message, bytes):
+                raise Disconnect(UNSUPPORTED, "binary frames are not accepted here")
+            if not allowed:
+                raise Disconnect(POLICY, "clients may not publish in this channel")
+            await hub.publish_json(channel.name, orjson.dumps(message), info=info)
+
+        await session.serve(handle)
+
+    def _credentials(self, query: dict[str, list[str]]) -> Credentials:
+        token = query.get("token", [""])[0]
+        return self.tidings.tokens.connection(token) if token else ANONYMOUS

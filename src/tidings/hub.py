@@ -1,0 +1,352 @@
+"""The hub: this node's channels, their local subscribers, and encode-once fan-out.
+
+Publishing goes *through the broker* (which assigns the offset, keeps history and reaches every
+node), and comes back to each node's hub as :meth:`Hub.on_publication`. There the publication is
+encoded once per wire format in use on the channel and the same frame is queued to every local
+subscriber. The hub knows the broker only by its interface and imports no web framework.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from .brokers.base import (
+    Broker,
+    ClientInfo,
+    HistoryOptions,
+    HistoryResult,
+    JoinLeave,
+    PresenceStats,
+    Publication,
+    StreamPosition,
+)
+from .channels import Channel, ChannelRules
+from .config import Settings
+from .errors import SHUTDOWN, TOO_MANY, BadRequest, Disconnect
+from .session import Flusher, Frame, Session
+
+log = logging.getLogger("tidings.hub")
+
+
+class Encoder(Protocol):
+    """Turns a publication into the frame a wire format pushes; called once per publication."""
+
+    def push(self, publication: Publication) -> Frame: ...
+
+    def join_leave(self, event: JoinLeave) -> Frame | None: ...
+
+
+@dataclass(slots=True)
+class Metrics:
+    """Counters exported at /metrics."""
+
+    published: int = 0
+    delivered: int = 0
+    slow_clients: int = 0
+    rejected_connections: int = 0
+    connections_total: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class _Local:
+    """Local subscribers of one channel, grouped by encoder so each frame is built once."""
+
+    groups: dict[Encoder, set[Session]] = field(default_factory=dict)
+    #: sessions still recovering: they get publications, not frames, until activated
+    buffering: dict[Session, list[Publication]] = field(default_factory=dict)
+    count: int = 0
+    subscribed: bool = False  # the broker delivers this channel to us
+    op: asyncio.Future[None] | None = None  # a broker (un)subscribe in flight
+
+
+def encode_json(data: Any) -> bytes:
+    """JSON bytes of ``data``, once, for every subscriber and node."""
+    try:
+        return orjson.dumps(data)
+    except TypeError as exc:
+        raise BadRequest(f"data is not JSON-serializable: {exc}") from None
+
+
+class Hub:
+    """Node-local routing. Create one per process; ``await start()`` before use."""
+
+    def __init__(self, broker: Broker, settings: Settings | None = None) -> None:
+        self.broker = broker
+        self.settings = settings or Settings()
+        self.rules = ChannelRules(self.settings)
+        self.node_id = secrets.token_hex(3)
+        self.flusher = Flusher()
+        self.metrics = Metrics()
+        self.sessions: set[Session] = set()
+        self.users: dict[str, set[Session]] = {}
+        self._local: dict[str, _Local] = {}
+        self._control_handlers: list[Callable[[dict[str, Any]], None]] = []
+        self.started = False
+
+    # -- life ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if not self.started:
+            await self.broker.start(self)
+            self.started = True
+
+    async def stop(self) -> None:
+        """Close every session (3001 shutdown), then the broker."""
+        for session in list(self.sessions):
+            session.close(SHUTDOWN)
+        if self.sessions:
+            await asyncio.sleep(0)
+        if self.started:
+            self.started = False
+            await self.broker.close()
+
+    async def __aenter__(self) -> Hub:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- channels and connections ----------------------------------------------------------------
+
+    def channel(self, name: str) -> Channel:
+        """The channel with its namespace options; BadRequest/UnknownChannel if not allowed."""
+        return self.rules.resolve(name)
+
+    def history_options(self, channel: Channel) -> HistoryOptions:
+        o = channel.options
+        return HistoryOptions(o.history_size, o.history_ttl, self.settings.history_meta_ttl)
+
+    def connect(self, session: Session) -> None:
+        """Count a new connection in; Disconnect(1013) past ``max_connections``."""
+        if len(self.sessions) >= self.settings.max_connections:
+            self.metrics.rejected_connections += 1
+            raise TOO_MANY
+        self.sessions.add(session)
+        self.metrics.connections_total += 1
+
+    def set_user(self, session: Session, user: str) -> None:
+        session.user = user
+        if user:
+            self.users.setdefault(user, set()).add(session)
+
+    async def disconnect(self, session: Session) -> None:
+        """Forget a finished session and its subscriptions."""
+        self.sessions.discard(session)
+        if session.user:
+            peers = self.users.get(session.user)
+            if peers is not None:
+                peers.discard(session)
+                if not peers:
+                    del self.users[session.user]
+        for name in list(session.channels):
+            await self.unsubscribe(session, name)
+
+    # -- subscriptions ---------------------------------------------------------------------------
+
+    async def subscribe(
+        self, session: Session, channel: str, encoder: Encoder, *, buffer: bool = False
+    ) -> None:
+        """Deliver ``channel`` to ``session``; returns once the broker delivers it to this node.
+
+        With ``buffer=True`` publications are kept aside (not sent) until :meth:`activate`, so a
+        recovering client can be sent history first and then what arrived meanwhile, without
+        gaps or duplicates."""
+        local = self._local.get(channel)
+        if local is None:
+            local = self._local[channel] = _Local()
+        if buffer:
+            local.buffering[session] = []
+        else:
+            local.groups.setdefault(encoder, set()).add(session)
+        local.count += 1
+        session.channels.add(channel)
+        try:
+            await self._sync(channel, local)
+        except BaseException:
+            self._remove(session, channel, local)
+            with contextlib.suppress(Exception):
+                await self._sync(channel, local)
+            raise
+
+    def activate(self, session: Session, channel: str, encoder: Encoder) -> list[Publication]:
+        """End buffering: the session now gets frames; returns what was buffered meanwhile."""
+        local = self._local.get(channel)
+        if local is None or session not in local.buffering:
+            return []
+        held = local.buffering.pop(session)
+        local.groups.setdefault(encoder, set()).add(session)
+        return held
+
+    async def unsubscribe(self, session: Session, channel: str) -> None:
+        local = self._local.get(channel)
+        if local is None or channel not in session.channels:
+            return
+        self._remove(session, channel, local)
+        await self._sync(channel, local)
+
+    def _remove(self, session: Session, channel: str, local: _Local) -> None:
+        if channel not in session.channels:
+            return
+        session.channels.discard(channel)
+        local.count -= 1
+        if local.buffering.pop(session, None) is None:
+            for encoder, members in list(local.groups.items()):
+                if session in members:
+                    members.discard(session)
+                    if not members:
+                        del local.groups[encoder]
+                    break
+
+    async def _sync(self, channel: str, local: _Local) -> None:
+        """Make the broker subscription match whether anyone here wants the channel.
+
+        Broker calls for one channel run one at a time; whoever finds the state wrong fixes it,
+        so concurrent first subscribers and a concurrent last unsubscriber cannot race."""
+        while True:
+            if local.op is not None:
+                await asyncio.shield(local.op)
+                continue
+            want = local.count > 0
+            if want == local.subscribed:
+                if not want and self._local.get(channel) is local:
+                    del self._local[channel]
+                return
+            local.op = done = asyncio.get_running_loop().create_future()
+            try:
+                if want:
+                    await self.broker.subscribe(channel)
+                else:
+                    await self.broker.unsubscribe(channel)
+                local.subscribed = want
+            finally:
+                local.op = None
+                done.set_result(None)
+
+    def subscribers(self, channel: str) -> int:
+        local = self._local.get(channel)
+        return local.count if local is not None else 0
+
+    @property
+    def channels(self) -> Iterable[str]:
+        return self._local.keys()
+
+    # -- publishing ------------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        info: ClientInfo | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> StreamPosition:
+        """Publish any JSON-serializable ``data``; returns the channel's new stream position."""
+        return await self.publish_json(channel, encode_json(data), info=info, tags=tags)
+
+    async def publish_json(
+        self,
+        channel: str,
+        data: bytes,
+        *,
+        info: ClientInfo | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> StreamPosition:
+        """Publish data that is already JSON bytes (not checked: the caller vouches for it)."""
+        ch = self.channel(channel)
+        position = await self.broker.publish(
+            ch.name, data, self.history_options(ch), info=info, tags=tags
+        )
+        self.metrics.published += 1
+        return position
+
+    async def publish_many(self, items: Iterable[tuple[str, Any]]) -> list[StreamPosition]:
+        """Publish several (channel, data) pairs in order; one encode per item."""
+        return [await self.publish(channel, data) for channel, data in items]
+
+    # -- broker events (EventHandler) ------------------------------------------------------------
+
+    def on_publication(self, publication: Publication) -> None:
+        local = self._local.get(publication.channel)
+        if local is None:
+            return
+        for held in local.buffering.values():
+            held.append(publication)
+        delivered = 0
+        for encoder, members in local.groups.items():
+            frame = encoder.push(publication)
+            for session in members:
+                session.enqueue(frame)
+            delivered += len(members)
+        self.metrics.delivered += delivered
+
+    def on_join_leave(self, event: JoinLeave) -> None:
+        local = self._local.get(event.channel)
+        if local is None:
+            return
+        for encoder, members in local.groups.items():
+            frame = encoder.join_leave(event)
+            if frame is None:
+                continue
+            for session in members:
+                session.enqueue(frame)
+
+    def on_control(self, data: bytes) -> None:
+        try:
+            message = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            log.warning("ignoring a malformed control message")
+            return
+        if message.get("op") == "disconnect":
+            self._disconnect_local(str(message.get("user", "")), message)
+        for handler in self._control_handlers:
+            handler(message)
+
+    def on_control_message(self, handler: Callable[[dict[str, Any]], None]) -> None:
+        """Register a handler for control messages that every node receives."""
+        self._control_handlers.append(handler)
+
+    # -- users -----------------------------------------------------------------------------------
+
+    async def disconnect_user(self, user: str, code: int = 3000, reason: str = "") -> None:
+        """Close every connection of ``user`` on every node."""
+        message = {"op": "disconnect", "user": user, "code": code, "reason": reason}
+        await self.broker.publish_control(orjson.dumps(message))
+
+    def _disconnect_local(self, user: str, message: dict[str, Any]) -> None:
+        reason = Disconnect(int(message.get("code", 3000)), str(message.get("reason", "")))
+        for session in list(self.users.get(user, ())):
+            session.close(reason)
+
+    # -- history and presence --------------------------------------------------------------------
+
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: StreamPosition | None = None,
+        limit: int | None = None,
+        reverse: bool = False,
+    ) -> HistoryResult:
+        ch = self.channel(channel)
+        return await self.broker.history(
+            ch.name,
+            since=since,
+            limit=limit,
+            reverse=reverse,
+            meta_ttl=self.settings.history_meta_ttl,
+        )
+
+    async def presence(self, channel: str) -> dict[str, ClientInfo]:
+        return await self.broker.presence(self.channel(channel).name)
+
+    async def presence_stats(self, channel: str) -> PresenceStats:
+        return await self.broker.presence_stats(self.channel(channel).name)

@@ -1,0 +1,1 @@
+"""Wire formats: how publications become frames and how client frames become actions."""

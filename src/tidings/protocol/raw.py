@@ -1,0 +1,43 @@
+"""The seed-style protocol: one publication per WebSocket text frame, nothing else.
+
+A publication whose data is a JSON string arrives as that string's value, as-is; any other JSON
+value arrives serialized. Text a client sends is published to its channel as a JSON string,
+when the channel allows client publishing. Heartbeats are the transport's WebSocket pings.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from ..brokers.base import JoinLeave, Publication
+from ..session import Frame
+
+
+def text_of(data: bytes) -> str:
+    """The text a raw subscriber sees for JSON ``data``."""
+    if data[:1] == b'"':
+        value = orjson.loads(data)
+        if isinstance(value, str):
+            return value
+    return data.decode()
+
+
+class RawText:
+    """Raw format for transports that take text (ASGI): frames are ``str``."""
+
+    __slots__ = ()
+
+    def push(self, publication: Publication) -> Frame:
+        return text_of(publication.data)
+
+    def join_leave(self, event: JoinLeave) -> Frame | None:
+        return None
+
+    def pack(self, frames: list[Frame]) -> list[Frame]:
+        return frames
+
+    def ping(self) -> Frame | None:
+        return None
+
+
+RAW_TEXT = RawText()

@@ -1,0 +1,280 @@
+"""One client connection: a bounded outbox, one writer that coalesces, heartbeats.
+
+Fan-out calls :meth:`Session.enqueue` for every subscriber of a channel. It never awaits and
+never grows memory without bound: it appends already-encoded frames to the outbox and marks the
+session dirty; once per event-loop iteration the :class:`Flusher` hands every dirty session's
+outbox to its writer, which packs the queued frames into as few writes as its wire format allows.
+A client whose outbox passes ``outbox_limit`` bytes is closed as slow (3008) and its frames are
+dropped: one slow reader never holds up the publisher or the other subscribers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .errors import NO_PONG, SLOW, Disconnect
+
+if TYPE_CHECKING:
+    from .hub import Hub
+
+log = logging.getLogger("tidings.session")
+
+Frame = str | bytes
+
+
+class Transport(Protocol):
+    """Moves frames to and from one WebSocket; knows nothing of channels."""
+
+    async def receive(self) -> Frame | None:
+        """The next message from the client; None once it is gone."""
+
+    async def send(self, frames: list[Frame]) -> None:
+        """Write frames in order (may wait for the socket to drain)."""
+
+    async def close(self, code: int, reason: str) -> None:
+        """Send a close frame and let the connection go."""
+
+
+class WireFormat(Protocol):
+    """How frames are packed for one protocol (raw text, Centrifugo JSON, ...)."""
+
+    def pack(self, frames: list[Frame]) -> list[Frame]:
+        """Coalesce queued frames into as few frames as the protocol allows."""
+
+    def ping(self) -> Frame | None:
+        """An application-level ping, or None when the transport does heartbeats."""
+
+
+Handler = Callable[["Session", Frame], Awaitable[None]]
+
+_ids = itertools.count(1)
+
+
+class Flusher:
+    """Hands dirty sessions to their writers once per loop iteration, not once per message."""
+
+    __slots__ = ("_dirty", "_loop", "_scheduled")
+
+    def __init__(self) -> None:
+        self._dirty: list[Session] = []
+        self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def mark(self, session: Session) -> None:
+        self._dirty.append(session)
+        if not self._scheduled:
+            self._scheduled = True
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        self._scheduled = False
+        for session in dirty:
+            session._dirty = False
+            session._wakeup.set()
+
+
+class Session:
+    """One connected client. ``user``/``info`` are set by whichever protocol authenticates it."""
+
+    __slots__ = (
+        "__weakref__",
+        "_closing",
+        "_dirty",
+        "_flusher",
+        "_outbox",
+        "_pending",
+        "_ping_timer",
+        "_pong_timer",
+        "_reader",
+        "_receiving",
+        "_wakeup",
+        "channels",
+        "client_id",
+        "closed_with",
+        "format",
+        "hub",
+        "info",
+        "limit",
+        "ping_interval",
+        "pong_timeout",
+        "state",
+        "transport",
+        "user",
+    )
+
+    def __init__(
+        self,
+        hub: Hub,
+        transport: Transport,
+        wire: WireFormat,
+        *,
+        ping_interval: float | None = None,
+        pong_timeout: float = 10.0,
+    ) -> None:
+        self.hub = hub
+        self.transport = transport
+        self.format = wire
+        self.client_id = f"{hub.node_id}-{next(_ids)}"
+        self.user = ""
+        self.info: bytes | None = None
+        self.channels: set[str] = set()
+        self.state: dict[str, Any] = {}
+        self.limit = hub.settings.outbox_limit
+        self.ping_interval = ping_interval
+        self.pong_timeout = pong_timeout
+        self.closed_with: Disconnect | None = None
+        self._flusher = hub.flusher
+        self._outbox: list[Frame] = []
+        self._pending = 0  # bytes queued or being written
+        self._dirty = False
+        self._closing = False
+        self._wakeup = asyncio.Event()
+        self._reader: asyncio.Task[Any] | None = None
+        self._receiving = False
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._pong_timer: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        return f"<Session {self.client_id} user={self.user!r} channels={len(self.channels)}>"
+
+    # -- outgoing --------------------------------------------------------------------------------
+
+    def enqueue(self, frame: Frame) -> None:
+        """Queue one encoded frame. Synchronous and bounded: the fan-out's only per-client cost."""
+        if self._closing:
+            return
+        pending = self._pending + len(frame)
+        if pending > self.limit:
+            self.hub.metrics.slow_clients += 1
+            log.warning("closing slow client %s: %d bytes queued", self.client_id, pending)
+            self.close(SLOW)
+            return
+        self._pending = pending
+        self._outbox.append(frame)
+        if not self._dirty:
+            self._dirty = True
+            self._flusher.mark(self)
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def close(self, reason: Disconnect) -> None:
+        """Close soon with ``reason``; what is still queued is dropped if the client is slow."""
+        if self._closing:
+            return
+        self._closing = True
+        self.closed_with = reason
+        if reason is SLOW:
+            self._outbox.clear()
+        self._cancel_timers()
+        self._wakeup.set()
+
+    async def _write_loop(self) -> None:
+        """The only writer of this connection: drains the outbox in batches."""
+        transport, wire = self.transport, self.format
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                while self._outbox:
+                    batch, self._outbox = self._outbox, []
+                    size = sum(len(f) for f in batch)
+                    await transport.send(wire.pack(batch))
+                    self._pending -= size
+                if self._closing:
+                    break
+        except (OSError, RuntimeError, asyncio.CancelledError):
+            if self.closed_with is None:
+                self.closed_with = Disconnect(1006, "gone")
+            self._closing = True
+            raise
+        reason = self.closed_with or Disconnect(1000, "")
+        try:
+            async with asyncio.timeout(self.hub.settings.close_timeout):
+                await transport.close(reason.code, reason.reason)
+        except (TimeoutError, OSError, RuntimeError):
+            pass
+        finally:
+            if self._receiving and self._reader is not None:
+                self._reader.cancel()
+
+    # -- heartbeats ------------------------------------------------------------------------------
+
+    def _schedule_ping(self) -> None:
+        if self.ping_interval and not self._closing:
+            loop = asyncio.get_running_loop()
+            self._ping_timer = loop.call_later(self.ping_interval, self._send_ping)
+
+    def _send_ping(self) -> None:
+        frame = self.format.ping()
+        if frame is None or self._closing:
+            return
+        self.enqueue(frame)
+        loop = asyncio.get_running_loop()
+        self._pong_timer = loop.call_later(self.pong_timeout, self.close, NO_PONG)
+
+    def pong(self) -> None:
+        """The client answered; the next ping goes out ``ping_interval`` after this one."""
+        if self._pong_timer is not None:
+            self._pong_timer.cancel()
+            self._pong_timer = None
+            self._schedule_ping()
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._ping_timer, self._pong_timer):
+            if timer is not None:
+                timer.cancel()
+        self._ping_timer = self._pong_timer = None
+
+    # -- the connection's life -------------------------------------------------------------------
+
+    async def serve(self, handle: Handler) -> None:
+        """Run until the client or the server ends the connection; ``handle`` gets each message.
+
+        Messages are handled one at a time, in order: a client that floods waits for its own
+        commands, and its socket applies backpressure to it."""
+        self._reader = asyncio.current_task()
+        writer = asyncio.get_running_loop().create_task(self._write_loop())
+        self._schedule_ping()
+        try:
+            while not self._closing:
+                try:
+                    self._receiving = True
+                    message = await self.transport.receive()
+                    self._receiving = False
+                    if message is None:  # the client is gone: nothing more to write
+                        self._closing = True
+                        if self.closed_with is None:
+                            self.closed_with = Disconnect(1000, "client closed")
+                        return
+                    await handle(self, message)
+                except Disconnect as reason:
+                    self._receiving = False
+                    self.close(reason)
+                except Exception:
+                    log.exception("error handling a message from %s", self.client_id)
+                    self.close(Disconnect(1011, "internal error"))
+            await asyncio.shield(writer)  # it sends what is queued, then the close frame
+        except asyncio.CancelledError:
+            # The writer cancels a reader blocked in receive() once the close frame is out.
+            if not self._closing:
+                raise
+        finally:
+            self._closing = True
+            self._cancel_timers()
+            self._outbox.clear()
+            if not writer.done():
+                writer.cancel()
+            await self.hub.disconnect(self)
