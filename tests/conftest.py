@@ -19,6 +19,13 @@ from tidings.app import Tidings
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[[], Any]]:
+    """uvloop, as `tidings serve` runs: tests see the loop users get."""
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -54,7 +61,13 @@ async def serve() -> AsyncIterator[Serve]:
     """``await serve(**settings)`` starts a server in this test's loop; stopped at teardown."""
     started: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
 
-    async def start(settings: Settings | None = None, **overrides: Any) -> Running:
+    async def start(
+        settings: Settings | None = None,
+        *,
+        uvicorn_options: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> Running:
+        """Serve ``Settings(**overrides)``; ``uvicorn_options`` override the server's own."""
         if settings is None:
             settings = Settings(**overrides)
         app = create_app(settings)
@@ -62,14 +75,14 @@ async def serve() -> AsyncIterator[Serve]:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            app,
-            log_level="warning",
-            lifespan="on",
-            ws_max_size=settings.max_message_size,
-            ws_ping_interval=settings.ping_interval,
-            ws_ping_timeout=settings.pong_timeout,
-        )
+        options: dict[str, Any] = {
+            "log_level": "warning",
+            "lifespan": "on",
+            "ws_max_size": settings.max_message_size,
+            "ws_ping_interval": settings.ping_interval,
+            "ws_ping_timeout": settings.pong_timeout,
+        }
+        config = uvicorn.Config(app, **{**options, **(uvicorn_options or {})})
         server = uvicorn.Server(config)
         task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
         started.append((server, task))

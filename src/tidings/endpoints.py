@@ -11,7 +11,7 @@ from starlette.types import Receive, Scope, Send
 
 from .auth import ANONYMOUS, Credentials, can_subscribe
 from .brokers.base import ClientInfo
-from .errors import Disconnect, TidingsError
+from .errors import BadRequest, Disconnect, TidingsError
 from .protocol.raw import RAW_TEXT
 from .session import Frame, Session
 from .transport.asgi import AsgiTransport
@@ -31,9 +31,21 @@ def close_reason(message: str) -> str:
     return raw.decode(errors="ignore")
 
 
+def _replay_from(query: dict[str, list[str]]) -> tuple[int, str] | None:
+    """``?since=OFFSET[&epoch=EPOCH]``: where a reconnecting raw client left off."""
+    if "since" not in query:
+        return None
+    try:
+        offset = int(query["since"][0])
+    except ValueError:
+        raise BadRequest("since must be an integer offset") from None
+    return max(offset, 0), query.get("epoch", [""])[0]
+
+
 class RawEndpoint:
     """``/ws/{channel}``: each publication is one text frame; text sent is published.
 
+    ``?since=OFFSET`` first replays what the channel's history keeps after that offset.
     With tokens configured, ``?token=JWT`` authenticates the connection and ``?sub_token=JWT``
     grants a channel whose namespace requires one."""
 
@@ -63,7 +75,11 @@ class RawEndpoint:
             if sub_token:
                 tidings.tokens.subscription(sub_token, channel.name, who.user)
             can_subscribe(settings, channel, who, token=bool(sub_token))
-            await hub.subscribe(session, channel.name, RAW_TEXT)
+            since = _replay_from(query)
+            if since is None:
+                await hub.subscribe(session, channel.name, RAW_TEXT)
+            else:
+                await self._replay(session, channel.name, *since)
         except TidingsError as exc:
             await hub.disconnect(session)
             await transport.close(POLICY, close_reason(f"{exc.code}: {exc.message}"))
@@ -82,6 +98,25 @@ class RawEndpoint:
             await hub.publish_json(channel.name, orjson.dumps(message), info=info)
 
         await session.serve(handle)
+
+    async def _replay(self, session: Session, channel: str, offset: int, epoch: str) -> None:
+        """Subscribe, then send what history holds after ``offset`` before anything live.
+
+        Live publications arriving meanwhile are held by the hub and sent after the history,
+        skipping offsets already sent. An ``epoch`` that is not the stream's current one means
+        the offset belongs to a lost stream: everything kept is replayed."""
+        hub = self.tidings.hub
+        await hub.subscribe(session, channel, RAW_TEXT, buffer=True)
+        try:
+            history = await hub.history(channel)
+        finally:
+            held = hub.activate(session, channel, RAW_TEXT)
+        if epoch and epoch != history.position.epoch:
+            offset = 0
+        for publication in [*history.publications, *held]:
+            if publication.offset > offset:
+                session.enqueue(RAW_TEXT.push(publication))
+                offset = publication.offset
 
     def _credentials(self, query: dict[str, list[str]]) -> Credentials:
         token = query.get("token", [""])[0]

@@ -94,7 +94,9 @@ class Session:
         "_pong_timer",
         "_reader",
         "_receiving",
+        "_sending",
         "_wakeup",
+        "_writer",
         "channels",
         "client_id",
         "closed_with",
@@ -138,6 +140,8 @@ class Session:
         self._wakeup = asyncio.Event()
         self._reader: asyncio.Task[Any] | None = None
         self._receiving = False
+        self._sending = False
+        self._writer: asyncio.Task[None] | None = None
         self._ping_timer: asyncio.TimerHandle | None = None
         self._pong_timer: asyncio.TimerHandle | None = None
 
@@ -176,13 +180,17 @@ class Session:
             return
         self._closing = True
         self.closed_with = reason
-        if reason is SLOW:
-            self._outbox.clear()
         self._cancel_timers()
         self._wakeup.set()
+        if reason is SLOW or reason is NO_PONG:
+            # The client is not reading: drop what is queued and stop waiting on its socket.
+            self._outbox.clear()
+            self._pending = 0
+            if self._sending and self._writer is not None:
+                self._writer.cancel()
 
     async def _write_loop(self) -> None:
-        """The only writer of this connection: drains the outbox in batches."""
+        """The only writer of this connection: drains the outbox in batches, then closes."""
         transport, wire = self.transport, self.format
         try:
             while True:
@@ -191,15 +199,24 @@ class Session:
                 while self._outbox:
                     batch, self._outbox = self._outbox, []
                     size = sum(len(f) for f in batch)
-                    await transport.send(wire.pack(batch))
+                    self._sending = True
+                    try:
+                        await transport.send(wire.pack(batch))
+                    except asyncio.CancelledError:
+                        if not self._closing:  # not our own abort: a real cancellation
+                            raise
+                        break  # close() gave up on a client that stopped reading
+                    finally:
+                        self._sending = False
                     self._pending -= size
                 if self._closing:
                     break
-        except (OSError, RuntimeError, asyncio.CancelledError):
+        except (OSError, RuntimeError):
+            # The socket is gone; nothing more can be written, not even a close frame.
             if self.closed_with is None:
                 self.closed_with = Disconnect(1006, "gone")
             self._closing = True
-            raise
+            return
         reason = self.closed_with or Disconnect(1000, "")
         try:
             async with asyncio.timeout(self.hub.settings.close_timeout):
@@ -246,7 +263,7 @@ class Session:
         Messages are handled one at a time, in order: a client that floods waits for its own
         commands, and its socket applies backpressure to it."""
         self._reader = asyncio.current_task()
-        writer = asyncio.get_running_loop().create_task(self._write_loop())
+        writer = self._writer = asyncio.get_running_loop().create_task(self._write_loop())
         self._schedule_ping()
         try:
             while not self._closing:

@@ -1,0 +1,196 @@
+"""The hub over the in-memory broker: history ring buffer, encode-once, subscribe races."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tidings import Settings
+from tidings.brokers.base import JoinLeave, Publication
+from tidings.brokers.memory import MemoryBroker
+from tidings.hub import Hub
+from tidings.session import Frame, Session
+
+
+class Recorder:
+    """A stand-in transport that records what a session would write."""
+
+    def __init__(self) -> None:
+        self.frames: list[Frame] = []
+        self.closed: tuple[int, str] | None = None
+        self.gone = asyncio.Event()
+
+    async def receive(self) -> Frame | None:
+        await self.gone.wait()
+        return None
+
+    async def send(self, frames: list[Frame]) -> None:
+        self.frames.extend(frames)
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+
+class CountingEncoder:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def push(self, publication: Publication) -> Frame:
+        self.calls += 1
+        return publication.data
+
+    def join_leave(self, event: JoinLeave) -> Frame | None:
+        return None
+
+    def pack(self, frames: list[Frame]) -> list[Frame]:
+        return frames
+
+    def ping(self) -> Frame | None:
+        return None
+
+
+@pytest.fixture
+async def hub() -> AsyncIterator[Hub]:
+    settings = Settings(namespaces={"ticks": {"history_size": 5, "history_ttl": 0.3}})
+    async with Hub(MemoryBroker(), settings) as h:
+        yield h
+
+
+async def test_offsets_grow_by_one_and_history_keeps_the_last_n(hub: Hub) -> None:
+    positions = [await hub.publish("ticks:a", {"n": i}) for i in range(12)]
+    assert [p.offset for p in positions] == list(range(1, 13))
+    assert len({p.epoch for p in positions}) == 1
+    history = await hub.history("ticks:a")
+    assert [p.offset for p in history.publications] == [8, 9, 10, 11, 12]
+    assert [p.data for p in history.publications] == [b'{"n":%d}' % i for i in range(7, 12)]
+    assert history.position == positions[-1]
+    other = await hub.publish("ticks:b", 1)
+    assert other.offset == 1 and other.epoch != positions[0].epoch
+
+
+async def test_history_since_limit_reverse(hub: Hub) -> None:
+    for i in range(5):
+        last = await hub.publish("ticks:c", i)
+    since = (await hub.history("ticks:c", limit=0)).position
+    assert since == last
+    older = type(last)(2, last.epoch)
+    assert [p.offset for p in (await hub.history("ticks:c", since=older)).publications] == [3, 4, 5]
+    got = await hub.history("ticks:c", limit=2, reverse=True)
+    assert [p.offset for p in got.publications] == [5, 4]
+    assert (await hub.history("ticks:c", limit=0)).publications == []
+
+
+async def test_history_expires_but_the_stream_position_stays(hub: Hub) -> None:
+    first = await hub.publish("ticks:d", "old")
+    await asyncio.sleep(0.4)  # past history_ttl
+    history = await hub.history("ticks:d")
+    assert history.publications == []
+    assert history.position == first
+    assert (await hub.publish("ticks:d", "new")).offset == 2
+
+
+async def test_default_namespace_keeps_history_unless_configured_off() -> None:
+    settings = Settings(namespaces={"live": {"history_size": 0}})
+    async with Hub(MemoryBroker(), settings) as hub:
+        await hub.publish("plain", 1)
+        await hub.publish("live:x", 1)
+        assert len((await hub.history("plain")).publications) == 1
+        live = await hub.history("live:x")
+        assert live.publications == [] and live.position.offset == 1
+
+
+async def test_a_publication_is_encoded_once_for_all_subscribers(hub: Hub) -> None:
+    encoder = CountingEncoder()
+    transports = [Recorder() for _ in range(50)]
+    sessions = [Session(hub, t, encoder) for t in transports]
+    tasks = [asyncio.create_task(s.serve(_ignore)) for s in sessions]
+    for s in sessions:
+        hub.connect(s)
+        await hub.subscribe(s, "room", encoder)
+    for i in range(3):
+        await hub.publish("room", i)
+    await asyncio.sleep(0.05)
+    assert encoder.calls == 3
+    assert all(t.frames == [b"0", b"1", b"2"] for t in transports)
+    for t in transports:
+        t.gone.set()
+    await asyncio.gather(*tasks)
+    assert hub.subscribers("room") == 0 and not hub.sessions
+
+
+async def _ignore(session: Session, message: Frame) -> None:
+    return None
+
+
+class SlowSubscribeBroker(MemoryBroker):
+    """Subscribing takes a while, as it does over a network."""
+
+    async def subscribe(self, channel: str) -> None:
+        await asyncio.sleep(0.05)
+        await super().subscribe(channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        await asyncio.sleep(0.05)
+        await super().unsubscribe(channel)
+
+
+async def test_concurrent_first_subscribers_all_receive() -> None:
+    """encode/broadcaster loses concurrent first subscribers; tidings must not."""
+    async with Hub(SlowSubscribeBroker(), Settings()) as hub:
+        encoder = CountingEncoder()
+        transports = [Recorder() for _ in range(20)]
+        sessions = [Session(hub, t, encoder) for t in transports]
+        tasks = [asyncio.create_task(s.serve(_ignore)) for s in sessions]
+        await asyncio.gather(*(hub.subscribe(s, "race", encoder) for s in sessions))
+        await hub.publish("race", "first")
+        await asyncio.sleep(0.05)
+        assert all(t.frames == [b'"first"'] for t in transports)
+
+        # The last subscriber leaves while a new one arrives: the channel stays delivered.
+        leaving = [hub.unsubscribe(s, "race") for s in sessions]
+        newcomer_transport = Recorder()
+        newcomer = Session(hub, newcomer_transport, encoder)
+        tasks.append(asyncio.create_task(newcomer.serve(_ignore)))
+        await asyncio.gather(*leaving, hub.subscribe(newcomer, "race", encoder))
+        await hub.publish("race", "second")
+        await asyncio.sleep(0.05)
+        assert newcomer_transport.frames == [b'"second"']
+        assert all(t.frames == [b'"first"'] for t in transports)
+        for t in [*transports, newcomer_transport]:
+            t.gone.set()
+        await asyncio.gather(*tasks)
+        assert hub.subscribers("race") == 0
+        assert "race" not in hub.broker._channels  # type: ignore[attr-defined]
+
+
+async def test_buffered_subscription_holds_publications_until_activated(hub: Hub) -> None:
+    encoder = CountingEncoder()
+    rec = Recorder()
+    session = Session(hub, rec, encoder)
+    task = asyncio.create_task(session.serve(_ignore))
+    await hub.subscribe(session, "ticks:r", encoder, buffer=True)
+    await hub.publish("ticks:r", "during")
+    held = hub.activate(session, "ticks:r", encoder)
+    assert [p.data for p in held] == [b'"during"']
+    await hub.publish("ticks:r", "after")
+    await asyncio.sleep(0.02)
+    assert rec.frames == [b'"after"']
+    rec.gone.set()
+    await task
+
+
+async def test_disconnect_user_closes_only_that_users_sessions(hub: Hub) -> None:
+    encoder = CountingEncoder()
+    alice, bob = Recorder(), Recorder()
+    s1, s2 = Session(hub, alice, encoder), Session(hub, bob, encoder)
+    hub.set_user(s1, "alice")
+    hub.set_user(s2, "bob")
+    tasks = [asyncio.create_task(s.serve(_ignore)) for s in (s1, s2)]
+    await hub.disconnect_user("alice", 3010, "bye")
+    await asyncio.wait_for(tasks[0], 5)
+    assert alice.closed == (3010, "bye")
+    assert bob.closed is None and not tasks[1].done()
+    bob.gone.set()
+    await tasks[1]
