@@ -37,7 +37,6 @@ class Running:
     """A server started by the ``serve`` fixture."""
 
     tidings: Tidings
-    server: uvicorn.Server
     port: int
 
     @property
@@ -56,37 +55,18 @@ class Running:
 Serve = Callable[..., Awaitable[Running]]
 
 
-@pytest.fixture
-async def serve() -> AsyncIterator[Serve]:
-    """``await serve(**settings)`` starts a server in this test's loop; stopped at teardown."""
-    started: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
-
-    async def start(
-        settings: Settings | None = None,
-        *,
-        uvicorn_options: dict[str, Any] | None = None,
-        **overrides: Any,
-    ) -> Running:
-        """Serve ``Settings(**overrides)``; ``uvicorn_options`` override the server's own."""
-        if settings is None:
-            settings = Settings(**overrides)
-        app = create_app(settings)
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        options: dict[str, Any] = {
-            "log_level": "warning",
-            "lifespan": "on",
-            "ws_max_size": settings.max_message_size,
-            "ws_ping_interval": settings.ping_interval,
-            "ws_ping_timeout": settings.pong_timeout,
-        }
-        config = uvicorn.Config(app, **{**options, **(uvicorn_options or {})})
-        server = uvicorn.Server(config)
-        task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
-        started.append((server, task))
-        for _ in range(500):
+@contextlib.asynccontextmanager
+async def served(app: Any, **options: Any) -> AsyncIterator[int]:
+    """Serve any ASGI app under uvicorn on a free loopback port in this loop; yields the port."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = int(sock.getsockname()[1])
+    config = uvicorn.Config(app, **{"log_level": "warning", "lifespan": "on", **options})
+    server = uvicorn.Server(config)
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    try:
+        for _ in range(1000):
             if server.started:
                 break
             if task.done():
@@ -94,11 +74,36 @@ async def serve() -> AsyncIterator[Serve]:
             await asyncio.sleep(0.01)
         else:
             raise RuntimeError("server did not start")
-        return Running(app.state.tidings, server, port)
-
-    yield start
-    for server, _ in started:
+        yield port
+    finally:
         server.should_exit = True
-    for _, task in started:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    """``await serve(**settings)`` starts a server in this test's loop; stopped at teardown."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(
+            settings: Settings | None = None,
+            *,
+            uvicorn_options: dict[str, Any] | None = None,
+            **overrides: Any,
+        ) -> Running:
+            """Serve ``Settings(**overrides)``; ``uvicorn_options`` override the server's own."""
+            if settings is None:
+                settings = Settings(**overrides)
+            app = create_app(settings)
+            options: dict[str, Any] = {
+                "ws_max_size": settings.max_message_size,
+                "ws_ping_interval": settings.ping_interval,
+                "ws_ping_timeout": settings.pong_timeout,
+            }
+            port = await stack.enter_async_context(
+                served(app, **{**options, **(uvicorn_options or {})})
+            )
+            return Running(app.state.tidings, port)
+
+        yield start

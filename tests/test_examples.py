@@ -5,23 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 
 import httpx
-import uvicorn
 import websockets
 from examples import tasks
 
+from .conftest import served
+
 
 async def test_task_progress_arrives_in_order_even_when_watching_late() -> None:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(tasks.app, log_level="warning", lifespan="on"))
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            await asyncio.sleep(0.01)
+    async with served(tasks.app) as port:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
             started = (await http.post("/tasks", params={"steps": 4, "delay": 0.05})).json()
         await asyncio.sleep(0.12)  # the job is already under way when we start watching
@@ -32,8 +25,5 @@ async def test_task_progress_arrives_in_order_even_when_watching_late() -> None:
             with contextlib.suppress(websockets.ConnectionClosed):
                 await asyncio.wait_for(ws.recv(), 5)
             assert ws.close_code == 1008
-        assert [e.get("step") for e in events[:4]] == [1, 2, 3, 4]
-        assert events[4] == {"task": started["task"], "done": True}
-    finally:
-        server.should_exit = True
-        await serving
+    assert [e.get("step") for e in events[:4]] == [1, 2, 3, 4]
+    assert events[4] == {"task": started["task"], "done": True}
