@@ -22,25 +22,32 @@ def _env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def server() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
+def start_server(port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
         [*CLI, "serve", "--port", str(port), "--log-level", "warning"],
         env=_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+
+
+def wait_healthy(url: str) -> None:
+    for _ in range(200):
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise RuntimeError("tidings serve did not come up")
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    port = free_port()
+    proc = start_server(port)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(200):
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        else:
-            raise RuntimeError("tidings serve did not come up")
+        wait_healthy(url)
         yield url
     finally:
         proc.terminate()
@@ -89,3 +96,31 @@ def test_serve_refuses_public_address_in_dev_mode() -> None:
     done = tidings("serve", "--host", "0.0.0.0", "--port", str(free_port()))
     assert done.returncode == 2
     assert "--insecure" in done.stderr
+
+
+def test_subscribe_keeps_retrying_until_the_server_is_back() -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    sub = subprocess.Popen(
+        [*CLI, "subscribe", "news", "--url", url, "--count", "1"],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)  # a few failed attempts while nothing listens
+    proc = start_server(port)
+    try:
+        wait_healthy(url)
+        for _ in range(400):  # the subscriber's backoff brings it back on its own
+            if _connections(url) == 1:
+                break
+            time.sleep(0.05)
+        assert tidings("publish", "news", "back", "--url", url).returncode == 0
+        out, errors = sub.communicate(timeout=30)
+    finally:
+        sub.kill()
+        proc.terminate()
+        proc.wait(10)
+    assert out.splitlines() == ["back"]
+    assert "cannot connect" in errors

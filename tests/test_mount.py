@@ -24,7 +24,8 @@ async def test_readme_mount_example() -> None:
         return {"ok": True}
 
     async with (
-        served(app) as port, websockets.connect(f"ws://127.0.0.1:{port}/ws/orders") as ws,
+        served(app) as port,
+        websockets.connect(f"ws://127.0.0.1:{port}/ws/orders") as ws,
         httpx.AsyncClient() as http,
     ):
         r = await http.post(f"http://127.0.0.1:{port}/orders", json={"id": 7})
