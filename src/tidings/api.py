@@ -1,8 +1,10 @@
-"""The HTTP API: publish, the seed-style publish endpoints, health and metrics.
+"""The HTTP glue: Centrifugo's server API at ``POST /api/<method>``, the seed-style publish
+endpoints, health and metrics. The API methods themselves live in :mod:`tidings.server_api`.
 
 Errors follow Centrifugo's server API: a request that was understood but cannot be done answers
-``{"error": {"code": N, "message": "..."}}``; a missing or wrong API key is HTTP 401; a body
-that is not the documented JSON is HTTP 400 with the same error shape.
+HTTP 200 with ``{"error": {"code": N, "message": "..."}}``; a missing or wrong API key is HTTP
+401; a body that is not the documented JSON is HTTP 400 (413 if too large), an unknown method
+HTTP 404, each with the same error shape.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from .auth import check_api_key
-from .errors import BadRequest, TidingsError, Unauthorized
+from .errors import BadRequest, MethodNotFound, TidingsError, Unauthorized
+from .server_api import Malformed
 
 if TYPE_CHECKING:
     from .app import Tidings
@@ -64,19 +67,27 @@ def build_router(tidings: Tidings) -> APIRouter:
             return error_response(exc)
         return json_response({"result": {"offset": position.offset, "epoch": position.epoch}})
 
-    @router.post("/api/publish", tags=["api"])
-    async def api_publish(request: Request) -> Response:
-        """Publish ``{"channel": str, "data": any JSON}``; answers the new stream position."""
+    @router.post("/api/{method}", tags=["api"])
+    async def server_api(method: str, request: Request) -> Response:
+        """Centrifugo's server API: ``publish``, ``broadcast``, ``history``, ``batch``, ..."""
         if not authorized(request):
             return error_response(Unauthorized(), 401)
+        body = await request.body()
+        if len(body) > settings.api_max_body_size:
+            too_big = BadRequest(f"request body larger than {settings.api_max_body_size} bytes")
+            return error_response(too_big, 413)
         try:
-            payload = await _json_object(request, body_limit)
-            channel = _string(payload, "channel")
-            if "data" not in payload:
-                raise BadRequest('"data" is required')
-        except TidingsError as exc:
+            params = orjson.loads(body) if body.strip() else {}
+        except orjson.JSONDecodeError as exc:
+            return error_response(BadRequest(f"body is not valid JSON: {exc}"), 400)
+        if not isinstance(params, dict):
+            return error_response(BadRequest("body must be a JSON object"), 400)
+        try:
+            return json_response(await tidings.api.call(method, params))
+        except MethodNotFound as exc:
+            return error_response(exc, 404)
+        except Malformed as exc:
             return error_response(exc, 400)
-        return await publish(channel, orjson.dumps(payload["data"]))
 
     @router.post("/push", tags=["seed"])
     async def push(request: Request) -> Response:

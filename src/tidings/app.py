@@ -26,6 +26,7 @@ from .config import Settings
 from .endpoints import RawEndpoint
 from .hub import Hub
 from .metrics import exposition
+from .server_api import ServerApi
 
 log = logging.getLogger("tidings")
 
@@ -45,6 +46,7 @@ class Tidings:
         self.broker = create_broker(settings.broker_url)
         self.hub = Hub(self.broker, settings)
         self.tokens = TokenVerifier(settings)
+        self.api = ServerApi(self.hub, settings)
         self.router = self._routes()
 
     def _routes(self) -> APIRouter:
