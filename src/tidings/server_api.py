@@ -365,7 +365,9 @@ class ServerApi:
             pubs = [p for p in found.publications if p.offset < since.offset]
             pubs = pubs if limit is None else pubs[:limit]
         else:
-            found = await self.hub.history(channel.name, since=since, limit=limit)
+            found = await self.hub.history(
+                channel.name, since=since, limit=limit, reverse=req.reverse
+            )
             pubs = found.publications
         pos = found.position
         if since is not None and since.epoch and since.epoch != pos.epoch:

@@ -1,0 +1,348 @@
+"""Centrifugo's server HTTP API, driven by ``cent`` (Centrifugo's own Python API client)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import jwt
+import pytest
+import websockets
+from cent import (
+    AsyncClient,
+    BatchRequest,
+    BroadcastRequest,
+    CentApiResponseError,
+    CentUnauthorizedError,
+    ChannelsRequest,
+    HistoryRemoveRequest,
+    HistoryRequest,
+    InfoRequest,
+    PresenceRequest,
+    PresenceStatsRequest,
+    PublishRequest,
+    StreamPosition,
+)
+
+from tidings import ChannelOptions, Settings
+
+from .conftest import Running, Serve
+from .test_raw import recv_n
+
+KEY = "test-api-key"
+SECRET = "test-hmac-secret-that-is-long-enough-for-hs256"
+
+
+def settings(**overrides: object) -> Settings:
+    base: dict[str, object] = {
+        "api_key": KEY,
+        "namespaces": {
+            "room": ChannelOptions(presence=True, allow_subscribe="anonymous"),
+            "nohist": ChannelOptions(history_size=0),
+        },
+        "defaults": ChannelOptions(allow_subscribe="anonymous"),
+    }
+    base.update(overrides)
+    return Settings(**base)  # type: ignore[arg-type]
+
+
+CentFor = Callable[..., AsyncClient]
+
+
+@pytest.fixture
+async def cent_for() -> AsyncIterator[CentFor]:
+    """``cent_for(server, key=KEY)``: a cent AsyncClient for that server, closed at teardown."""
+    clients: list[AsyncClient] = []
+
+    def make(srv: Running, key: str = KEY) -> AsyncClient:
+        client = AsyncClient(f"{srv.url}/api", key)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+async def test_publish_reaches_subscriber_and_history_reads_back(
+    serve: Serve, cent_for: CentFor
+) -> None:
+    srv = await serve(settings())
+    api: AsyncClient = cent_for(srv)
+    ws = await websockets.connect(f"{srv.ws}/ws/news")
+    try:
+        first = await api.publish(PublishRequest(channel="news", data={"n": 0}))
+        for i in range(1, 5):
+            await api.publish(PublishRequest(channel="news", data={"n": i}, tags={"k": str(i)}))
+        assert await recv_n(ws, 5) == [f'{{"n":{i}}}' for i in range(5)]
+    finally:
+        await ws.close()
+    assert first.offset == 1 and first.epoch
+
+    only_position = await api.history(HistoryRequest(channel="news"))
+    assert only_position.publications == []
+    assert (only_position.offset, only_position.epoch) == (5, first.epoch)
+
+    every = await api.history(HistoryRequest(channel="news", limit=-1))
+    assert [p.data for p in every.publications] == [{"n": i} for i in range(5)]
+    assert [p.offset for p in every.publications] == [1, 2, 3, 4, 5]
+    assert every.publications[1].tags == {"k": "1"}
+
+    since = StreamPosition(offset=2, epoch=first.epoch)
+    after = await api.history(HistoryRequest(channel="news", since=since, limit=2))
+    assert [p.offset for p in after.publications] == [3, 4]
+
+    newest = await api.history(HistoryRequest(channel="news", limit=2, reverse=True))
+    assert [p.offset for p in newest.publications] == [5, 4]
+
+    before = await api.history(
+        HistoryRequest(
+            channel="news",
+            since=StreamPosition(offset=4, epoch=first.epoch),
+            limit=10,
+            reverse=True,
+        )
+    )
+    assert [p.offset for p in before.publications] == [3, 2, 1]
+
+    with pytest.raises(CentApiResponseError) as lost:
+        await api.history(
+            HistoryRequest(channel="news", limit=5, since=StreamPosition(offset=1, epoch="other"))
+        )
+    assert lost.value.code == 112
+
+
+async def test_broadcast_answers_per_channel(serve: Serve, cent_for: CentFor) -> None:
+    srv = await serve(settings())
+    api: AsyncClient = cent_for(srv)
+    subs = [await websockets.connect(f"{srv.ws}/ws/{ch}") for ch in ("a", "b")]
+    try:
+        result = await api.broadcast(BroadcastRequest(channels=["a", "nope:x", "b"], data="hello"))
+        assert [await recv_n(ws, 1) for ws in subs] == [["hello"], ["hello"]]
+    finally:
+        for ws in subs:
+            await ws.close()
+    a, unknown, b = result.responses
+    assert a.result is not None and a.result.offset == 1 and a.error is None
+    assert b.result is not None and b.result.offset == 1
+    assert unknown.result is None and unknown.error is not None and unknown.error.code == 102
+
+
+async def test_presence_history_remove_and_not_available(serve: Serve, cent_for: CentFor) -> None:
+    srv = await serve(settings())
+    api: AsyncClient = cent_for(srv)
+    presence = await api.presence(PresenceRequest(channel="room:1"))
+    assert isinstance(presence.presence, dict)
+    stats = await api.presence_stats(PresenceStatsRequest(channel="room:1"))
+    assert stats.num_clients == len(presence.presence) and stats.num_users >= 0
+    with pytest.raises(CentApiResponseError) as off:
+        await api.presence(PresenceRequest(channel="news"))
+    assert off.value.code == 108
+
+    await api.publish(PublishRequest(channel="news", data=1))
+    await api.publish(PublishRequest(channel="news", data=2))
+    await api.history_remove(HistoryRemoveRequest(channel="news"))
+    after = await api.history(HistoryRequest(channel="news", limit=-1))
+    assert after.publications == [] and after.offset == 2
+
+    with pytest.raises(CentApiResponseError) as nohist:
+        await api.history(HistoryRequest(channel="nohist:x", limit=1))
+    assert nohist.value.code == 108
+
+
+async def test_channels_and_info_describe_this_node(serve: Serve, cent_for: CentFor) -> None:
+    srv = await serve(settings())
+    api: AsyncClient = cent_for(srv)
+    subs = [await websockets.connect(f"{srv.ws}/ws/{ch}") for ch in ("room:1", "room:1", "lobby")]
+    try:
+        await api.publish(PublishRequest(channel="lobby", data="sync"))
+        await recv_n(subs[2], 1)  # the subscriptions are active
+        everything = await api.channels(ChannelsRequest())
+        assert {k: v.num_clients for k, v in everything.channels.items()} == {
+            "room:1": 2,
+            "lobby": 1,
+        }
+        rooms = await api.channels(ChannelsRequest(pattern="room:*"))
+        assert list(rooms.channels) == ["room:1"]
+        info = await api.info(InfoRequest())
+    finally:
+        for ws in subs:
+            await ws.close()
+    (node,) = info.nodes
+    assert node.uid == srv.hub.node_id
+    assert (node.num_clients, node.num_channels, node.num_subs) == (3, 2, 3)
+    assert node.version and node.name
+
+
+async def test_batch_sequential_and_parallel(serve: Serve, cent_for: CentFor) -> None:
+    srv = await serve(settings())
+    api: AsyncClient = cent_for(srv)
+    for parallel in (False, True):
+        result = await api.batch(
+            BatchRequest(
+                requests=[
+                    PublishRequest(channel="batch", data={"i": 1}),
+                    PublishRequest(channel="other", data={"i": 2}),
+                    PresenceStatsRequest(channel="room:1"),
+                ],
+                parallel=parallel,
+            )
+        )
+        first, second, stats = result.replies
+        assert first.epoch and second.epoch  # type: ignore[attr-defined]
+        assert stats.num_clients == 0  # type: ignore[attr-defined]
+    history = await api.history(HistoryRequest(channel="batch", limit=-1))
+    assert [p.data for p in history.publications] == [{"i": 1}, {"i": 1}]
+
+
+async def test_errors_map_to_cent_exceptions(serve: Serve, cent_for: CentFor) -> None:
+    srv = await serve(settings())
+    api: AsyncClient = cent_for(srv)
+    with pytest.raises(CentApiResponseError) as unknown:
+        await api.publish(PublishRequest(channel="nope:x", data=1))
+    assert unknown.value.code == 102
+    with pytest.raises(CentApiResponseError) as blank:
+        await api.publish(PublishRequest(channel="", data=1))
+    assert blank.value.code == 107
+    with pytest.raises(CentUnauthorizedError):
+        await cent_for(srv, "wrong-key").publish(PublishRequest(channel="news", data=1))
+
+
+async def test_http_shapes_auth_headers_and_bad_bodies(serve: Serve) -> None:
+    srv = await serve(settings())
+    async with httpx.AsyncClient(base_url=srv.url) as http:
+        ok = await http.post(
+            "/api/publish",
+            json={"channel": "news", "data": {"x": 1}},
+            headers={"Authorization": f"apikey {KEY}"},
+        )
+        assert ok.status_code == 200 and ok.json()["result"]["offset"] == 1
+        anon = await http.post("/api/publish", json={"channel": "news", "data": 1})
+        assert anon.status_code == 401 and anon.json()["error"]["code"] == 101
+        auth = {"X-API-Key": KEY}
+        broken = await http.post("/api/publish", content=b"{nope", headers=auth)
+        assert broken.status_code == 400 and broken.json()["error"]["code"] == 107
+        wrong_type = await http.post("/api/history", json={"channel": 5}, headers=auth)
+        assert wrong_type.status_code == 400 and "channel" in wrong_type.json()["error"]["message"]
+        no_data = await http.post("/api/publish", json={"channel": "news"}, headers=auth)
+        assert no_data.status_code == 400
+        missing = await http.post("/api/nosuch", json={}, headers=auth)
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == 104
+        in_batch = await http.post(
+            "/api/batch",
+            json={"commands": [{"nosuch": {}}, {"publish": {"channel": "news", "data": 2}}]},
+            headers=auth,
+        )
+        replies = in_batch.json()["replies"]
+        assert replies[0]["error"]["code"] == 104 and replies[1]["publish"]["offset"] == 2
+
+
+async def test_dev_mode_api_is_open(serve: Serve) -> None:
+    srv = await serve()
+    async with httpx.AsyncClient(base_url=srv.url) as http:
+        r = await http.post("/api/info", content=b"")
+    assert r.status_code == 200 and r.json()["result"]["nodes"][0]["uid"] == srv.hub.node_id
+
+
+async def test_idempotency_skip_history_and_b64data(serve: Serve, cent_for: CentFor) -> None:
+    srv = await serve(settings())
+    api: AsyncClient = cent_for(srv)
+    ws = await websockets.connect(f"{srv.ws}/ws/news")
+    try:
+        once = [
+            await api.publish(PublishRequest(channel="news", data="a", idempotency_key="k1"))
+            for _ in range(3)
+        ]
+        assert {r.offset for r in once} == {1}
+        skipped = await api.publish(PublishRequest(channel="news", data="b", skip_history=True))
+        assert skipped.offset == 2
+        encoded = base64.b64encode(b'{"bin": true}').decode()
+        await api.publish(PublishRequest(channel="news", data=None, b64data=encoded))
+        assert await recv_n(ws, 3) == ["a", "b", '{"bin":true}']
+    finally:
+        await ws.close()
+    history = await api.history(HistoryRequest(channel="news", limit=-1))
+    assert [p.data for p in history.publications] == ["a", {"bin": True}]
+    with pytest.raises(CentApiResponseError) as not_json:
+        await api.publish(
+            PublishRequest(channel="news", data=None, b64data=base64.b64encode(b"\x00").decode())
+        )
+    assert not_json.value.code == 107
+
+
+def _token(user: str) -> str:
+    return jwt.encode({"sub": user}, SECRET, algorithm="HS256")
+
+
+async def _closed(ws: websockets.ClientConnection) -> tuple[int, str]:
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        await asyncio.wait_for(ws.recv(), 5)
+    assert closed.value.rcvd is not None
+    return closed.value.rcvd.code, closed.value.rcvd.reason
+
+
+async def test_disconnect_and_unsubscribe_reach_users_on_another_node(serve: Serve) -> None:
+    shared = f"memory://api-{uuid.uuid4().hex}"
+    node_a = await serve(settings(broker_url=shared, token_hmac_secret=SECRET))
+    node_b = await serve(settings(broker_url=shared, token_hmac_secret=SECRET))
+    alice = [
+        await websockets.connect(f"{node_b.ws}/ws/c{i}?token={_token('alice')}") for i in (1, 2)
+    ]
+    bob = await websockets.connect(f"{node_b.ws}/ws/c1?token={_token('bob')}")
+    auth = {"X-API-Key": KEY}
+    async with httpx.AsyncClient(base_url=node_a.url, headers=auth) as http:
+        # prove the sockets are subscribed before acting on them
+        await http.post("/api/broadcast", json={"channels": ["c1", "c2"], "data": "hi"})
+        for ws in (*alice, bob):
+            assert await recv_n(ws, 1) == ["hi"]
+
+        r = await http.post("/api/unsubscribe", json={"user": "alice", "channel": "c2"})
+        assert r.json() == {"result": {}}
+        assert (await _closed(alice[1]))[0] == 1008
+
+        (client,) = [s.client_id for s in node_b.hub.users["alice"]]
+        r = await http.post(
+            "/api/disconnect",
+            json={"user": "alice", "client": "someone-else", "disconnect": {"code": 4001}},
+        )
+        assert r.json() == {"result": {}}
+        r = await http.post(
+            "/api/disconnect",
+            json={"user": "alice", "client": client, "disconnect": {"code": 4001, "reason": "bye"}},
+        )
+        assert await _closed(alice[0]) == (4001, "bye")
+
+        r = await http.post("/api/disconnect", json={"user": "bob"})
+        assert await _closed(bob) == (3503, "force disconnect")
+
+        bad = await http.post("/api/disconnect", json={"user": "bob", "disconnect": {"code": 1}})
+        assert bad.status_code == 400
+        for method in ("subscribe", "refresh"):
+            r = await http.post(f"/api/{method}", json={"user": "carol", "channel": "c1"})
+            assert r.json() == {"result": {}}
+        r = await http.post("/api/subscribe", json={"user": "carol", "channel": "nope:x"})
+        assert r.json()["error"]["code"] == 102
+        r = await http.post("/api/refresh", json={})
+        assert r.json()["error"]["code"] == 107
+
+
+async def test_control_messages_have_the_fixed_schema(serve: Serve) -> None:
+    srv = await serve(settings())
+    seen: list[dict[str, object]] = []
+    srv.hub.on_control_message(seen.append)
+    async with httpx.AsyncClient(base_url=srv.url, headers={"X-API-Key": KEY}) as http:
+        await http.post("/api/subscribe", json={"user": "u", "channel": "room:1"})
+        await http.post("/api/unsubscribe", json={"user": "u", "channel": "room:1", "client": "c"})
+        await http.post("/api/disconnect", json={"user": "u"})
+        await http.post("/api/refresh", json={"user": "u", "expire_at": 2000000000})
+        await http.post("/api/refresh", json={"user": "u", "client": "c", "expired": True})
+    assert seen == [
+        {"op": "subscribe", "user": "u", "client": "", "channel": "room:1"},
+        {"op": "unsubscribe", "user": "u", "client": "c", "channel": "room:1"},
+        {"op": "disconnect", "user": "u", "client": "", "code": 3503, "reason": "force disconnect"},
+        {"op": "refresh", "user": "u", "client": "", "expire_at": 2000000000, "expired": False},
+        {"op": "refresh", "user": "u", "client": "c", "expire_at": None, "expired": True},
+    ]
