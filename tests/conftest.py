@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import uvicorn
+from fastapi import FastAPI
 
 from tidings import Settings, create_app
 from tidings.app import Tidings
@@ -54,10 +55,17 @@ async def serve() -> AsyncIterator[Serve]:
     """``await serve(**settings)`` starts a server in this test's loop; stopped at teardown."""
     started: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
 
-    async def start(settings: Settings | None = None, **overrides: Any) -> Running:
-        if settings is None:
+    async def start(
+        settings: Settings | None = None, *, app: FastAPI | None = None, **overrides: Any
+    ) -> Running:
+        """``app``: serve this app (with a Tidings installed) instead of the standalone one."""
+        if app is not None:
+            settings = app.state.tidings.settings
+        elif settings is None:
             settings = Settings(**overrides)
-        app = create_app(settings)
+        assert settings is not None
+        if app is None:
+            app = create_app(settings)
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))

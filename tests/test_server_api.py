@@ -52,6 +52,17 @@ def settings(**overrides: object) -> Settings:
 CentFor = Callable[..., AsyncClient]
 
 
+async def subscriber(srv: Running, channel: str, query: str = "") -> websockets.ClientConnection:
+    """A raw WebSocket on ``channel``, returned once the server has subscribed it."""
+    before = srv.hub.subscribers(channel)
+    ws = await websockets.connect(f"{srv.ws}/ws/{channel}{query}")
+    for _ in range(500):
+        if srv.hub.subscribers(channel) > before:
+            return ws
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{channel} was not subscribed")
+
+
 @pytest.fixture
 async def cent_for() -> AsyncIterator[CentFor]:
     """``cent_for(server, key=KEY)``: a cent AsyncClient for that server, closed at teardown."""
@@ -72,7 +83,7 @@ async def test_publish_reaches_subscriber_and_history_reads_back(
 ) -> None:
     srv = await serve(settings())
     api: AsyncClient = cent_for(srv)
-    ws = await websockets.connect(f"{srv.ws}/ws/news")
+    ws = await subscriber(srv, "news")
     try:
         first = await api.publish(PublishRequest(channel="news", data={"n": 0}))
         for i in range(1, 5):
@@ -118,7 +129,7 @@ async def test_publish_reaches_subscriber_and_history_reads_back(
 async def test_broadcast_answers_per_channel(serve: Serve, cent_for: CentFor) -> None:
     srv = await serve(settings())
     api: AsyncClient = cent_for(srv)
-    subs = [await websockets.connect(f"{srv.ws}/ws/{ch}") for ch in ("a", "b")]
+    subs = [await subscriber(srv, ch) for ch in ("a", "b")]
     try:
         result = await api.broadcast(BroadcastRequest(channels=["a", "nope:x", "b"], data="hello"))
         assert [await recv_n(ws, 1) for ws in subs] == [["hello"], ["hello"]]
@@ -156,10 +167,8 @@ async def test_presence_history_remove_and_not_available(serve: Serve, cent_for:
 async def test_channels_and_info_describe_this_node(serve: Serve, cent_for: CentFor) -> None:
     srv = await serve(settings())
     api: AsyncClient = cent_for(srv)
-    subs = [await websockets.connect(f"{srv.ws}/ws/{ch}") for ch in ("room:1", "room:1", "lobby")]
+    subs = [await subscriber(srv, ch) for ch in ("room:1", "room:1", "lobby")]
     try:
-        await api.publish(PublishRequest(channel="lobby", data="sync"))
-        await recv_n(subs[2], 1)  # the subscriptions are active
         everything = await api.channels(ChannelsRequest())
         assert {k: v.num_clients for k, v in everything.channels.items()} == {
             "room:1": 2,
@@ -250,7 +259,7 @@ async def test_dev_mode_api_is_open(serve: Serve) -> None:
 async def test_idempotency_skip_history_and_b64data(serve: Serve, cent_for: CentFor) -> None:
     srv = await serve(settings())
     api: AsyncClient = cent_for(srv)
-    ws = await websockets.connect(f"{srv.ws}/ws/news")
+    ws = await subscriber(srv, "news")
     try:
         once = [
             await api.publish(PublishRequest(channel="news", data="a", idempotency_key="k1"))
@@ -288,13 +297,10 @@ async def test_disconnect_and_unsubscribe_reach_users_on_another_node(serve: Ser
     shared = f"memory://api-{uuid.uuid4().hex}"
     node_a = await serve(settings(broker_url=shared, token_hmac_secret=SECRET))
     node_b = await serve(settings(broker_url=shared, token_hmac_secret=SECRET))
-    alice = [
-        await websockets.connect(f"{node_b.ws}/ws/c{i}?token={_token('alice')}") for i in (1, 2)
-    ]
-    bob = await websockets.connect(f"{node_b.ws}/ws/c1?token={_token('bob')}")
+    alice = [await subscriber(node_b, f"c{i}", f"?token={_token('alice')}") for i in (1, 2)]
+    bob = await subscriber(node_b, "c1", f"?token={_token('bob')}")
     auth = {"X-API-Key": KEY}
     async with httpx.AsyncClient(base_url=node_a.url, headers=auth) as http:
-        # prove the sockets are subscribed before acting on them
         await http.post("/api/broadcast", json={"channels": ["c1", "c2"], "data": "hi"})
         for ws in (*alice, bob):
             assert await recv_n(ws, 1) == ["hi"]
