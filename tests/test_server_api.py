@@ -352,3 +352,11 @@ async def test_control_messages_have_the_fixed_schema(serve: Serve) -> None:
         {"op": "refresh", "user": "u", "client": "", "expire_at": 2000000000, "expired": False},
         {"op": "refresh", "user": "u", "client": "c", "expire_at": None, "expired": True},
     ]
+
+
+async def test_api_is_closed_without_a_key_outside_dev_mode(serve: Serve) -> None:
+    srv = await serve(token_hmac_secret=SECRET)
+    async with httpx.AsyncClient(base_url=srv.url) as http:
+        for path in ("/api/publish", "/push"):
+            r = await http.post(path, json={"channel": "news", "data": 1, "message": "m"})
+            assert r.status_code == 401 and "TIDINGS_API_KEY" in r.json()["error"]["message"]

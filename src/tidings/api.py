@@ -60,6 +60,12 @@ def build_router(tidings: Tidings) -> APIRouter:
     def authorized(request: Request) -> bool:
         return check_api_key(settings, dict(request.headers))
 
+    denied = Unauthorized(
+        "unauthorized"
+        if settings.api_key is not None or settings.dev_mode
+        else "unauthorized: the HTTP API needs TIDINGS_API_KEY to be set on the server"
+    )
+
     async def publish(channel: str, data: bytes) -> Response:
         try:
             position = await hub.publish_json(channel, data)
@@ -71,7 +77,7 @@ def build_router(tidings: Tidings) -> APIRouter:
     async def server_api(method: str, request: Request) -> Response:
         """Centrifugo's server API: ``publish``, ``broadcast``, ``history``, ``batch``, ..."""
         if not authorized(request):
-            return error_response(Unauthorized(), 401)
+            return error_response(denied, 401)
         body = await request.body()
         if len(body) > settings.api_max_body_size:
             too_big = BadRequest(f"request body larger than {settings.api_max_body_size} bytes")
@@ -93,7 +99,7 @@ def build_router(tidings: Tidings) -> APIRouter:
     async def push(request: Request) -> Response:
         """The FastAPI + broadcaster example's shape: ``{"channel": str, "message": str}``."""
         if not authorized(request):
-            return error_response(Unauthorized(), 401)
+            return error_response(denied, 401)
         try:
             payload = await _json_object(request, body_limit)
             channel = _string(payload, "channel")
@@ -106,7 +112,7 @@ def build_router(tidings: Tidings) -> APIRouter:
     async def publish_text(channel: str, request: Request) -> Response:
         """The tutorial shape: the request body, as text, is the message."""
         if not authorized(request):
-            return error_response(Unauthorized(), 401)
+            return error_response(denied, 401)
         body = await request.body()
         try:
             if len(body) > body_limit:
