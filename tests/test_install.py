@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import httpx
+import pytest
 import websockets
 from fastapi import Depends, FastAPI
 
@@ -78,6 +79,13 @@ async def test_installed_app_routes_publish_to_raw_subscribers(serve: Serve) -> 
     # the user's shutdown ran while tidings was still up; tidings stopped after it
     assert events == ["startup hub_started=True", "shutdown hub_started=True"]
     assert not tidings.hub.started
+
+
+def test_install_twice_is_refused() -> None:
+    app = FastAPI()
+    Tidings().install(app)
+    with pytest.raises(RuntimeError, match="already"):
+        Tidings().install(app)
 
 
 async def test_get_hub_without_install_says_so() -> None:

@@ -91,6 +91,8 @@ class Tidings:
     def install(self, app: FastAPI, prefix: str = "") -> None:
         """Add tidings to an existing app: its routes under ``prefix``, and its start/stop
         around the app's own lifespan (tidings starts first, so your startup may publish)."""
+        if getattr(app.state, "tidings", None) is not None:
+            raise RuntimeError("this app already has a Tidings installed")
         app.include_router(self.router, prefix=prefix)
         app.state.tidings = self
         inner = app.router.lifespan_context
