@@ -28,6 +28,8 @@ from cent import (
 )
 
 from tidings import ChannelOptions, Settings
+from tidings import StreamPosition as PositionResult
+from tidings.server_api import IdempotencyCache
 
 from .conftest import Running, Serve
 from .test_raw import recv_n
@@ -360,3 +362,28 @@ async def test_api_is_closed_without_a_key_outside_dev_mode(serve: Serve) -> Non
         for path in ("/api/publish", "/push"):
             r = await http.post(path, json={"channel": "news", "data": 1, "message": "m"})
             assert r.status_code == 401 and "TIDINGS_API_KEY" in r.json()["error"]["message"]
+
+
+async def test_idempotency_cache_is_shared_in_flight_and_bounded() -> None:
+    calls: list[int] = []
+
+    async def publish() -> PositionResult:
+        calls.append(1)
+        await asyncio.sleep(0)
+        return PositionResult(len(calls), "e")
+
+    cache = IdempotencyCache(ttl=60, max_keys=2)
+    together = await asyncio.gather(*(cache.run(("ch", "k"), publish) for _ in range(5)))
+    assert {p.offset for p in together} == {1} and len(calls) == 1
+    await cache.run(("ch", "k2"), publish)
+    await cache.run(("other", "k"), publish)  # a key is per channel; evicts the oldest
+    assert len(cache) == 2 and len(calls) == 3
+    assert (await cache.run(("ch", "k"), publish)).offset == 4
+
+    async def fail() -> PositionResult:
+        raise RuntimeError("broker down")
+
+    with pytest.raises(RuntimeError):
+        await cache.run(("ch", "retry"), fail)
+    assert (await cache.run(("ch", "retry"), publish)).offset == 5  # a failure is not kept
+    assert (await IdempotencyCache(0, 10).run(("ch", "k"), publish)).offset == 6  # ttl 0: off
