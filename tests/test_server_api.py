@@ -387,3 +387,20 @@ async def test_idempotency_cache_is_shared_in_flight_and_bounded() -> None:
         await cache.run(("ch", "retry"), fail)
     assert (await cache.run(("ch", "retry"), publish)).offset == 5  # a failure is not kept
     assert (await IdempotencyCache(0, 10).run(("ch", "k"), publish)).offset == 6  # ttl 0: off
+
+
+async def test_body_limits(serve: Serve) -> None:
+    srv = await serve(settings(api_max_body_size=2048))
+    big = {"channel": "news", "data": "x" * 4096}
+    async with httpx.AsyncClient(base_url=srv.url, headers={"X-API-Key": KEY}) as http:
+        r = await http.post("/api/publish", json=big)
+        assert r.status_code == 413 and "2048" in r.json()["error"]["message"]
+
+        async def chunks() -> AsyncIterator[bytes]:  # no content-length: read as it streams
+            for _ in range(4):
+                yield b" " * 1024
+
+        r = await http.post("/api/info", content=chunks())
+        assert r.status_code == 413
+        r = await http.post("/api/publish", json={"channel": "news", "data": "x" * 1024})
+        assert r.status_code == 200 and r.json()["result"]["offset"] == 1

@@ -31,10 +31,23 @@ def error_response(exc: TidingsError, status: int = 200) -> Response:
     return json_response({"error": exc.as_dict()}, status)
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, never buffering more than ``limit`` bytes: BadRequest past it."""
+    too_big = BadRequest(f"request body larger than {limit} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _json_object(request: Request, limit: int) -> dict[str, Any]:
-    body = await request.body()
-    if len(body) > limit:
-        raise BadRequest(f"request body larger than {limit} bytes")
+    body = await read_body(request, limit)
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -78,10 +91,10 @@ def build_router(tidings: Tidings) -> APIRouter:
         """Centrifugo's server API: ``publish``, ``broadcast``, ``history``, ``batch``, ..."""
         if not authorized(request):
             return error_response(denied, 401)
-        body = await request.body()
-        if len(body) > settings.api_max_body_size:
-            too_big = BadRequest(f"request body larger than {settings.api_max_body_size} bytes")
-            return error_response(too_big, 413)
+        try:
+            body = await read_body(request, settings.api_max_body_size)
+        except BadRequest as exc:
+            return error_response(exc, 413)
         try:
             params = orjson.loads(body) if body.strip() else {}
         except orjson.JSONDecodeError as exc:
@@ -113,11 +126,8 @@ def build_router(tidings: Tidings) -> APIRouter:
         """The tutorial shape: the request body, as text, is the message."""
         if not authorized(request):
             return error_response(denied, 401)
-        body = await request.body()
         try:
-            if len(body) > body_limit:
-                raise BadRequest(f"request body larger than {body_limit} bytes")
-            text = body.decode()
+            text = (await read_body(request, body_limit)).decode()
         except UnicodeDecodeError:
             return error_response(BadRequest("body is not UTF-8 text"), 400)
         except TidingsError as exc:
