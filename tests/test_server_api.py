@@ -404,3 +404,25 @@ async def test_body_limits(serve: Serve) -> None:
         assert r.status_code == 413
         r = await http.post("/api/publish", json={"channel": "news", "data": "x" * 1024})
         assert r.status_code == 200 and r.json()["result"]["offset"] == 1
+
+
+async def test_idempotent_waiter_publishes_itself_when_the_first_try_is_cancelled() -> None:
+    cache = IdempotencyCache(ttl=60, max_keys=10)
+    started = asyncio.Event()
+
+    async def hang() -> PositionResult:
+        started.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def publish() -> PositionResult:
+        return PositionResult(7, "e")
+
+    first = asyncio.create_task(cache.run(("ch", "k"), hang))
+    await started.wait()
+    second = asyncio.create_task(cache.run(("ch", "k"), publish))
+    await asyncio.sleep(0)
+    first.cancel()
+    assert (await second).offset == 7
+    with pytest.raises(asyncio.CancelledError):
+        await first

@@ -185,7 +185,12 @@ class IdempotencyCache:
             entries.popitem(last=False)
         found = entries.get(key)
         if found is not None:
-            return await asyncio.shield(found[1])
+            try:
+                return await asyncio.shield(found[1])
+            except asyncio.CancelledError:
+                if not found[1].cancelled():
+                    raise  # this caller was cancelled
+                return await self.run(key, publish)  # the first try was: publish ourselves
         done: asyncio.Future[StreamPosition] = asyncio.get_running_loop().create_future()
         entries[key] = (now + self.ttl, done)
         while len(entries) > self.max_keys:
