@@ -310,12 +310,17 @@ class Hub:
         try:
             message = orjson.loads(data)
         except orjson.JSONDecodeError:
+            message = None
+        if not isinstance(message, dict):
             log.warning("ignoring a malformed control message")
             return
         if message.get("op") == "disconnect":
             self._disconnect_local(message)
         for handler in self._control_handlers:
-            handler(message)
+            try:
+                handler(message)
+            except Exception:  # one bad handler must not stop the broker's receiving task
+                log.exception("control handler %r failed", handler)
 
     def on_control_message(self, handler: Callable[[dict[str, Any]], None]) -> None:
         """Register a handler for control messages that every node receives."""
