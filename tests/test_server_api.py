@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import httpx
 import jwt
+import orjson
 import pytest
 import websockets
 from cent import (
@@ -426,3 +427,21 @@ async def test_idempotent_waiter_publishes_itself_when_the_first_try_is_cancelle
     assert (await second).offset == 7
     with pytest.raises(asyncio.CancelledError):
         await first
+
+
+async def test_legacy_single_endpoint_with_newline_delimited_commands(serve: Serve) -> None:
+    srv = await serve(settings())
+    body = (
+        b'{"id": 1, "method": "publish", "params": {"channel": "news", "data": "a"}}\n'
+        b'{"id": 2, "method": "history", "params": {"channel": "news", "limit": -1}}\n'
+        b'{"method": "nosuch", "params": {}}\n'
+    )
+    async with httpx.AsyncClient(base_url=srv.url, headers={"X-API-Key": KEY}) as http:
+        r = await http.post("/api", content=body)
+        assert r.status_code == 200
+        published, history, unknown = (orjson.loads(line) for line in r.content.split(b"\n"))
+        assert published["id"] == 1 and published["result"]["offset"] == 1
+        assert history["id"] == 2 and history["result"]["publications"][0]["data"] == "a"
+        assert unknown == {"error": {"code": 104, "message": "method not found: nosuch"}}
+        assert (await http.post("/api", content=b"{nope")).status_code == 400
+        assert (await http.post("/api", content=b"")).status_code == 400

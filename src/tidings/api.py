@@ -46,15 +46,19 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _json_object(request: Request, limit: int) -> dict[str, Any]:
-    body = await read_body(request, limit)
+def parse_object(raw: bytes, what: str = "body") -> dict[str, Any]:
+    """``raw`` as a JSON object; BadRequest saying what is wrong with ``what``."""
     try:
-        value = orjson.loads(body)
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from None
+        raise BadRequest(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise BadRequest("body must be a JSON object")
+        raise BadRequest(f"{what} must be a JSON object")
     return value
+
+
+async def _json_object(request: Request, limit: int) -> dict[str, Any]:
+    return parse_object(await read_body(request, limit))
 
 
 def _string(payload: dict[str, Any], key: str) -> str:
@@ -86,27 +90,56 @@ def build_router(tidings: Tidings) -> APIRouter:
             return error_response(exc)
         return json_response({"result": {"offset": position.offset, "epoch": position.epoch}})
 
-    @router.post("/api/{method}", tags=["api"])
-    async def server_api(method: str, request: Request) -> Response:
-        """Centrifugo's server API: ``publish``, ``broadcast``, ``history``, ``batch``, ..."""
+    async def api_body(request: Request) -> bytes | Response:
+        """A server API request's body, or the 401/413 answer."""
         if not authorized(request):
             return error_response(denied, 401)
         try:
-            body = await read_body(request, settings.api_max_body_size)
+            return await read_body(request, settings.api_max_body_size)
         except BadRequest as exc:
             return error_response(exc, 413)
+
+    @router.post("/api/{method}", tags=["api"])
+    async def server_api(method: str, request: Request) -> Response:
+        """Centrifugo's server API: ``publish``, ``broadcast``, ``history``, ``batch``, ..."""
+        body = await api_body(request)
+        if isinstance(body, Response):
+            return body
         try:
-            params = orjson.loads(body) if body.strip() else {}
-        except orjson.JSONDecodeError as exc:
-            return error_response(BadRequest(f"body is not valid JSON: {exc}"), 400)
-        if not isinstance(params, dict):
-            return error_response(BadRequest("body must be a JSON object"), 400)
-        try:
+            params = parse_object(body) if body.strip() else {}
             return json_response(await tidings.api.call(method, params))
         except MethodNotFound as exc:
             return error_response(exc, 404)
-        except Malformed as exc:
+        except BadRequest as exc:  # not JSON, or Malformed params
             return error_response(exc, 400)
+
+    @router.post("/api", tags=["api"])
+    async def legacy_api(request: Request) -> Response:
+        """Centrifugo's older single endpoint (cent < 5, gocent < 3): newline-delimited
+        ``{"id": n, "method": "publish", "params": {...}}``, one reply line each."""
+        body = await api_body(request)
+        if isinstance(body, Response):
+            return body
+        replies = []
+        for line in body.splitlines():
+            if not line.strip():
+                continue
+            try:
+                command = parse_object(line, "a command")
+            except BadRequest as exc:
+                return error_response(exc, 400)
+            try:
+                answer = await tidings.api.call(
+                    str(command.get("method", "")).lower(), command.get("params")
+                )
+            except (MethodNotFound, Malformed) as exc:
+                answer = {"error": exc.as_dict()}
+            if command.get("id"):
+                answer = {"id": command["id"], **answer}
+            replies.append(orjson.dumps(answer))
+        if not replies:
+            return error_response(BadRequest("no command in the body"), 400)
+        return Response(b"\n".join(replies), media_type="application/json")
 
     @router.post("/push", tags=["seed"])
     async def push(request: Request) -> Response:
