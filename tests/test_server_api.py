@@ -445,3 +445,15 @@ async def test_legacy_single_endpoint_with_newline_delimited_commands(serve: Ser
         assert unknown == {"error": {"code": 104, "message": "method not found: nosuch"}}
         assert (await http.post("/api", content=b"{nope")).status_code == 400
         assert (await http.post("/api", content=b"")).status_code == 400
+
+
+async def test_transport_error_mode_uses_http_statuses(serve: Serve) -> None:
+    srv = await serve(settings())
+    headers = {"X-API-Key": KEY, "X-Centrifugo-Error-Mode": "transport"}
+    async with httpx.AsyncClient(base_url=srv.url, headers=headers) as http:
+        r = await http.post("/api/publish", json={"channel": "nope:x", "data": 1})
+        assert r.status_code == 404 and r.json()["code"] == 102
+        r = await http.post("/api/presence", json={"channel": "news"})
+        assert r.status_code == 400 and r.json()["code"] == 108
+        r = await http.post("/api/publish", json={"channel": "news", "data": 1})
+        assert r.status_code == 200 and r.json()["result"]["offset"] == 1

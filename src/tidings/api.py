@@ -27,6 +27,10 @@ def json_response(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
+#: HTTP statuses of API errors in Centrifugo's transport error mode (the rest are 500)
+TRANSPORT_STATUS = {102: 404, 104: 404, 107: 400, 108: 400, 112: 416, 113: 409}
+
+
 def error_response(exc: TidingsError, status: int = 200) -> Response:
     return json_response({"error": exc.as_dict()}, status)
 
@@ -90,6 +94,10 @@ def build_router(tidings: Tidings) -> APIRouter:
             return error_response(exc)
         return json_response({"result": {"offset": position.offset, "epoch": position.epoch}})
 
+    def transport_errors(request: Request) -> bool:
+        """Centrifugo's opt-in: API errors as HTTP statuses with ``{"code", "message"}``."""
+        return request.headers.get("x-centrifugo-error-mode", "") == "transport"
+
     async def api_body(request: Request) -> bytes | Response:
         """A server API request's body, or the 401/413 answer."""
         if not authorized(request):
@@ -107,7 +115,11 @@ def build_router(tidings: Tidings) -> APIRouter:
             return body
         try:
             params = parse_object(body) if body.strip() else {}
-            return json_response(await tidings.api.call(method, params))
+            answer = await tidings.api.call(method, params)
+            error = answer.get("error")
+            if error is not None and method != "batch" and transport_errors(request):
+                return json_response(error, TRANSPORT_STATUS.get(error["code"], 500))
+            return json_response(answer)
         except MethodNotFound as exc:
             return error_response(exc, 404)
         except BadRequest as exc:  # not JSON, or Malformed params
