@@ -38,6 +38,7 @@ class Running:
 
     tidings: Tidings
     port: int
+    server: uvicorn.Server
 
     @property
     def url(self) -> str:
@@ -56,8 +57,8 @@ Serve = Callable[..., Awaitable[Running]]
 
 
 @contextlib.asynccontextmanager
-async def served(app: Any, **options: Any) -> AsyncIterator[int]:
-    """Serve any ASGI app under uvicorn on a free loopback port in this loop; yields the port."""
+async def served(app: Any, **options: Any) -> AsyncIterator[tuple[int, uvicorn.Server]]:
+    """Serve any ASGI app under uvicorn on a free loopback port in this loop."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -74,7 +75,7 @@ async def served(app: Any, **options: Any) -> AsyncIterator[int]:
             await asyncio.sleep(0.01)
         else:
             raise RuntimeError("server did not start")
-        yield port
+        yield port, server
     finally:
         server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -89,21 +90,27 @@ async def serve() -> AsyncIterator[Serve]:
         async def start(
             settings: Settings | None = None,
             *,
+            app: Any = None,
             uvicorn_options: dict[str, Any] | None = None,
             **overrides: Any,
         ) -> Running:
-            """Serve ``Settings(**overrides)``; ``uvicorn_options`` override the server's own."""
-            if settings is None:
+            """Serve ``Settings(**overrides)``, or ``app`` (with a Tidings installed);
+            ``uvicorn_options`` override the server's own."""
+            if app is not None:
+                settings = app.state.tidings.settings
+            elif settings is None:
                 settings = Settings(**overrides)
-            app = create_app(settings)
+            assert settings is not None
+            if app is None:
+                app = create_app(settings)
             options: dict[str, Any] = {
                 "ws_max_size": settings.max_message_size,
                 "ws_ping_interval": settings.ping_interval,
                 "ws_ping_timeout": settings.pong_timeout,
             }
-            port = await stack.enter_async_context(
+            port, server = await stack.enter_async_context(
                 served(app, **{**options, **(uvicorn_options or {})})
             )
-            return Running(app.state.tidings, port)
+            return Running(app.state.tidings, port, server)
 
         yield start

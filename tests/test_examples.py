@@ -14,7 +14,7 @@ from .conftest import served
 
 
 async def test_task_progress_arrives_in_order_even_when_watching_late() -> None:
-    async with served(tasks.app) as port:
+    async with served(tasks.app) as (port, _):
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
             started = (await http.post("/tasks", params={"steps": 4, "delay": 0.05})).json()
         await asyncio.sleep(0.12)  # the job is already under way when we start watching

@@ -24,7 +24,7 @@ async def test_readme_mount_example() -> None:
         return {"ok": True}
 
     async with (
-        served(app) as port,
+        served(app) as (port, _),
         websockets.connect(f"ws://127.0.0.1:{port}/ws/orders") as ws,
         httpx.AsyncClient() as http,
     ):

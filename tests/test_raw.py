@@ -11,10 +11,10 @@ import websockets
 from .conftest import Serve
 
 
-async def recv_n(ws: websockets.ClientConnection, n: int, timeout: float = 5.0) -> list[str]:
+async def recv_n(ws: websockets.ClientConnection, n: int, wait: float = 5.0) -> list[str]:
     out = []
     for _ in range(n):
-        msg = await asyncio.wait_for(ws.recv(), timeout)
+        msg = await asyncio.wait_for(ws.recv(), wait)
         out.append(msg if isinstance(msg, str) else msg.decode())
     return out
 

@@ -1,6 +1,6 @@
 """tidings: real-time channels for Python."""
 
-from .app import Tidings, create_app
+from .app import HubDep, Tidings, create_app, get_hub
 from .brokers import Broker, ClientInfo, Publication, StreamPosition, create_broker
 from .config import ChannelOptions, Settings
 from .errors import Disconnect, TidingsError
@@ -15,6 +15,7 @@ __all__ = [
     "ClientInfo",
     "Disconnect",
     "Hub",
+    "HubDep",
     "Publication",
     "Session",
     "Settings",
@@ -23,4 +24,5 @@ __all__ = [
     "TidingsError",
     "create_app",
     "create_broker",
+    "get_hub",
 ]

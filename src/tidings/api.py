@@ -1,8 +1,10 @@
-"""The HTTP API: publish, the seed-style publish endpoints, health and metrics.
+"""The HTTP glue: Centrifugo's server API at ``POST /api/<method>``, the seed-style publish
+endpoints, health and metrics. The API methods themselves live in :mod:`tidings.server_api`.
 
 Errors follow Centrifugo's server API: a request that was understood but cannot be done answers
-``{"error": {"code": N, "message": "..."}}``; a missing or wrong API key is HTTP 401; a body
-that is not the documented JSON is HTTP 400 with the same error shape.
+HTTP 200 with ``{"error": {"code": N, "message": "..."}}``; a missing or wrong API key is HTTP
+401; a body that is not the documented JSON is HTTP 400 (413 if too large), an unknown method
+HTTP 404, each with the same error shape.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from .auth import check_api_key
-from .errors import BadRequest, TidingsError, Unauthorized
+from .errors import BadRequest, MethodNotFound, TidingsError, Unauthorized
+from .server_api import Malformed
 
 if TYPE_CHECKING:
     from .app import Tidings
@@ -24,21 +27,42 @@ def json_response(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
+#: HTTP statuses of API errors in Centrifugo's transport error mode (the rest are 500)
+TRANSPORT_STATUS = {102: 404, 104: 404, 107: 400, 108: 400, 112: 416, 113: 409}
+
+
 def error_response(exc: TidingsError, status: int = 200) -> Response:
     return json_response({"error": exc.as_dict()}, status)
 
 
-async def _json_object(request: Request, limit: int) -> dict[str, Any]:
-    body = await request.body()
-    if len(body) > limit:
-        raise BadRequest(f"request body larger than {limit} bytes")
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, never buffering more than ``limit`` bytes: BadRequest past it."""
+    too_big = BadRequest(f"request body larger than {limit} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_object(raw: bytes, what: str = "body") -> dict[str, Any]:
+    """``raw`` as a JSON object; BadRequest saying what is wrong with ``what``."""
     try:
-        value = orjson.loads(body)
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from None
+        raise BadRequest(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise BadRequest("body must be a JSON object")
+        raise BadRequest(f"{what} must be a JSON object")
     return value
+
+
+async def _json_object(request: Request, limit: int) -> dict[str, Any]:
+    return parse_object(await read_body(request, limit))
 
 
 def _string(payload: dict[str, Any], key: str) -> str:
@@ -57,6 +81,12 @@ def build_router(tidings: Tidings) -> APIRouter:
     def authorized(request: Request) -> bool:
         return check_api_key(settings, dict(request.headers))
 
+    denied = Unauthorized(
+        "unauthorized"
+        if settings.api_key is not None or settings.dev_mode
+        else "unauthorized: the HTTP API needs TIDINGS_API_KEY to be set on the server"
+    )
+
     async def publish(channel: str, data: bytes) -> Response:
         try:
             position = await hub.publish_json(channel, data)
@@ -64,25 +94,70 @@ def build_router(tidings: Tidings) -> APIRouter:
             return error_response(exc)
         return json_response({"result": {"offset": position.offset, "epoch": position.epoch}})
 
-    @router.post("/api/publish", tags=["api"])
-    async def api_publish(request: Request) -> Response:
-        """Publish ``{"channel": str, "data": any JSON}``; answers the new stream position."""
+    def transport_errors(request: Request) -> bool:
+        """Centrifugo's opt-in: API errors as HTTP statuses with ``{"code", "message"}``."""
+        return request.headers.get("x-centrifugo-error-mode", "") == "transport"
+
+    async def api_body(request: Request) -> bytes | Response:
+        """A server API request's body, or the 401/413 answer."""
         if not authorized(request):
-            return error_response(Unauthorized(), 401)
+            return error_response(denied, 401)
         try:
-            payload = await _json_object(request, body_limit)
-            channel = _string(payload, "channel")
-            if "data" not in payload:
-                raise BadRequest('"data" is required')
-        except TidingsError as exc:
+            return await read_body(request, settings.api_max_body_size)
+        except BadRequest as exc:
+            return error_response(exc, 413)
+
+    @router.post("/api/{method}", tags=["api"])
+    async def server_api(method: str, request: Request) -> Response:
+        """Centrifugo's server API: ``publish``, ``broadcast``, ``history``, ``batch``, ..."""
+        body = await api_body(request)
+        if isinstance(body, Response):
+            return body
+        try:
+            params = parse_object(body) if body.strip() else {}
+            answer = await tidings.api.call(method, params)
+            error = answer.get("error")
+            if error is not None and method != "batch" and transport_errors(request):
+                return json_response(error, TRANSPORT_STATUS.get(error["code"], 500))
+            return json_response(answer)
+        except MethodNotFound as exc:
+            return error_response(exc, 404)
+        except BadRequest as exc:  # not JSON, or Malformed params
             return error_response(exc, 400)
-        return await publish(channel, orjson.dumps(payload["data"]))
+
+    @router.post("/api", tags=["api"])
+    async def legacy_api(request: Request) -> Response:
+        """Centrifugo's older single endpoint (cent < 5, gocent < 3): newline-delimited
+        ``{"id": n, "method": "publish", "params": {...}}``, one reply line each."""
+        body = await api_body(request)
+        if isinstance(body, Response):
+            return body
+        replies = []
+        for line in body.splitlines():
+            if not line.strip():
+                continue
+            try:
+                command = parse_object(line, "a command")
+            except BadRequest as exc:
+                return error_response(exc, 400)
+            try:
+                answer = await tidings.api.call(
+                    str(command.get("method", "")).lower(), command.get("params")
+                )
+            except (MethodNotFound, Malformed) as exc:
+                answer = {"error": exc.as_dict()}
+            if command.get("id"):
+                answer = {"id": command["id"], **answer}
+            replies.append(orjson.dumps(answer))
+        if not replies:
+            return error_response(BadRequest("no command in the body"), 400)
+        return Response(b"\n".join(replies), media_type="application/json")
 
     @router.post("/push", tags=["seed"])
     async def push(request: Request) -> Response:
         """The FastAPI + broadcaster example's shape: ``{"channel": str, "message": str}``."""
         if not authorized(request):
-            return error_response(Unauthorized(), 401)
+            return error_response(denied, 401)
         try:
             payload = await _json_object(request, body_limit)
             channel = _string(payload, "channel")
@@ -95,12 +170,9 @@ def build_router(tidings: Tidings) -> APIRouter:
     async def publish_text(channel: str, request: Request) -> Response:
         """The tutorial shape: the request body, as text, is the message."""
         if not authorized(request):
-            return error_response(Unauthorized(), 401)
-        body = await request.body()
+            return error_response(denied, 401)
         try:
-            if len(body) > body_limit:
-                raise BadRequest(f"request body larger than {body_limit} bytes")
-            text = body.decode()
+            text = (await read_body(request, body_limit)).decode()
         except UnicodeDecodeError:
             return error_response(BadRequest("body is not UTF-8 text"), 400)
         except TidingsError as exc:

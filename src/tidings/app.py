@@ -1,10 +1,12 @@
 """Wiring: settings -> broker -> hub -> routes. Mount it in your FastAPI app or serve it alone.
 
 tidings = Tidings()                       # env TIDINGS_* and defaults
-app = FastAPI(lifespan=tidings.lifespan)
-app.include_router(tidings.router)
-...
-await tidings.hub.publish("orders", {"id": 1})
+app = FastAPI(lifespan=your_lifespan)     # your app, as it is
+tidings.install(app)                      # routes + lifespan chained around yours
+
+@app.post("/orders")
+async def order(hub: Annotated[Hub, Depends(tidings.hub_dependency)]) -> None:  # or hub: HubDep
+    await hub.publish("orders", {"id": 1})
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.responses import HTMLResponse
+from starlette.requests import HTTPConnection
 from starlette.routing import WebSocketRoute
 
 from .api import build_router
@@ -26,6 +29,7 @@ from .config import Settings
 from .endpoints import RawEndpoint
 from .hub import Hub
 from .metrics import exposition
+from .server_api import ServerApi
 
 log = logging.getLogger("tidings")
 
@@ -45,6 +49,7 @@ class Tidings:
         self.broker = create_broker(settings.broker_url)
         self.hub = Hub(self.broker, settings)
         self.tokens = TokenVerifier(settings)
+        self.api = ServerApi(self.hub, settings)
         self.router = self._routes()
 
     def _routes(self) -> APIRouter:
@@ -83,8 +88,36 @@ class Tidings:
         async with self:
             yield
 
+    def install(self, app: FastAPI, prefix: str = "") -> None:
+        """Add tidings to an existing app: its routes under ``prefix``, and its start/stop
+        around the app's own lifespan (tidings starts first, so your startup may publish)."""
+        if getattr(app.state, "tidings", None) is not None:
+            raise RuntimeError("this app already has a Tidings installed")
+        app.include_router(self.router, prefix=prefix)
+        app.state.tidings = self
+        inner = app.router.lifespan_context
+
+        @asynccontextmanager
+        async def lifespan(application: Any) -> AsyncIterator[Any]:
+            async with self, inner(application) as state:
+                yield state
+
+        app.router.lifespan_context = lifespan
+
+    def hub_dependency(self) -> Hub:
+        """``Depends(tidings.hub_dependency)``: this node's hub in a route handler."""
+        return self.hub
+
     def metrics_exposition(self) -> tuple[bytes, str]:
         return exposition(self.hub)
+
+
+def get_hub(connection: HTTPConnection) -> Hub:
+    """``Depends(get_hub)``: the hub of the Tidings installed in this app (see ``install``)."""
+    tidings: Tidings | None = getattr(connection.app.state, "tidings", None)
+    if tidings is None:
+        raise RuntimeError("no Tidings in this app: call tidings.install(app) first")
+    return tidings.hub
 
 
 def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
@@ -94,3 +127,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
     app.include_router(tidings.router)
     app.state.tidings = tidings
     return app
+
+
+#: ``async def route(hub: HubDep)``: the installed hub as an annotated dependency.
+HubDep = Annotated[Hub, Depends(get_hub)]

@@ -38,9 +38,12 @@ ANONYMOUS = Credentials()
 
 
 def check_api_key(settings: Settings, headers: dict[str, str]) -> bool:
-    """True when no API key is configured or the request carries it (constant-time compare)."""
+    """True when the request carries the API key (constant-time compare).
+
+    Without a key the API is open in dev mode only: a server with a token secret but no API key
+    refuses API calls, as Centrifugo does, rather than letting anyone publish."""
     if settings.api_key is None:
-        return True
+        return settings.dev_mode
     expected = settings.api_key.get_secret_value().encode()
     given = headers.get("x-api-key", "")
     if not given:

@@ -64,8 +64,10 @@ def serve(
             insecure=insecure,
             log_level=log_level,
         )
-    except (ValidationError, FileNotFoundError, ValueError) as exc:
-        raise _fail(f"bad configuration:\n{exc}") from None
+    except ValidationError as exc:
+        raise _fail(f"bad configuration{_source(config)}:\n{_problems(exc)}") from None
+    except (FileNotFoundError, ValueError) as exc:
+        raise _fail(f"bad configuration: {exc}") from None
     if settings.dev_mode and not settings.loopback_only and not settings.insecure:
         raise _fail(
             f"refusing to serve {settings.host} in dev mode (no TIDINGS_API_KEY or "
@@ -73,6 +75,20 @@ def serve(
             "127.0.0.1, or pass --insecure."
         )
     run(settings)
+
+
+def _source(config: Path | None) -> str:
+    return f" in {config} or TIDINGS_* variables" if config else " in TIDINGS_* variables"
+
+
+def _problems(exc: ValidationError) -> str:
+    """One line per problem, naming the key: ``  namespaces.chat.presense: unknown key``."""
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
 
 
 def run(settings: Settings) -> None:
@@ -146,6 +162,52 @@ def publish(
         raise _fail(f"{answer['error'].get('message')} (code {answer['error'].get('code')})")
     result = answer["result"]
     err.print(f"published to {channel}: offset {result['offset']} epoch {result['epoch']}")
+
+
+@app.command()
+def token(
+    user: Annotated[str, typer.Option("--user", help="User id: the token's `sub` claim.")],
+    channel: Annotated[
+        str | None,
+        typer.Option(help="Make a subscription token for this channel (`channel` claim)."),
+    ] = None,
+    ttl: Annotated[
+        int, typer.Option(min=0, help="Seconds until the token expires (0: never).")
+    ] = 3600,
+    secret: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TIDINGS_TOKEN_HMAC_SECRET",
+            help="HS256 secret (the server's TIDINGS_TOKEN_HMAC_SECRET).",
+            show_default=False,
+        ),
+    ] = None,
+    info: Annotated[
+        str | None, typer.Option(help="JSON shown to others in presence (`info` claim).")
+    ] = None,
+) -> None:
+    """Print an HS256 JWT for development: a connection token, or with --channel a
+    subscription token. Only the token goes to stdout, so `$(tidings token --user alice)` works."""
+    import time
+
+    import jwt
+
+    if not secret:
+        raise _fail("no secret: pass --secret or set TIDINGS_TOKEN_HMAC_SECRET")
+    if not user:
+        raise _fail("--user must not be empty")
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": user, "iat": now}
+    if ttl:
+        claims["exp"] = now + ttl
+    if channel is not None:
+        claims["channel"] = channel
+    if info is not None:
+        try:
+            claims["info"] = orjson.loads(info)
+        except orjson.JSONDecodeError as exc:
+            raise _fail(f"--info is not JSON: {exc}") from None
+    sys.stdout.write(jwt.encode(claims, secret, algorithm="HS256") + "\n")
 
 
 def ws_url(base: str, channel: str, token: str | None) -> str:

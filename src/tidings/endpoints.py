@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import orjson
@@ -23,6 +23,8 @@ log = logging.getLogger("tidings.endpoints")
 
 POLICY = 1008
 UNSUPPORTED = 1003
+#: policy close: the server unsubscribed this user (clients should not simply resubscribe)
+UNSUBSCRIBED = Disconnect(POLICY, "unsubscribed by the server")
 
 
 def close_reason(message: str) -> str:
@@ -51,6 +53,17 @@ class RawEndpoint:
 
     def __init__(self, tidings: Tidings) -> None:
         self.tidings = tidings
+        tidings.hub.on_control_message(self._on_control)
+
+    def _on_control(self, message: dict[str, Any]) -> None:
+        """A server-side ``unsubscribe`` ends a raw connection: it has no other channel."""
+        if message.get("op") != "unsubscribe":
+            return
+        channel = message.get("channel")
+        user, client = str(message.get("user", "")), str(message.get("client") or "")
+        for session in self.tidings.hub.local_sessions(user, client):
+            if session.format is RAW_TEXT and channel in session.channels:
+                session.close(UNSUBSCRIBED)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         tidings = self.tidings
@@ -81,11 +94,11 @@ class RawEndpoint:
             else:
                 await self._replay(session, channel.name, *since)
         except TidingsError as exc:
-            await hub.disconnect(session)
+            await hub.forget(session)
             await transport.close(POLICY, close_reason(f"{exc.code}: {exc.message}"))
             return
         except BaseException:
-            await hub.disconnect(session)
+            await hub.forget(session)
             raise
         allowed = settings.allows_client_publish(channel.options)
         info = ClientInfo(session.client_id, session.user)

@@ -138,8 +138,8 @@ class Hub:
         if user:
             self.users.setdefault(user, set()).add(session)
 
-    async def disconnect(self, session: Session) -> None:
-        """Forget a finished session and its subscriptions."""
+    async def forget(self, session: Session) -> None:
+        """Forget a finished session and its subscriptions (its connection has ended)."""
         self.sessions.discard(session)
         if session.user:
             peers = self.users.get(session.user)
@@ -248,9 +248,12 @@ class Hub:
         *,
         info: ClientInfo | None = None,
         tags: dict[str, str] | None = None,
+        skip_history: bool = False,
     ) -> StreamPosition:
         """Publish any JSON-serializable ``data``; returns the channel's new stream position."""
-        return await self.publish_json(channel, encode_json(data), info=info, tags=tags)
+        return await self.publish_json(
+            channel, encode_json(data), info=info, tags=tags, skip_history=skip_history
+        )
 
     async def publish_json(
         self,
@@ -259,12 +262,16 @@ class Hub:
         *,
         info: ClientInfo | None = None,
         tags: dict[str, str] | None = None,
+        skip_history: bool = False,
     ) -> StreamPosition:
-        """Publish data that is already JSON bytes (not checked: the caller vouches for it)."""
+        """Publish data that is already JSON bytes (not checked: the caller vouches for it).
+
+        ``skip_history``: deliver and advance the offset, but keep nothing in history."""
         ch = self.channel(channel)
-        position = await self.broker.publish(
-            ch.name, data, self.history_options(ch), info=info, tags=tags
-        )
+        kept = self.history_options(ch)
+        if skip_history:
+            kept = HistoryOptions(0, 0.0, kept.meta_ttl)
+        position = await self.broker.publish(ch.name, data, kept, info=info, tags=tags)
         self.metrics.published += 1
         return position
 
@@ -303,27 +310,80 @@ class Hub:
         try:
             message = orjson.loads(data)
         except orjson.JSONDecodeError:
+            message = None
+        if not isinstance(message, dict):
             log.warning("ignoring a malformed control message")
             return
         if message.get("op") == "disconnect":
-            self._disconnect_local(str(message.get("user", "")), message)
+            self._disconnect_local(message)
         for handler in self._control_handlers:
-            handler(message)
+            try:
+                handler(message)
+            except Exception:  # one bad handler must not stop the broker's receiving task
+                log.exception("control handler %r failed", handler)
 
     def on_control_message(self, handler: Callable[[dict[str, Any]], None]) -> None:
         """Register a handler for control messages that every node receives."""
         self._control_handlers.append(handler)
 
-    # -- users -----------------------------------------------------------------------------------
+    # -- users (on every node, through the broker's control messages) ----------------------------
 
-    async def disconnect_user(self, user: str, code: int = 3000, reason: str = "") -> None:
-        """Close every connection of ``user`` on every node."""
-        message = {"op": "disconnect", "user": user, "code": code, "reason": reason}
+    async def _control(self, message: dict[str, Any]) -> None:
         await self.broker.publish_control(orjson.dumps(message))
 
-    def _disconnect_local(self, user: str, message: dict[str, Any]) -> None:
-        reason = Disconnect(int(message.get("code", 3000)), str(message.get("reason", "")))
-        for session in list(self.users.get(user, ())):
+    async def disconnect(
+        self, user: str, code: int = 3503, reason: str = "force disconnect", *, client: str = ""
+    ) -> None:
+        """Close every connection of ``user`` (only ``client``'s, if given) on every node.
+
+        The default code 3503 tells Centrifugo SDKs not to reconnect."""
+        await self._control(
+            {"op": "disconnect", "user": user, "client": client, "code": code, "reason": reason}
+        )
+
+    async def disconnect_user(self, user: str, code: int = 3503, reason: str = "") -> None:
+        """Alias of :meth:`disconnect`, kept for existing callers."""
+        await self.disconnect(user, code, reason or "force disconnect")
+
+    async def subscribe_user(self, user: str, channel: str, *, client: str = "") -> None:
+        """Subscribe ``user``'s connections (``client``'s only, if given) to ``channel``.
+
+        Only protocols with server-side subscriptions act on it (Centrifugo's); raw
+        ``/ws/{channel}`` connections have one channel for life and ignore it."""
+        name = self.channel(channel).name
+        await self._control({"op": "subscribe", "user": user, "client": client, "channel": name})
+
+    async def unsubscribe_user(self, user: str, channel: str, *, client: str = "") -> None:
+        """Unsubscribe ``user``'s connections from ``channel`` on every node."""
+        name = self.channel(channel).name
+        await self._control({"op": "unsubscribe", "user": user, "client": client, "channel": name})
+
+    async def refresh_user(
+        self, user: str, *, client: str = "", expire_at: int | None = None, expired: bool = False
+    ) -> None:
+        """Extend (``expire_at``, unix seconds; None: never) or end (``expired``) connections."""
+        await self._control(
+            {
+                "op": "refresh",
+                "user": user,
+                "client": client,
+                "expire_at": expire_at,
+                "expired": expired,
+            }
+        )
+
+    def local_sessions(self, user: str, client: str = "") -> list[Session]:
+        """This node's sessions of ``user``, or only the one with id ``client`` if given."""
+        return [s for s in self.users.get(user, ()) if not client or s.client_id == client]
+
+    def _disconnect_local(self, message: dict[str, Any]) -> None:
+        try:
+            code = int(message.get("code", 3503))
+        except (TypeError, ValueError):
+            code = 3503
+        reason = Disconnect(code, str(message.get("reason", "")))
+        user, client = str(message.get("user", "")), str(message.get("client") or "")
+        for session in self.local_sessions(user, client):
             session.close(reason)
 
     # -- history and presence --------------------------------------------------------------------

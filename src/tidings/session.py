@@ -294,4 +294,4 @@ class Session:
             self._outbox.clear()
             if not writer.done():
                 writer.cancel()
-            await self.hub.disconnect(self)
+            await self.hub.forget(self)
