@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,6 +34,11 @@ from .errors import SHUTDOWN, TOO_MANY, BadRequest, Disconnect
 from .session import Flusher, Frame, Session
 
 log = logging.getLogger("tidings.hub")
+
+#: ``async fn(session, data) -> JSON-able result``: an RPC method the application serves
+RpcHandler = Callable[[Session, Any], Awaitable[Any]]
+#: ``async fn(session, data)``: an asynchronous message a client sent (no reply)
+SendHandler = Callable[[Session, Any], Awaitable[None]]
 
 
 class Encoder(Protocol):
@@ -89,6 +94,8 @@ class Hub:
         self.users: dict[str, set[Session]] = {}
         self._local: dict[str, _Local] = {}
         self._control_handlers: list[Callable[[dict[str, Any]], None]] = []
+        self.rpc_handlers: dict[str, RpcHandler] = {}
+        self.send_handlers: list[SendHandler] = []
         self.started = False
 
     # -- life ------------------------------------------------------------------------------------
@@ -314,17 +321,39 @@ class Hub:
         """Register a handler for control messages that every node receives."""
         self._control_handlers.append(handler)
 
+    # -- application handlers for client RPC and send -------------------------------------------
+
+    def rpc(self, method: str) -> Callable[[RpcHandler], RpcHandler]:
+        """Decorator: ``@hub.rpc("name")`` serves a client's ``rpc`` command with that method."""
+
+        def register(fn: RpcHandler) -> RpcHandler:
+            self.rpc_handlers[method] = fn
+            return fn
+
+        return register
+
+    def on_send(self, fn: SendHandler) -> SendHandler:
+        """Decorator: ``@hub.on_send`` receives the asynchronous messages clients send."""
+        self.send_handlers.append(fn)
+        return fn
+
     # -- users -----------------------------------------------------------------------------------
 
-    async def disconnect_user(self, user: str, code: int = 3000, reason: str = "") -> None:
-        """Close every connection of ``user`` on every node."""
-        message = {"op": "disconnect", "user": user, "code": code, "reason": reason}
+    async def disconnect_user(
+        self, user: str, code: int = 3000, reason: str = "", client: str | None = None
+    ) -> None:
+        """Close every connection of ``user`` (only ``client`` if given) on every node."""
+        message: dict[str, Any] = {"op": "disconnect", "user": user, "code": code, "reason": reason}
+        if client:
+            message["client"] = client
         await self.broker.publish_control(orjson.dumps(message))
 
     def _disconnect_local(self, user: str, message: dict[str, Any]) -> None:
         reason = Disconnect(int(message.get("code", 3000)), str(message.get("reason", "")))
+        client = message.get("client")  # optional: only that connection of the user
         for session in list(self.users.get(user, ())):
-            session.close(reason)
+            if not client or session.client_id == client:
+                session.close(reason)
 
     # -- history and presence --------------------------------------------------------------------
 
