@@ -262,7 +262,7 @@ class Client:
             self._expiry = None
         if expires is None:
             return None
-        ttl = max(0, int(expires - time.time()))
+        ttl = max(1, int(expires - time.time()))  # SDKs refresh after ttl
         delay = ttl + self.settings.expired_close_delay
         self._expiry = asyncio.get_running_loop().call_later(delay, self.session.close, EXPIRED)
         return ttl
@@ -305,7 +305,7 @@ class Client:
             sub.expiry = None
         if expires is None:
             return None
-        ttl = max(0, int(expires - time.time()))
+        ttl = max(1, int(expires - time.time()))  # SDKs refresh after ttl
         delay = ttl + self.settings.expired_close_delay
         sub.expiry = asyncio.get_running_loop().call_later(delay, self.session.close, SUB_EXPIRED)
         return ttl

@@ -39,7 +39,7 @@ METHODS = (
     "sub_refresh",
 )
 
-UNSUPPORTED_BINARY = Disconnect(3501, "binary frames are not accepted: JSON protocol")
+UNSUPPORTED_BINARY = Disconnect(3501, "bad request: binary frame on a JSON connection")
 
 
 @dataclass(frozen=True, slots=True)
