@@ -460,3 +460,32 @@ def test_settings_refuse_anonymous_when_secret_set() -> None:
     assert Settings(token_hmac_secret=SECRET, allow_anonymous=True).anonymous_allowed
     assert Settings().anonymous_allowed
     assert not Settings(token_jwks_url="http://127.0.0.1:1/jwks").dev_mode
+
+
+async def test_sub_refresh_extends_and_unrefreshed_subscription_closes_3006(
+    serve: Serve,
+) -> None:
+    srv = await serve(
+        token_hmac_secret=SECRET,
+        expired_close_delay=0,
+        namespaces={"vip": {"allow_subscribe": "token"}},
+    )
+    kept, lapsed = await Raw.open(srv.ws), await Raw.open(srv.ws)
+    for c in (kept, lapsed):
+        await c.connect(token=token("alice"))
+        result = await c.subscribe("vip:x", token=token("alice", ttl=1, channel="vip:x"))
+        assert result["expires"] is True and result["ttl"] == 1
+    answer = await kept.call("sub_refresh", channel="vip:x", token=token("alice", channel="vip:x"))
+    assert answer["sub_refresh"]["expires"] is True and answer["sub_refresh"]["ttl"] > 3000
+    wrong = await kept.call("sub_refresh", channel="vip:y", token=token("alice", channel="vip:y"))
+    assert wrong["error"]["code"] == 103  # not subscribed there
+    assert await lapsed.closed() == (3006, "subscription expired")
+    await srv.hub.publish("vip:x", "kept")
+    assert [p["data"] for p in await kept.publications("vip:x", 1)] == ["kept"]
+    await kept.close()
+
+
+async def test_connection_without_connect_closes_3502(serve: Serve) -> None:
+    srv = await serve(connect_timeout=0.2)
+    c = await Raw.open(srv.ws)
+    assert await c.closed() == (3502, "stale")
