@@ -28,6 +28,7 @@ from starlette.types import Receive, Scope, Send
 from .auth import ANONYMOUS, Credentials, can_subscribe, check_user_limited
 from .brokers.base import ClientInfo, HistoryResult, JoinLeave, StreamPosition
 from .channels import PRIVATE_PREFIX, USER_SEPARATOR, Channel
+from .endpoints import admit
 from .errors import (
     BAD_REQUEST,
     INVALID_TOKEN,
@@ -255,16 +256,21 @@ class Client:
             log.info("closing %s: %s", self.session.client_id, exc.message)
             raise INVALID_TOKEN from None
 
-    def _set_expiry(self, expires: float | None) -> int | None:
-        """(Re)arm the connection's expiry; returns the ttl the client is told."""
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
+    def _arm(
+        self, timer: asyncio.TimerHandle | None, expires: float | None, reason: Disconnect
+    ) -> tuple[asyncio.TimerHandle | None, int | None]:
+        """Replace an expiry timer: close with ``reason`` unless refreshed by then; returns the
+        new timer and the ttl the client is told (None: never expires)."""
+        if timer is not None:
+            timer.cancel()
         if expires is None:
-            return None
+            return None, None
         ttl = max(1, int(expires - time.time()))  # SDKs refresh after ttl
         delay = ttl + self.settings.expired_close_delay
-        self._expiry = asyncio.get_running_loop().call_later(delay, self.session.close, EXPIRED)
+        return asyncio.get_running_loop().call_later(delay, self.session.close, reason), ttl
+
+    def _set_expiry(self, expires: float | None) -> int | None:
+        self._expiry, ttl = self._arm(self._expiry, expires, EXPIRED)
         return ttl
 
     async def refresh(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -300,14 +306,7 @@ class Client:
         return wire.compact({"expires": ttl is not None, "ttl": ttl})
 
     def _sub_expiry(self, sub: _Sub, expires: float | None) -> int | None:
-        if sub.expiry is not None:
-            sub.expiry.cancel()
-            sub.expiry = None
-        if expires is None:
-            return None
-        ttl = max(1, int(expires - time.time()))  # SDKs refresh after ttl
-        delay = ttl + self.settings.expired_close_delay
-        sub.expiry = asyncio.get_running_loop().call_later(delay, self.session.close, SUB_EXPIRED)
+        sub.expiry, ttl = self._arm(sub.expiry, expires, SUB_EXPIRED)
         return ttl
 
     # -- subscriptions ---------------------------------------------------------------------------
@@ -604,11 +603,7 @@ class CentrifugeEndpoint:
         # Pings start once the client has connected: before that any frame, a pong too, is a
         # protocol error (3501), so a ping would only provoke one.
         session = Session(hub, transport, wire.PLAIN, pong_timeout=settings.pong_timeout)
-        try:
-            hub.connect(session)
-        except Disconnect as reason:
-            log.warning("refusing a connection: %s", reason)
-            await transport.close(reason.code, reason.reason)
+        if not await admit(session):
             return
         client = Client(self.tidings, session)
         try:

@@ -31,6 +31,17 @@ def close_reason(message: str) -> str:
     return raw.decode(errors="ignore")
 
 
+async def admit(session: Session) -> bool:
+    """Count a new session in; past ``max_connections`` close it (1013) and return False."""
+    try:
+        session.hub.connect(session)
+    except Disconnect as reason:
+        log.warning("refusing a connection: %s", reason)
+        await session.transport.close(reason.code, reason.reason)
+        return False
+    return True
+
+
 class RawEndpoint:
     """``/ws/{channel}``: each publication is one text frame; text sent is published.
 
@@ -46,11 +57,7 @@ class RawEndpoint:
         transport = AsgiTransport(receive, send, settings.max_message_size)
         await transport.accept()
         session = Session(hub, transport, RAW_TEXT)
-        try:
-            hub.connect(session)
-        except Disconnect as reason:
-            log.warning("refusing a connection: %s", reason)
-            await transport.close(reason.code, reason.reason)
+        if not await admit(session):
             return
         try:
             name = scope["path_params"]["channel"]
