@@ -136,6 +136,7 @@ async def test_command_flood_gets_error_111_and_connection_stays(serve: Serve) -
     codes = [item.get("error", {}).get("code") for item in frame]
     assert [item["id"] for item in frame] == ids
     assert codes[2:] == [111, 111, 111]
+    assert frame[-1]["error"] == {"code": 111, "message": "too many requests", "temporary": True}
     assert codes[:2] == [108, 108]  # within the burst: a real answer (no presence in "news")
     assert (await c.call("history", channel="news"))["error"]["code"] == 111
     await still_receives(srv, good)
@@ -169,7 +170,7 @@ async def test_pong_before_connect_is_a_bad_request(serve: Serve) -> None:
 
 
 async def test_recovery_with_publications_racing_has_no_gap_and_no_duplicate(
-    serve: Serve,
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     srv = await serve(namespaces={"feed": {"force_recovery": True, "history_size": 1000}})
     hub = srv.hub
@@ -177,28 +178,41 @@ async def test_recovery_with_publications_racing_has_no_gap_and_no_duplicate(
     await first.connect()
     position = await first.subscribe("feed:x")
     await first.close()
-    for i in range(20):
-        await hub.publish("feed:x", i)
-    done = asyncio.Event()
+    counter = iter(range(1000))
+    for _ in range(20):
+        await hub.publish("feed:x", next(counter))
+
+    # The race made certain: while the recovering subscribe reads history, one publication
+    # lands before the read (in history AND live: a duplicate unless deduplicated) and one
+    # after it (live only: a gap unless the buffered publications are sent).
+    read_history = hub.broker.history
+
+    async def racing_history(channel: str, **options: object) -> object:
+        await hub.publish(channel, next(counter))
+        result = await read_history(channel, **options)
+        await hub.publish(channel, next(counter))
+        await asyncio.sleep(0.01)  # let the concurrent publisher run meanwhile too
+        return result
 
     async def publish_meanwhile() -> None:
-        for i in range(20, 80):
-            await hub.publish("feed:x", i)
-            await asyncio.sleep(0)
-        done.set()
+        for _ in range(30):
+            await hub.publish("feed:x", next(counter))
+            await asyncio.sleep(0.001)
 
     second = await Raw.open(srv.ws)
     await second.connect()
+    monkeypatch.setattr(hub.broker, "history", racing_history)
     racer = asyncio.get_running_loop().create_task(publish_meanwhile())
     result = await second.subscribe(
         "feed:x", recover=True, offset=position.get("offset", 0), epoch=position["epoch"]
     )
     await racer
+    total = next(counter)  # publications made: 0 .. total-1
     assert result["recovered"] is True and result["was_recovering"] is True
-    recovered = [p["data"] for p in result.get("publications", [])]
-    assert recovered[:20] == list(range(20))
-    live = [p["data"] for p in await second.publications("feed:x", 80 - len(recovered))]
-    assert recovered + live == list(range(80))
+    recovered = [p["data"] for p in result["publications"]]
+    assert recovered[:21] == list(range(21))
+    live = [p["data"] for p in await second.publications("feed:x", total - len(recovered))]
+    assert recovered + live == list(range(total))
     with pytest.raises(TimeoutError):
         await second.read_frame(wait=0.3)  # nothing more (no duplicate at the end)
     await second.close()

@@ -100,7 +100,10 @@ class Settings(BaseSettings):
         100.0, ge=0, description="Sustained commands per connection (0: unlimited; error 111)."
     )
     command_burst: int = Field(
-        50, ge=1, description="Commands a connection may send at once above the sustained rate."
+        200,
+        ge=1,
+        description="Commands a connection may send at once (a reconnecting SDK resubscribes "
+        "every channel in one go).",
     )
     close_timeout: float = Field(2.0, gt=0, description="Seconds to wait for a close handshake.")
     max_channel_length: int = Field(255, ge=1, description="Longest channel name.")

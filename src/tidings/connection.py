@@ -185,7 +185,7 @@ class Client:
             else:
                 result = await getattr(self, command.method)(request)
         except TidingsError as exc:
-            return wire.error_reply(command.id, exc, temporary=exc.code == 100)
+            return wire.error_reply(command.id, exc)
         return wire.reply(command.id, command.method, result)
 
     def _flush(self, replies: list[str], activations: dict[str, int]) -> None:

@@ -134,9 +134,13 @@ def reply(cid: int, method: str, result: dict[str, Any]) -> str:
     return dumps({"id": cid, method: result})
 
 
-def error_reply(cid: int, exc: TidingsError, *, temporary: bool = False) -> str:
+#: errors a client should retry (SDKs resubscribe later instead of giving up), as in Centrifugo
+TEMPORARY = frozenset({100, 111})
+
+
+def error_reply(cid: int, exc: TidingsError) -> str:
     error: dict[str, Any] = exc.as_dict()
-    if temporary:
+    if exc.code in TEMPORARY:
         error["temporary"] = True
     return dumps({"id": cid, "error": error})
 
