@@ -503,3 +503,20 @@ async def test_connection_without_connect_closes_3502(serve: Serve) -> None:
     srv = await serve(connect_timeout=0.2)
     c = await Raw.open(srv.ws)
     assert await c.closed() == (3502, "stale")
+
+
+async def test_presence_is_refreshed_while_subscribed_and_removed_after(serve: Serve) -> None:
+    srv = await serve(namespaces={"room": {"presence": True, "presence_ttl": 1.0}})
+    stays, leaves = await Raw.open(srv.ws), await Raw.open(srv.ws)
+    ids = []
+    for c in (stays, leaves):
+        ids.append((await c.connect())["client"])
+        await c.subscribe("room:a")
+    before = (await stays.call("presence", channel="room:a"))["presence"]["presence"]
+    assert sorted(before) == sorted(ids)
+    await leaves.call("unsubscribe", channel="room:a")
+    await asyncio.sleep(2.2)  # twice the entry's ttl: only refreshing keeps it
+    after = (await stays.call("presence", channel="room:a"))["presence"]["presence"]
+    assert list(after) == [ids[0]]
+    await stays.close()
+    await leaves.close()
