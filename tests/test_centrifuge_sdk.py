@@ -185,3 +185,15 @@ async def test_sdk_permission_denied_is_103(server: Running) -> None:
     await allowed.subscribe()
     await allowed.ready()
     await client.disconnect()
+
+
+async def test_sdk_rpc(server: Running) -> None:
+    @server.hub.rpc("whoami")
+    async def whoami(session: Any, data: Any) -> dict[str, Any]:
+        return {"user": session.user, "echo": data}
+
+    client = sdk_client(server, token=token("carol"))
+    await client.connect()
+    result = await client.rpc("whoami", {"x": 1})
+    assert result.data == {"user": "carol", "echo": {"x": 1}}
+    await client.disconnect()

@@ -63,12 +63,12 @@ class RawEndpoint:
             name = scope["path_params"]["channel"]
             channel = hub.channel(name)
             query = parse_qs(scope.get("query_string", b"").decode())
-            who = self._credentials(query)
+            who = await self._credentials(query)
             if who.user:
                 hub.set_user(session, who.user)
             sub_token = query.get("sub_token", [""])[0]
             if sub_token:
-                tidings.tokens.subscription(sub_token, channel.name, who.user)
+                await tidings.tokens.asubscription(sub_token, channel.name, who.user)
             can_subscribe(settings, channel, who, token=bool(sub_token))
             await hub.subscribe(session, channel.name, RAW_TEXT)
         except TidingsError as exc:
@@ -90,6 +90,6 @@ class RawEndpoint:
 
         await session.serve(handle)
 
-    def _credentials(self, query: dict[str, list[str]]) -> Credentials:
+    async def _credentials(self, query: dict[str, list[str]]) -> Credentials:
         token = query.get("token", [""])[0]
-        return self.tidings.tokens.connection(token) if token else ANONYMOUS
+        return await self.tidings.tokens.aconnection(token) if token else ANONYMOUS
