@@ -218,6 +218,41 @@ async def test_recovery_with_publications_racing_has_no_gap_and_no_duplicate(
     await second.close()
 
 
+async def test_recovery_skips_late_broker_copies_of_recovered_publications(
+    serve: Serve,
+) -> None:
+    """A networked broker may deliver a publication after a history read already returned it;
+    the recovering client must not get it twice."""
+    srv = await serve(namespaces={"feed": {"force_recovery": True}})
+    hub = srv.hub
+    c = await Raw.open(srv.ws)
+    await c.connect()
+    position = await c.subscribe("feed:late")
+    await c.close()
+    await hub.publish("feed:late", "missed")
+    other = await bystander(srv, "feed:late")  # this node keeps receiving the channel
+    c = await Raw.open(srv.ws)
+    await c.connect()
+    late: list[object] = []
+    hub.on_publication = late.append  # the broker's deliveries lag behind (kept in order)
+    try:
+        await hub.publish("feed:late", "in history, delivered late")
+        result = await c.subscribe(
+            "feed:late", recover=True, offset=position.get("offset", 0), epoch=position["epoch"]
+        )
+    finally:
+        del hub.on_publication
+    for pub in late:
+        hub.on_publication(pub)
+    await hub.publish("feed:late", "live")
+    assert [p["data"] for p in result["publications"]] == ["missed", "in history, delivered late"]
+    assert [p["data"] for p in await c.publications("feed:late", 1)] == ["live"]
+    assert len([p for p in c.pushes if "pub" in p["push"]]) == 1
+    assert len(await other.publications("feed:late", 2)) == 2
+    await c.close()
+    await other.close()
+
+
 async def test_recovery_reports_lost_position(serve: Serve) -> None:
     srv = await serve(namespaces={"feed": {"force_recovery": True, "history_size": 5}})
     c = await Raw.open(srv.ws)

@@ -198,7 +198,7 @@ class Client:
             if sub is None:
                 continue
             encoder = sub.encoder
-            for pub in self.hub.activate(session, name, encoder):
+            for pub in self.hub.activate(session, name, encoder, after):
                 if pub.offset > after or not pub.offset:
                     session.enqueue(encoder.push(pub))
 
