@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from tidings import Settings
+from tidings.errors import PermissionDenied
 
 from .cfutil import SECRET, Raw, token
 from .conftest import Running, Serve
@@ -436,9 +437,20 @@ async def test_rpc_and_send_handlers(serve: Serve) -> None:
     async def on_send(session: object, data: object) -> None:
         got.append(data)
 
+    @srv.hub.rpc("fails")
+    async def fails(session: object, data: object) -> object:
+        if data == "refuse":
+            raise PermissionDenied("not you")
+        return object()  # not JSON: an internal error, the connection stays
+
     c = await Raw.open(srv.ws)
     await c.connect()
     answer = await c.call("rpc", method="add", data={"a": 2, "b": 3})
+    assert (await c.call("rpc", method="fails", data="refuse"))["error"] == {
+        "code": 103,
+        "message": "not you",
+    }
+    assert (await c.call("rpc", method="fails"))["error"]["code"] == 100
     assert answer["rpc"] == {"data": {"sum": 5}}
     assert (await c.call("rpc", method="nope"))["error"]["code"] == 104
     await c.send({"send": {"data": {"hello": 1}}})

@@ -527,12 +527,13 @@ class Client:
             raise MethodNotFound()
         try:
             result = await handler(self.session, request.get("data"))
+            data = orjson.dumps(result) if result is not None else None
         except TidingsError:
             raise
         except Exception:
             log.exception("rpc %r failed", method)
-            raise TidingsError() from None
-        return {"data": orjson.Fragment(orjson.dumps(result))} if result is not None else {}
+            raise TidingsError() from None  # 100, temporary
+        return {"data": orjson.Fragment(data)} if data is not None else {}
 
     async def send(self, request: dict[str, Any]) -> None:
         handlers = self.hub.send_handlers
