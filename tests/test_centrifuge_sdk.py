@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from centrifuge import (
     Client,
@@ -13,6 +14,8 @@ from centrifuge import (
     ClientState,
     DisconnectedContext,
     PublicationContext,
+    ServerPublicationContext,
+    ServerSubscribedContext,
     SubscribedContext,
     SubscriptionEventHandler,
     UnsubscribedContext,
@@ -51,9 +54,17 @@ class SubEvents(SubscriptionEventHandler):
 class ClientEvents(ClientEventHandler):
     def __init__(self) -> None:
         self.disconnected: asyncio.Queue[DisconnectedContext] = asyncio.Queue()
+        self.subscribed: asyncio.Queue[ServerSubscribedContext] = asyncio.Queue()
+        self.pubs: asyncio.Queue[ServerPublicationContext] = asyncio.Queue()
 
     async def on_disconnected(self, ctx: DisconnectedContext) -> None:
         await self.disconnected.put(ctx)
+
+    async def on_subscribed(self, ctx: ServerSubscribedContext) -> None:
+        await self.subscribed.put(ctx)
+
+    async def on_publication(self, ctx: ServerPublicationContext) -> None:
+        await self.pubs.put(ctx)
 
 
 async def next_item(queue: asyncio.Queue[Any], wait: float = 5.0) -> Any:
@@ -196,4 +207,21 @@ async def test_sdk_rpc(server: Running) -> None:
     await client.connect()
     result = await client.rpc("whoami", {"x": 1})
     assert result.data == {"user": "carol", "echo": {"x": 1}}
+    await client.disconnect()
+
+
+async def test_sdk_server_side_subscriptions_from_token_and_control(server: Running) -> None:
+    events = ClientEvents()
+    client = sdk_client(server, events, token=token("dave", channels=["chat:boot"]))
+    await client.connect()
+    assert (await next_item(events.subscribed)).channel == "chat:boot"
+    await http_publish(server, "chat:boot", "from token")
+    got = await next_item(events.pubs)
+    assert (got.channel, got.pub.data) == ("chat:boot", "from token")
+    message = {"op": "subscribe", "user": "dave", "channel": "chat:later"}
+    await server.hub.broker.publish_control(orjson.dumps(message))
+    assert (await next_item(events.subscribed)).channel == "chat:later"
+    await http_publish(server, "chat:later", "from control")
+    got = await next_item(events.pubs)
+    assert (got.channel, got.pub.data) == ("chat:later", "from control")
     await client.disconnect()
