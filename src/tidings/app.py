@@ -26,6 +26,7 @@ from .api import build_router
 from .auth import TokenVerifier
 from .brokers import create_broker
 from .config import Settings
+from .connection import CentrifugeEndpoint
 from .endpoints import RawEndpoint
 from .hub import Hub
 from .metrics import exposition
@@ -55,6 +56,9 @@ class Tidings:
     def _routes(self) -> APIRouter:
         router = build_router(self)
         router.routes.append(WebSocketRoute("/ws/{channel}", RawEndpoint(self), name="raw"))
+        router.routes.append(
+            WebSocketRoute("/connection/websocket", CentrifugeEndpoint(self), name="centrifuge")
+        )
         if self.settings.demo:
 
             @router.get("/", response_class=HTMLResponse, include_in_schema=False)

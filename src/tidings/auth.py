@@ -5,6 +5,7 @@ Tokens are never logged: errors name the problem, not the token.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,11 +13,15 @@ from typing import Any
 import jwt
 import orjson
 
-from .channels import Channel
+from .channels import USER_SEPARATOR, Channel
 from .config import Settings
 from .errors import PermissionDenied, TokenExpired, Unauthorized
 
-HMAC_ALGORITHMS = ["HS256", "HS384", "HS512"]
+HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+ASYMMETRIC_ALGORITHMS = (
+    *("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"),
+    *("ES256", "ES384", "ES512", "EdDSA"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,25 +59,63 @@ def check_api_key(settings: Settings, headers: dict[str, str]) -> bool:
 
 
 class TokenVerifier:
-    """Verifies client JWTs with the configured keys."""
+    """Verifies client JWTs with the configured keys: an HMAC secret (HS*), PEM public keys
+    (RS*/PS*, ES*, EdDSA) or a JWKS URL; ``aud``/``iss`` are checked when configured.
+
+    The ``a*`` methods are for the event loop: a JWKS fetch runs in a thread there."""
 
     def __init__(self, settings: Settings) -> None:
         secret = settings.token_hmac_secret
-        self._key = secret.get_secret_value() if secret is not None else None
+        self._hmac = secret.get_secret_value() if secret is not None else None
+        shared = settings.token_public_key
+        self._pem: dict[str, str | None] = {
+            "RS": settings.token_rsa_public_key or shared,
+            "PS": settings.token_rsa_public_key or shared,
+            "ES": settings.token_ecdsa_public_key or shared,
+            "Ed": shared,
+        }
+        url = settings.token_jwks_url
+        self._jwks = jwt.PyJWKClient(url, cache_keys=True) if url else None
+        self._audience = settings.token_audience
+        self._issuer = settings.token_issuer
 
     @property
     def enabled(self) -> bool:
-        return self._key is not None
+        return self._hmac is not None or self._jwks is not None or any(self._pem.values())
 
-    def _decode(self, token: str) -> dict[str, Any]:
-        if self._key is None:
-            raise Unauthorized("tokens are not configured on this server")
+    def _static_key(self, token: str) -> tuple[Any, str]:
+        """The configured key for the token's algorithm (None: ask the JWKS) and the algorithm."""
+        try:
+            alg = str(jwt.get_unverified_header(token).get("alg", ""))
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"invalid token: {type(exc).__name__}") from None
+        if alg in HMAC_ALGORITHMS:
+            if self._hmac is None:
+                raise Unauthorized("HMAC tokens are not configured on this server")
+            return self._hmac, alg
+        if alg not in ASYMMETRIC_ALGORITHMS:
+            raise Unauthorized(f"token algorithm {alg!r} is not accepted")
+        pem = self._pem[alg[:2]]
+        if pem is None and self._jwks is None:
+            raise Unauthorized(f"no key configured for {alg} tokens")
+        return pem, alg
+
+    def _jwks_key(self, token: str) -> Any:
+        assert self._jwks is not None
+        try:
+            return self._jwks.get_signing_key_from_jwt(token).key
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"invalid token: {type(exc).__name__}") from None
+
+    def _decode(self, token: str, key: Any, alg: str) -> dict[str, Any]:
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
-                self._key,
-                algorithms=HMAC_ALGORITHMS,
-                options={"require": ["sub"], "verify_aud": False},
+                key,
+                algorithms=[alg],
+                audience=self._audience,
+                issuer=self._issuer,
+                options={"require": ["sub"], "verify_aud": self._audience is not None},
             )
         except jwt.ExpiredSignatureError:
             raise TokenExpired() from None
@@ -80,24 +123,58 @@ class TokenVerifier:
             raise Unauthorized(f"invalid token: {type(exc).__name__}") from None
         return claims
 
+    def claims(self, token: str) -> dict[str, Any]:
+        """Verified claims; TokenExpired (109) or Unauthorized. May block on a JWKS fetch."""
+        key, alg = self._static_key(token)
+        return self._decode(token, key if key is not None else self._jwks_key(token), alg)
+
+    async def aclaims(self, token: str) -> dict[str, Any]:
+        """:meth:`claims` without blocking the event loop on a JWKS fetch."""
+        key, alg = self._static_key(token)
+        if key is None:
+            key = await asyncio.to_thread(self._jwks_key, token)
+        return self._decode(token, key, alg)
+
     def connection(self, token: str) -> Credentials:
-        claims = self._decode(token)
-        info = claims.get("info")
-        return Credentials(
-            user=str(claims["sub"]),
-            expires=claims.get("exp"),
-            info=orjson.dumps(info) if info is not None else None,
-            channels=tuple(claims.get("channels") or ()),
-            claims=claims,
-        )
+        return connection_credentials(self.claims(token))
+
+    async def aconnection(self, token: str) -> Credentials:
+        return connection_credentials(await self.aclaims(token))
 
     def subscription(self, token: str, channel: str, user: str) -> dict[str, Any]:
-        claims = self._decode(token)
-        if claims.get("channel") != channel:
-            raise PermissionDenied("subscription token is for another channel")
-        if str(claims.get("sub", "")) != user:
-            raise PermissionDenied("subscription token is for another user")
-        return claims
+        return subscription_claims(self.claims(token), channel, user)
+
+    async def asubscription(self, token: str, channel: str, user: str) -> dict[str, Any]:
+        return subscription_claims(await self.aclaims(token), channel, user)
+
+
+def connection_credentials(claims: dict[str, Any]) -> Credentials:
+    info = claims.get("info")
+    channels = claims.get("channels") or ()
+    if not isinstance(channels, list | tuple) or not all(isinstance(c, str) for c in channels):
+        raise Unauthorized("invalid token: channels must be a list of strings")
+    return Credentials(
+        user=str(claims["sub"]),
+        expires=claims.get("exp"),
+        info=orjson.dumps(info) if info is not None else None,
+        channels=tuple(channels),
+        claims=claims,
+    )
+
+
+def subscription_claims(claims: dict[str, Any], channel: str, user: str) -> dict[str, Any]:
+    if claims.get("channel") != channel:
+        raise PermissionDenied("subscription token is for another channel")
+    if str(claims.get("sub", "")) != user:
+        raise PermissionDenied("subscription token is for another user")
+    return claims
+
+
+def check_user_limited(channel: str, user: str) -> None:
+    """``chat:dm#alice,bob``: only the users after ``#`` may use the channel."""
+    _, sep, users = channel.rpartition(USER_SEPARATOR)
+    if sep and (not user or user not in users.split(",")):
+        raise PermissionDenied(f"channel {channel!r} is limited to other users")
 
 
 def can_subscribe(settings: Settings, channel: Channel, who: Credentials, *, token: bool) -> None:

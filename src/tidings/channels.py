@@ -10,6 +10,7 @@ from .errors import BadRequest, UnknownChannel
 
 NAMESPACE_SEPARATOR = ":"
 PRIVATE_PREFIX = "$"
+USER_SEPARATOR = "#"  # chat:dm#alice,bob: a channel only the listed users may use
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,7 +63,22 @@ class Settings(BaseSettings):
     insecure: bool = Field(False, description="Allow dev mode on a non-loopback address.")
     broker_url: str = Field("memory://", description="Broker engine, chosen by URL scheme.")
     api_key: SecretStr | None = Field(None, description="Key required by the HTTP API.")
-    token_hmac_secret: SecretStr | None = Field(None, description="HS256 secret for client JWTs.")
+    token_hmac_secret: SecretStr | None = Field(
+        None, description="HMAC secret for client JWTs (HS256/384/512)."
+    )
+    token_rsa_public_key: str | None = Field(None, description="PEM key for RS*/PS* client JWTs.")
+    token_ecdsa_public_key: str | None = Field(None, description="PEM key for ES* client JWTs.")
+    token_public_key: str | None = Field(
+        None, description="PEM key for any asymmetric client JWT (RS*, PS*, ES*, EdDSA)."
+    )
+    token_jwks_url: str | None = Field(
+        None, description="JWKS URL whose keys verify asymmetric client JWTs (by `kid`)."
+    )
+    token_audience: str | None = Field(None, description="Required `aud` of client JWTs.")
+    token_issuer: str | None = Field(None, description="Required `iss` of client JWTs.")
+    allow_anonymous: bool = Field(
+        False, description="Accept Centrifugo-protocol connections without a token."
+    )
 
     max_connections: int = Field(10_000, ge=1, description="WebSocket connections per process.")
     max_message_size: int = Field(65_536, ge=64, description="Largest incoming message, bytes.")
@@ -72,6 +87,24 @@ class Settings(BaseSettings):
     )
     ping_interval: float = Field(25.0, gt=0, description="Seconds between server pings.")
     pong_timeout: float = Field(10.0, gt=0, description="Seconds to wait for a pong.")
+    connect_timeout: float = Field(
+        10.0, gt=0, description="Seconds a Centrifugo client has to send `connect` (else 3502)."
+    )
+    expired_close_delay: float = Field(
+        25.0, ge=0, description="Seconds after token expiry before an unrefreshed client is closed."
+    )
+    max_channels_per_connection: int = Field(
+        128, ge=1, description="Channels one Centrifugo connection may subscribe (error 106)."
+    )
+    max_commands_per_second: float = Field(
+        100.0, ge=0, description="Sustained commands per connection (0: unlimited; error 111)."
+    )
+    command_burst: int = Field(
+        200,
+        ge=1,
+        description="Commands a connection may send at once (a reconnecting SDK resubscribes "
+        "every channel in one go).",
+    )
     close_timeout: float = Field(2.0, gt=0, description="Seconds to wait for a close handshake.")
     max_channel_length: int = Field(255, ge=1, description="Longest channel name.")
     channel_chars: str = Field(
@@ -146,7 +179,25 @@ class Settings(BaseSettings):
     @property
     def dev_mode(self) -> bool:
         """No secret is configured: anonymous access and an open publish API."""
-        return self.api_key is None and self.token_hmac_secret is None
+        return self.api_key is None and not self.tokens_configured
+
+    @property
+    def tokens_configured(self) -> bool:
+        """Some key to verify client JWTs is set."""
+        return any(
+            key is not None
+            for key in (
+                self.token_hmac_secret,
+                self.token_rsa_public_key,
+                self.token_ecdsa_public_key,
+                self.token_public_key,
+                self.token_jwks_url,
+            )
+        )
+
+    @property
+    def anonymous_allowed(self) -> bool:
+        return self.allow_anonymous or self.dev_mode
 
     @property
     def loopback_only(self) -> bool:

@@ -44,6 +44,17 @@ def _replay_from(query: dict[str, list[str]]) -> tuple[int, str] | None:
     return max(offset, 0), query.get("epoch", [""])[0]
 
 
+async def admit(session: Session) -> bool:
+    """Count a new session in; past ``max_connections`` close it (1013) and return False."""
+    try:
+        session.hub.connect(session)
+    except Disconnect as reason:
+        log.warning("refusing a connection: %s", reason)
+        await session.transport.close(reason.code, reason.reason)
+        return False
+    return True
+
+
 class RawEndpoint:
     """``/ws/{channel}``: each publication is one text frame; text sent is published.
 
@@ -69,24 +80,26 @@ class RawEndpoint:
         tidings = self.tidings
         hub, settings = tidings.hub, tidings.settings
         transport = AsgiTransport(receive, send, settings.max_message_size)
-        await transport.accept()
         session = Session(hub, transport, RAW_TEXT)
+        # Subscribe *before* accepting: once the client sees the connection open, every
+        # publication reaches it (the raw protocol has no subscribe confirmation to wait for).
         try:
             hub.connect(session)
         except Disconnect as reason:
             log.warning("refusing a connection: %s", reason)
+            await transport.accept()
             await transport.close(reason.code, reason.reason)
             return
         try:
             name = scope["path_params"]["channel"]
             channel = hub.channel(name)
             query = parse_qs(scope.get("query_string", b"").decode())
-            who = self._credentials(query)
+            who = await self._credentials(query)
             if who.user:
                 hub.set_user(session, who.user)
             sub_token = query.get("sub_token", [""])[0]
             if sub_token:
-                tidings.tokens.subscription(sub_token, channel.name, who.user)
+                await tidings.tokens.asubscription(sub_token, channel.name, who.user)
             can_subscribe(settings, channel, who, token=bool(sub_token))
             since = _replay_from(query)
             if since is None:
@@ -95,11 +108,13 @@ class RawEndpoint:
                 await self._replay(session, channel.name, *since)
         except TidingsError as exc:
             await hub.forget(session)
+            await transport.accept()
             await transport.close(POLICY, close_reason(f"{exc.code}: {exc.message}"))
             return
         except BaseException:
             await hub.forget(session)
             raise
+        await transport.accept()
         allowed = settings.allows_client_publish(channel.options)
         info = ClientInfo(session.client_id, session.user)
 
@@ -122,15 +137,18 @@ class RawEndpoint:
         await hub.subscribe(session, channel, RAW_TEXT, buffer=True)
         try:
             history = await hub.history(channel)
-        finally:
-            held = hub.activate(session, channel, RAW_TEXT)
+        except BaseException:
+            hub.activate(session, channel, RAW_TEXT)
+            raise
         if epoch and epoch != history.position.epoch:
             offset = 0
-        for publication in [*history.publications, *held]:
-            if publication.offset > offset:
-                session.enqueue(RAW_TEXT.push(publication))
-                offset = publication.offset
+        replay = [p for p in history.publications if p.offset > offset]
+        last = max(offset, replay[-1].offset if replay else 0)
+        # A networked broker may still deliver a publication the history read already returned.
+        held = hub.activate(session, channel, RAW_TEXT, after=last)
+        for publication in [*replay, *(p for p in held if p.offset > last)]:
+            session.enqueue(RAW_TEXT.push(publication))
 
-    def _credentials(self, query: dict[str, list[str]]) -> Credentials:
+    async def _credentials(self, query: dict[str, list[str]]) -> Credentials:
         token = query.get("token", [""])[0]
-        return self.tidings.tokens.connection(token) if token else ANONYMOUS
+        return await self.tidings.tokens.aconnection(token) if token else ANONYMOUS

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,6 +34,11 @@ from .errors import SHUTDOWN, TOO_MANY, BadRequest, Disconnect
 from .session import Flusher, Frame, Session
 
 log = logging.getLogger("tidings.hub")
+
+#: ``async fn(session, data) -> JSON-able result``: an RPC method the application serves
+RpcHandler = Callable[[Session, Any], Awaitable[Any]]
+#: ``async fn(session, data)``: an asynchronous message a client sent (no reply)
+SendHandler = Callable[[Session, Any], Awaitable[None]]
 
 
 class Encoder(Protocol):
@@ -62,6 +67,9 @@ class _Local:
     groups: dict[Encoder, set[Session]] = field(default_factory=dict)
     #: sessions still recovering: they get publications, not frames, until activated
     buffering: dict[Session, list[Publication]] = field(default_factory=dict)
+    #: just-activated sessions that already have every offset up to this one (from history):
+    #: a copy of such a publication delivered late by the broker is not sent again
+    floor: dict[Session, int] = field(default_factory=dict)
     count: int = 0
     subscribed: bool = False  # the broker delivers this channel to us
     op: asyncio.Future[None] | None = None  # a broker (un)subscribe in flight
@@ -89,6 +97,8 @@ class Hub:
         self.users: dict[str, set[Session]] = {}
         self._local: dict[str, _Local] = {}
         self._control_handlers: list[Callable[[dict[str, Any]], None]] = []
+        self.rpc_handlers: dict[str, RpcHandler] = {}
+        self.send_handlers: list[SendHandler] = []
         self.started = False
 
     # -- life ------------------------------------------------------------------------------------
@@ -177,13 +187,21 @@ class Hub:
                 await self._sync(channel, local)
             raise
 
-    def activate(self, session: Session, channel: str, encoder: Encoder) -> list[Publication]:
-        """End buffering: the session now gets frames; returns what was buffered meanwhile."""
+    def activate(
+        self, session: Session, channel: str, encoder: Encoder, after: int = 0
+    ) -> list[Publication]:
+        """End buffering: the session now gets frames; returns what was buffered meanwhile.
+
+        ``after``: the session was sent everything up to this offset, so live publications up
+        to it (a broker may deliver them after the history read that contained them) are
+        skipped for this session until a newer one arrives."""
         local = self._local.get(channel)
         if local is None or session not in local.buffering:
             return []
         held = local.buffering.pop(session)
         local.groups.setdefault(encoder, set()).add(session)
+        if after:
+            local.floor[session] = after
         return held
 
     async def unsubscribe(self, session: Session, channel: str) -> None:
@@ -198,6 +216,7 @@ class Hub:
             return
         session.channels.discard(channel)
         local.count -= 1
+        local.floor.pop(session, None)
         if local.buffering.pop(session, None) is None:
             for encoder, members in list(local.groups.items()):
                 if session in members:
@@ -287,13 +306,24 @@ class Hub:
             return
         for held in local.buffering.values():
             held.append(publication)
+        seen = self._seen(local, publication.offset) if local.floor else None
         delivered = 0
         for encoder, members in local.groups.items():
             frame = encoder.push(publication)
             for session in members:
-                session.enqueue(frame)
+                if seen is None or session not in seen:
+                    session.enqueue(frame)
             delivered += len(members)
         self.metrics.delivered += delivered
+
+    @staticmethod
+    def _seen(local: _Local, offset: int) -> set[Session]:
+        """Sessions that already have ``offset``; the others stop being checked (offsets only
+        grow, so once past its floor a session never needs it again)."""
+        seen = {s for s, after in local.floor.items() if offset and offset <= after}
+        for session in [s for s in local.floor if s not in seen]:
+            del local.floor[session]
+        return seen
 
     def on_join_leave(self, event: JoinLeave) -> None:
         local = self._local.get(event.channel)
@@ -325,6 +355,22 @@ class Hub:
     def on_control_message(self, handler: Callable[[dict[str, Any]], None]) -> None:
         """Register a handler for control messages that every node receives."""
         self._control_handlers.append(handler)
+
+    # -- application handlers for client RPC and send -------------------------------------------
+
+    def rpc(self, method: str) -> Callable[[RpcHandler], RpcHandler]:
+        """Decorator: ``@hub.rpc("name")`` serves a client's ``rpc`` command with that method."""
+
+        def register(fn: RpcHandler) -> RpcHandler:
+            self.rpc_handlers[method] = fn
+            return fn
+
+        return register
+
+    def on_send(self, fn: SendHandler) -> SendHandler:
+        """Decorator: ``@hub.on_send`` receives the asynchronous messages clients send."""
+        self.send_handlers.append(fn)
+        return fn
 
     # -- users (on every node, through the broker's control messages) ----------------------------
 

@@ -242,6 +242,12 @@ class Session:
         loop = asyncio.get_running_loop()
         self._pong_timer = loop.call_later(self.pong_timeout, self.close, NO_PONG)
 
+    def start_heartbeats(self, interval: float) -> None:
+        """Start pinging now (protocols whose clients must not be pinged before a handshake)."""
+        self.ping_interval = interval
+        if self._ping_timer is None and self._pong_timer is None:
+            self._schedule_ping()
+
     def pong(self) -> None:
         """The client answered; the next ping goes out ``ping_interval`` after this one."""
         if self._pong_timer is not None:

@@ -1,0 +1,204 @@
+"""Centrifugo client protocol v2, JSON flavour: the wire codec (sans-I/O).
+
+A WebSocket text frame holds one or more JSON objects separated by ``\\n``. Commands carry an
+``id`` and one method field (``connect``, ``subscribe``, ...); replies echo the ``id``; pushes
+have none; ``{}`` is a ping (server to client) or a pong (client to server). Protobuf ``bytes``
+fields (``data``, ``info``) carry raw embedded JSON, so publication bytes are spliced in with
+:class:`orjson.Fragment`, never decoded. Empty fields are omitted.
+
+The encoders here build each push once per publication for every Centrifugo subscriber on the
+node: a push names the channel and the publication and nothing per subscriber.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from ..brokers.base import ClientInfo, JoinLeave, Publication
+from ..errors import BAD_REQUEST, Disconnect, TidingsError
+from ..session import Frame
+
+PING = "{}"
+
+#: every method a client may send, with the name of its reply field
+METHODS = (
+    "connect",
+    "subscribe",
+    "unsubscribe",
+    "publish",
+    "presence",
+    "presence_stats",
+    "history",
+    "ping",
+    "send",
+    "rpc",
+    "refresh",
+    "sub_refresh",
+)
+
+UNSUPPORTED_BINARY = Disconnect(3501, "bad request: binary frame on a JSON connection")
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One decoded command: its id (0 for ``send``), method name and request object."""
+
+    id: int
+    method: str
+    request: dict[str, Any]
+
+
+def decode(frame: Frame) -> list[Command | None]:
+    """The commands in one frame, in order; None stands for a pong (``{}``).
+
+    Anything that is not valid protocol closes the connection with 3501, as Centrifugo does:
+    a binary frame, bad JSON, a non-object, no known method, or no id on a method that has a
+    reply."""
+    if isinstance(frame, bytes):
+        raise UNSUPPORTED_BINARY
+    out: list[Command | None] = []
+    for line in frame.split("\n"):
+        if not line.strip():
+            continue
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            raise Disconnect(3501, "bad request: invalid JSON") from None
+        if not isinstance(obj, dict):
+            raise Disconnect(3501, "bad request: a command must be a JSON object")
+        if not obj:
+            out.append(None)
+            continue
+        out.append(_command(obj))
+    return out
+
+
+def _command(obj: dict[str, Any]) -> Command:
+    cid = obj.get("id", 0)
+    if not isinstance(cid, int) or cid < 0:
+        raise BAD_REQUEST
+    for method in METHODS:
+        request = obj.get(method)
+        if request is not None:
+            if not isinstance(request, dict):
+                raise Disconnect(3501, f"bad request: {method} must be an object")
+            if cid == 0 and method != "send":
+                raise Disconnect(3501, "bad request: command id required")
+            return Command(cid, method, request)
+    raise Disconnect(3501, "bad request: unknown method")
+
+
+# -- outgoing ------------------------------------------------------------------------------------
+
+
+def raw(data: bytes | None) -> orjson.Fragment | None:
+    """Embed JSON bytes as they are."""
+    return orjson.Fragment(data) if data else None
+
+
+def compact(obj: dict[str, Any]) -> dict[str, Any]:
+    """Drop empty fields, as the protocol's JSON form does."""
+    return {k: v for k, v in obj.items() if v not in (None, "", 0, False, [], {})}
+
+
+def client_info(info: ClientInfo) -> dict[str, Any]:
+    return compact(
+        {
+            "user": info.user,
+            "client": info.client,
+            "conn_info": raw(info.conn_info),
+            "chan_info": raw(info.chan_info),
+        }
+    )
+
+
+def publication(pub: Publication) -> dict[str, Any]:
+    out: dict[str, Any] = {"data": orjson.Fragment(pub.data)}
+    if pub.offset:
+        out["offset"] = pub.offset
+    if pub.info is not None:
+        out["info"] = client_info(pub.info)
+    if pub.tags:
+        out["tags"] = pub.tags
+    return out
+
+
+def dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def reply(cid: int, method: str, result: dict[str, Any]) -> str:
+    return dumps({"id": cid, method: result})
+
+
+#: errors a client should retry (SDKs resubscribe later instead of giving up), as in Centrifugo
+TEMPORARY = frozenset({100, 111})
+
+
+def error_reply(cid: int, exc: TidingsError) -> str:
+    error: dict[str, Any] = exc.as_dict()
+    if exc.code in TEMPORARY:
+        error["temporary"] = True
+    return dumps({"id": cid, "error": error})
+
+
+def push(channel: str, kind: str, body: dict[str, Any]) -> str:
+    """A push to the client: ``kind`` is pub, join, leave, subscribe, unsubscribe, refresh..."""
+    inner: dict[str, Any] = {"channel": channel} if channel else {}
+    inner[kind] = body
+    return dumps({"push": inner})
+
+
+class _LastPush:
+    """The frame of the most recent publication, shared by every Centrifugo encoder."""
+
+    __slots__ = ("frame", "pub")
+
+    def __init__(self) -> None:
+        self.pub: Publication | None = None
+        self.frame = ""
+
+
+class CentrifugeJson:
+    """The hub's :class:`~tidings.hub.Encoder` and the session's wire format.
+
+    Two instances exist: one pushes join/leave events, one does not, so the hub's grouping by
+    encoder decides per subscription who gets them. Both share the last encoded publication,
+    so each publication is still encoded once per node."""
+
+    __slots__ = ("_last", "with_join_leave")
+
+    def __init__(self, with_join_leave: bool, last: _LastPush) -> None:
+        self.with_join_leave = with_join_leave
+        self._last = last
+
+    def push(self, pub: Publication) -> Frame:
+        last = self._last
+        if last.pub is not pub:
+            last.frame = push(pub.channel, "pub", publication(pub))
+            last.pub = pub
+        return last.frame
+
+    def join_leave(self, event: JoinLeave) -> Frame | None:
+        if not self.with_join_leave:
+            return None
+        return push(
+            event.channel, "join" if event.join else "leave", {"info": client_info(event.info)}
+        )
+
+    def pack(self, frames: list[Frame]) -> list[Frame]:
+        """Every queued reply and push in one WebSocket frame, newline-separated."""
+        if len(frames) == 1:
+            return frames
+        return ["\n".join(f if isinstance(f, str) else f.decode() for f in frames)]
+
+    def ping(self) -> Frame | None:
+        return PING
+
+
+_shared = _LastPush()
+PLAIN = CentrifugeJson(False, _shared)
+WITH_JOIN_LEAVE = CentrifugeJson(True, _shared)
