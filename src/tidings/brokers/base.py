@@ -11,8 +11,14 @@ Payloads are bytes holding JSON: the hub encodes once and brokers move bytes unt
 from __future__ import annotations
 
 import abc
+import secrets
 from dataclasses import dataclass, field
 from typing import Protocol
+
+
+def new_epoch() -> str:
+    """A fresh epoch: random, so a stream that is lost and restarted never reuses one."""
+    return secrets.token_hex(4)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,6 @@ several nodes and check the same contract as the networked engines.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -23,13 +22,10 @@ from .base import (
     JoinLeave,
     Publication,
     StreamPosition,
+    new_epoch,
 )
 
 SWEEP_INTERVAL = 30.0
-
-
-def new_epoch() -> str:
-    return secrets.token_hex(4)
 
 
 @dataclass(slots=True)
