@@ -1,0 +1,63 @@
+"""Two tidings servers sharing one broker act as one: publish on A, subscribers on B get it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import websockets
+
+from .conftest import Serve
+from .engines import ENGINES, WAIT, namespace
+
+COUNT = 200
+
+
+@pytest.fixture(params=sorted(ENGINES))
+async def broker_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    async with namespace(ENGINES[request.param]) as url:
+        yield url
+
+
+async def until_subscribed(ws: websockets.ClientConnection, http: httpx.AsyncClient) -> None:
+    """The raw endpoint subscribes after the handshake: probe until a publication arrives."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            r = await http.post("/api/publish", json={"channel": "multi", "data": "probe"})
+            assert r.status_code == 200, r.text
+            try:
+                await asyncio.wait_for(ws.recv(), 0.2)
+                return
+            except TimeoutError:
+                continue
+
+
+async def test_http_publish_on_one_node_reaches_websockets_on_another(
+    serve: Serve, broker_url: str
+) -> None:
+    node_a = await serve(broker_url=broker_url)
+    node_b = await serve(broker_url=broker_url)
+    async with (
+        httpx.AsyncClient(base_url=node_a.url) as http,
+        websockets.connect(f"{node_b.ws}/ws/multi") as on_b,
+        websockets.connect(f"{node_a.ws}/ws/multi") as on_a,
+    ):
+        await until_subscribed(on_b, http)
+        await until_subscribed(on_a, http)
+        offsets = []
+        for i in range(COUNT):
+            r = await http.post("/api/publish", json={"channel": "multi", "data": f"m{i}"})
+            offsets.append(r.json()["result"]["offset"])
+        assert offsets == list(range(offsets[0], offsets[0] + COUNT))
+        for ws in (on_b, on_a):
+            received: list[str] = []
+            async with asyncio.timeout(WAIT):
+                while len(received) < COUNT:
+                    message = await ws.recv()
+                    text = message if isinstance(message, str) else message.decode()
+                    if text != "probe":
+                        received.append(text)
+            assert received == [f"m{i}" for i in range(COUNT)]
+    assert node_b.hub.metrics.published == 0
