@@ -281,3 +281,11 @@ async def test_ping_raises_when_the_engine_is_unreachable(name: str) -> None:
             await asyncio.wait_for(broker.start(Recorder()), 10)
     finally:
         await broker.close()
+
+
+def test_create_broker_names_the_known_schemes() -> None:
+    with pytest.raises(ValueError, match=r"unknown broker URL scheme 'mqtt'.*redis://"):
+        create_broker("mqtt://127.0.0.1")
+    for engine in ENGINES.values():
+        url = engine.url("contract-scheme-check")
+        assert url.partition(":")[0] in create_broker(url).schemes

@@ -39,6 +39,8 @@ def create_broker(url: str) -> Broker:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise ValueError(f"broker {scheme}:// is not part of this tidings version") from exc
         raise ValueError(
             f"broker {scheme}:// is not available here ({exc.name} is missing); "
             f"install tidings[{_extra(scheme)}]"

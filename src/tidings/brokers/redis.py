@@ -18,7 +18,6 @@ without a byte count as a lost connection.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import time
@@ -44,6 +43,7 @@ from .base import (
     StreamPosition,
     new_epoch,
 )
+from .redis_scripts import decode, decode_info, encode_info
 
 log = logging.getLogger("tidings.brokers.redis")
 
@@ -68,42 +68,6 @@ def _split_options(url: str) -> tuple[str, dict[str, str]]:
         else:
             theirs.append((key, value))
     return urlunsplit(parts._replace(query=urlencode(theirs))), ours
-
-
-def _b64(raw: bytes | None) -> str | None:
-    return None if raw is None else base64.b64encode(raw).decode()
-
-
-def _unb64(text: str | None) -> bytes | None:
-    return None if text is None else base64.b64decode(text)
-
-
-def encode_info(info: ClientInfo) -> dict[str, Any]:
-    return {
-        "c": info.client,
-        "u": info.user,
-        "ci": _b64(info.conn_info),
-        "hi": _b64(info.chan_info),
-    }
-
-
-def decode_info(d: dict[str, Any]) -> ClientInfo:
-    return ClientInfo(d["c"], d.get("u", ""), _unb64(d.get("ci")), _unb64(d.get("hi")))
-
-
-def decode(channel: str, message: bytes) -> Publication | JoinLeave:
-    """A message from pub/sub or history: ``P<offset> <epoch>\\n<meta>\\n<data>`` for a
-    publication, ``J\\n<info>`` / ``L\\n<info>`` for a join/leave. ValueError if malformed."""
-    kind = message[:1]
-    if kind in (b"J", b"L"):
-        return JoinLeave(channel, decode_info(orjson.loads(message[2:])), kind == b"J")
-    if kind != b"P":
-        raise ValueError(f"unknown message kind {kind!r}")
-    head, meta_raw, data = message.split(b"\n", 2)
-    offset, epoch = head[1:].split(b" ")
-    meta = orjson.loads(meta_raw)
-    info = decode_info(meta["i"]) if "i" in meta else None
-    return Publication(channel, data, int(offset), epoch.decode(), info, meta.get("g"), meta["t"])
 
 
 class RedisBroker(Broker):

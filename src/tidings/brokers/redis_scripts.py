@@ -1,4 +1,4 @@
-"""The Lua scripts of the Redis broker: each runs atomically inside Redis.
+"""What the Redis broker keeps in Redis: the Lua scripts (each atomic) and the message format.
 
 Keys of one channel: ``meta`` (hash: ``o`` offset, ``e`` epoch, expires after ``meta_ttl``),
 ``hist`` (a stream whose entry ids are ``<offset>-0``, fields ``d`` message and ``x`` expiry in
@@ -11,18 +11,31 @@ Times come from the Redis ``TIME`` command so nodes with skewed clocks still agr
 
 from __future__ import annotations
 
+import base64
+from typing import Any
+
+import orjson
+
+from .base import ClientInfo, JoinLeave, Publication
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
 # Shared prologue: read the stream's epoch, starting a new life (and dropping any stale history)
 # when the meta hash expired. ARGV[1] is a fresh epoch the client proposes; ARGV[2] meta_ttl ms.
-_META = """
+_META = (
+    """
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then
   epoch = ARGV[1]
   redis.call('HSET', KEYS[1], 'e', epoch)
   redis.call('DEL', KEYS[2])
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
+    + _NOW
+)
 
 # KEYS: meta, hist. ARGV: epoch candidate, meta_ttl ms, topic, body, size, ttl ms.
 PUBLISH = (
@@ -86,9 +99,9 @@ return {offset, epoch, messages}
 )
 
 # KEYS: pres, presz. ARGV: client, info, ttl ms.
-ADD_PRESENCE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+ADD_PRESENCE = (
+    _NOW
+    + """
 local ttl = tonumber(ARGV[3])
 redis.call('ZADD', KEYS[2], now + ttl, ARGV[1])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
@@ -96,13 +109,54 @@ for _, key in ipairs(KEYS) do
   if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
 end
 """
+)
 
 # KEYS: pres, presz. Drops expired entries, returns the rest as a flat {client, info, ...}.
-PRESENCE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+PRESENCE = (
+    _NOW
+    + """
 local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
 for _, client in ipairs(gone) do redis.call('HDEL', KEYS[1], client) end
 if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now) end
 return redis.call('HGETALL', KEYS[1])
 """
+)
+
+
+# -- the message format ------------------------------------------------------------------------
+
+
+def _b64(raw: bytes | None) -> str | None:
+    return None if raw is None else base64.b64encode(raw).decode()
+
+
+def _unb64(text: str | None) -> bytes | None:
+    return None if text is None else base64.b64decode(text)
+
+
+def encode_info(info: ClientInfo) -> dict[str, Any]:
+    return {
+        "c": info.client,
+        "u": info.user,
+        "ci": _b64(info.conn_info),
+        "hi": _b64(info.chan_info),
+    }
+
+
+def decode_info(d: dict[str, Any]) -> ClientInfo:
+    return ClientInfo(d["c"], d.get("u", ""), _unb64(d.get("ci")), _unb64(d.get("hi")))
+
+
+def decode(channel: str, message: bytes) -> Publication | JoinLeave:
+    """A message from pub/sub or history: ``P<offset> <epoch>\\n<meta>\\n<data>`` for a
+    publication, ``J\\n<info>`` / ``L\\n<info>`` for a join/leave. ValueError if malformed."""
+    kind = message[:1]
+    if kind in (b"J", b"L"):
+        return JoinLeave(channel, decode_info(orjson.loads(message[2:])), kind == b"J")
+    if kind != b"P":
+        raise ValueError(f"unknown message kind {kind!r}")
+    head, meta_raw, data = message.split(b"\n", 2)
+    offset, epoch = head[1:].split(b" ")
+    meta = orjson.loads(meta_raw)
+    info = decode_info(meta["i"]) if "i" in meta else None
+    return Publication(channel, data, int(offset), epoch.decode(), info, meta.get("g"), meta["t"])
