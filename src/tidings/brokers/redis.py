@@ -99,6 +99,7 @@ class RedisBroker(Broker):
         self._conn: AbstractConnection | None = None  # None while (re)connecting
         self._reader: asyncio.Task[None] | None = None
         self._pinger: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._closed = False
 
     # -- keys ----------------------------------------------------------------------------------
@@ -113,11 +114,15 @@ class RedisBroker(Broker):
 
     async def start(self, handler: EventHandler) -> None:
         await super().start(handler)
-        conn = await self._connect()
-        loop = asyncio.get_running_loop()
-        self._reader = loop.create_task(self._read_forever(conn))
-        self._pinger = loop.create_task(self._ping_forever())
-        await self._request(_SUB, self._control)
+        try:
+            conn = await self._connect()
+            loop = asyncio.get_running_loop()
+            self._reader = loop.create_task(self._read_forever(conn))
+            self._pinger = loop.create_task(self._ping_forever())
+            await self._request(_SUB, self._control)
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         if self._closed:
@@ -133,7 +138,8 @@ class RedisBroker(Broker):
             self._conn = None
         for queue in self._waiters.values():
             for waiter in queue:
-                waiter.cancel()
+                if not waiter.done():
+                    waiter.set_exception(RedisConnectionError("the broker was closed"))
         self._waiters.clear()
         self._wanted.clear()
         await self._redis.aclose()
@@ -159,8 +165,13 @@ class RedisBroker(Broker):
                     if not waiter.done():
                         waiter.set_result(None)
         self._conn = conn
-        if topics:
-            await conn.send_command("SUBSCRIBE", *topics)
+        try:
+            if topics:
+                await conn.send_command("SUBSCRIBE", *topics)
+        except BaseException:
+            self._conn = None
+            await conn.disconnect(nowait=True)
+            raise
         return conn
 
     async def _read_forever(self, conn: AbstractConnection | None) -> None:
@@ -213,9 +224,11 @@ class RedisBroker(Broker):
                     waiter.set_result(None)
             elif kind == _SUB and topic not in self._wanted and self._conn is not None:
                 # confirmation of a subscribe given up on (timeout, cancel): undo it
-                asyncio.get_running_loop().create_task(
+                task = asyncio.get_running_loop().create_task(
                     self._conn.send_command("UNSUBSCRIBE", topic)
                 )
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
 
     def _deliver(self, channel: str, message: bytes) -> None:
         try:
