@@ -61,3 +61,38 @@ async def test_http_publish_on_one_node_reaches_websockets_on_another(
                         received.append(text)
             assert received == [f"m{i}" for i in range(COUNT)]
     assert node_b.hub.metrics.published == 0
+
+
+async def test_concurrent_first_subscribers_on_a_node_all_receive(
+    serve: Serve, broker_url: str
+) -> None:
+    """broadcaster's Redis backend loses some of many subscribers that arrive together."""
+    node_a = await serve(broker_url=broker_url)
+    node_b = await serve(broker_url=broker_url)
+    inboxes: list[list[str]] = [[] for _ in range(30)]
+    arrived = asyncio.Event()
+
+    async def listen(inbox: list[str]) -> None:
+        async with websockets.connect(f"{node_b.ws}/ws/crowd") as ws:
+            async for message in ws:
+                inbox.append(message if isinstance(message, str) else message.decode())
+                arrived.set()
+
+    readers = [asyncio.create_task(listen(inbox)) for inbox in inboxes]
+    try:
+        async with httpx.AsyncClient(base_url=node_a.url) as http, asyncio.timeout(WAIT):
+            while not all(inboxes):  # each has its subscription once it saw a probe
+                await http.post("/api/publish", json={"channel": "crowd", "data": "probe"})
+                await asyncio.sleep(0.05)
+            for i in range(50):
+                await http.post("/api/publish", json={"channel": "crowd", "data": f"m{i}"})
+            while any(len(inbox) < 50 or inbox[-1] != "m49" for inbox in inboxes):
+                arrived.clear()
+                await arrived.wait()
+        for inbox in inboxes:
+            assert [m for m in inbox if m != "probe"] == [f"m{i}" for i in range(50)]
+        assert node_b.hub.subscribers("crowd") == 30
+    finally:
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
