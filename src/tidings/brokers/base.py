@@ -15,6 +15,10 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Protocol
 
+#: How long an idle stream keeps its offset and epoch unless told otherwise (Settings has the
+#: configured value, ``history_meta_ttl``; the hub passes it on every call).
+DEFAULT_META_TTL = 7 * 86400.0
+
 
 def new_epoch() -> str:
     """A fresh epoch: random, so a stream that is lost and restarted never reuses one."""
@@ -60,7 +64,7 @@ class HistoryOptions:
 
     size: int = 0
     ttl: float = 0.0
-    meta_ttl: float = 7 * 86400.0
+    meta_ttl: float = DEFAULT_META_TTL
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +179,7 @@ class Broker(abc.ABC):
         since: StreamPosition | None = None,
         limit: int | None = None,
         reverse: bool = False,
-        meta_ttl: float = 7 * 86400.0,
+        meta_ttl: float = DEFAULT_META_TTL,
     ) -> HistoryResult:
         """Publications after ``since.offset`` (all kept ones without ``since``), at most
         ``limit`` (None: no limit, 0: none, only the position), oldest first unless ``reverse``.

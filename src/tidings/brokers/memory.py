@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from .base import (
+    DEFAULT_META_TTL,
     Broker,
     ClientInfo,
     EventHandler,
@@ -131,7 +132,7 @@ class MemoryBroker(Broker):
         since: StreamPosition | None = None,
         limit: int | None = None,
         reverse: bool = False,
-        meta_ttl: float = 7 * 86400.0,
+        meta_ttl: float = DEFAULT_META_TTL,
     ) -> HistoryResult:
         now = time.monotonic()
         stream = self._stream(channel, now, meta_ttl)

@@ -33,6 +33,7 @@ from redis.typing import EncodableT
 
 from . import redis_scripts as lua
 from .base import (
+    DEFAULT_META_TTL,
     Broker,
     ClientInfo,
     EventHandler,
@@ -329,7 +330,7 @@ class RedisBroker(Broker):
         since: StreamPosition | None = None,
         limit: int | None = None,
         reverse: bool = False,
-        meta_ttl: float = 7 * 86400.0,
+        meta_ttl: float = DEFAULT_META_TTL,
     ) -> HistoryResult:
         keys = [self._key("meta", channel), self._key("hist", channel)]
         args: list[EncodableT] = [
