@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import cast
+from urllib.parse import urlsplit
 
 import pytest
 from redis.asyncio import Redis
 
-from tidings.brokers import ClientInfo, HistoryOptions, create_broker
+from tidings.brokers import ClientInfo, HistoryOptions, Publication, create_broker
 from tidings.brokers.redis import RedisBroker
 
-from .engines import ENGINES, REDIS_URL, Cluster, namespace, with_prefix
+from .engines import ENGINES, REDIS_URL, WAIT, Cluster, Recorder, namespace, with_prefix
 from .test_broker_contract import KEEP, sentinel
 
 
@@ -112,3 +116,81 @@ def test_url_options_are_ours_and_the_rest_go_to_redis_py() -> None:
     kwargs = tuned._pool.connection_kwargs
     assert (kwargs["db"], kwargs["socket_timeout"], kwargs["port"]) == (2, 7.0, 6380)
     assert with_prefix("redis://h/0?x=1", "p") == "redis://h/0?x=1&prefix=p"
+
+
+class BlackHole:
+    """A TCP proxy to Redis whose existing connections can be made to swallow every byte: a
+    link that died without a FIN or RST, which only the pub/sub pings can notice."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.links: list[asyncio.StreamWriter] = []
+        self.dead: set[asyncio.StreamWriter] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def swallow_existing(self) -> None:
+        self.dead.update(self.links)
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.links.append(writer)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                if writer not in self.dead:
+                    dst.write(data)
+                    await dst.drain()
+
+        with contextlib.suppress(OSError):
+            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        for w in (writer, up_writer):
+            w.close()
+
+    async def close(self) -> None:
+        for w in self.links:
+            w.close()
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_a_silently_dead_pubsub_link_is_noticed_and_replaced(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, _ = await cluster.node()
+    target = urlsplit(REDIS_URL)
+    proxy = BlackHole(target.hostname or "127.0.0.1", target.port or 6379)
+    port = await proxy.start()
+    prefix = cast(RedisBroker, a).prefix
+    via_proxy = create_broker(
+        f"redis://127.0.0.1:{port}{target.path}?prefix={prefix}&ping_interval=0.1"
+    )
+    got = Recorder()
+    try:
+        await via_proxy.start(got)
+        await via_proxy.subscribe("quiet")
+        with caplog.at_level(logging.WARNING, logger="tidings.brokers.redis"):
+            await asyncio.sleep(0.6)  # idle for six ping intervals: pings keep the link
+            assert "connection lost" not in caplog.text
+            proxy.swallow_existing()
+            async with asyncio.timeout(WAIT):
+                while not got.publications("quiet"):
+                    await a.publish("quiet", b"probe", KEEP)
+                    await asyncio.sleep(0.05)
+        assert "connection lost" in caplog.text and "reconnected" in caplog.text
+        for i in range(10):
+            await a.publish("quiet", b"%d" % i, KEEP)
+
+        def numbered() -> list[Publication]:
+            return [p for p in got.publications("quiet") if p.data != b"probe"]
+
+        await got.until(lambda: len(numbered()) >= 10)
+        assert [p.data for p in numbered()] == [b"%d" % i for i in range(10)]
+        offsets = [p.offset for p in numbered()]
+        assert offsets == list(range(offsets[0], offsets[0] + 10))
+    finally:
+        await via_proxy.close()
+        await proxy.close()
