@@ -97,7 +97,7 @@ async def test_malformed_messages_are_skipped(cluster: Cluster, client: Redis) -
     assert isinstance(b, RedisBroker)
     await b.subscribe("bad")
     topic = f"{b.prefix}:ch:bad"
-    for junk in (b"", b"Pnonsense", b"P1 e\nnot json\n1", b"J\n{}", b"?"):
+    for junk in (b"", b"Pnonsense", b"P1 e\nnot json\n1", b"P1 e\n[1]\n1", b"J\n{}", b"?"):
         await client.publish(topic, junk)
     await a.publish("bad", b"good", KEEP)
     pubs = await got.wait_publications("bad", 1)
@@ -116,6 +116,9 @@ def test_url_options_are_ours_and_the_rest_go_to_redis_py() -> None:
     kwargs = tuned._pool.connection_kwargs
     assert (kwargs["db"], kwargs["socket_timeout"], kwargs["port"]) == (2, 7.0, 6380)
     assert with_prefix("redis://h/0?x=1", "p") == "redis://h/0?x=1&prefix=p"
+    for bad in ("subscribe_timeout=soon", "ping_interval=0", "ping_interval=-1"):
+        with pytest.raises(ValueError, match=bad.partition("=")[0]):
+            create_broker(f"redis://127.0.0.1/0?{bad}")
 
 
 class BlackHole:

@@ -71,6 +71,19 @@ def _split_options(url: str) -> tuple[str, dict[str, str]]:
     return urlunsplit(parts._replace(query=urlencode(theirs))), ours
 
 
+def _seconds(options: dict[str, str], name: str, default: float) -> float:
+    raw = options.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ValueError(f"redis URL option {name}={raw!r}: expected a positive number of seconds")
+    return value
+
+
 class RedisBroker(Broker):
     schemes = ("redis", "rediss")
 
@@ -78,8 +91,8 @@ class RedisBroker(Broker):
         super().__init__(url)
         redis_url, options = _split_options(url)
         self.prefix = options.get("prefix") or "tidings"
-        self.subscribe_timeout = float(options.get("subscribe_timeout", 10.0))
-        self.ping_interval = float(options.get("ping_interval", 10.0))
+        self.subscribe_timeout = _seconds(options, "subscribe_timeout", 10.0)
+        self.ping_interval = _seconds(options, "ping_interval", 10.0)
         self._pool: ConnectionPool = ConnectionPool.from_url(redis_url)
         self._redis = Redis(connection_pool=self._pool)
         self.pubsub_name = f"tidings-{self.prefix}-{new_epoch()}".replace(" ", "_")
@@ -234,7 +247,7 @@ class RedisBroker(Broker):
     def _deliver(self, channel: str, message: bytes) -> None:
         try:
             event = decode(channel, message)
-        except (ValueError, KeyError, orjson.JSONDecodeError):
+        except Exception:  # whatever arrives, the reader must go on
             log.warning("ignoring a malformed message on channel %r", channel)
             return
         if isinstance(event, Publication):

@@ -158,5 +158,7 @@ def decode(channel: str, message: bytes) -> Publication | JoinLeave:
     head, meta_raw, data = message.split(b"\n", 2)
     offset, epoch = head[1:].split(b" ")
     meta = orjson.loads(meta_raw)
+    if not isinstance(meta, dict):
+        raise ValueError("publication meta is not an object")
     info = decode_info(meta["i"]) if "i" in meta else None
     return Publication(channel, data, int(offset), epoch.decode(), info, meta.get("g"), meta["t"])
