@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
+import jwt
 import pytest
 import websockets
 
@@ -21,11 +22,13 @@ async def broker_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
         yield url
 
 
-async def until_subscribed(ws: websockets.ClientConnection, http: httpx.AsyncClient) -> None:
+async def until_subscribed(
+    ws: websockets.ClientConnection, http: httpx.AsyncClient, channel: str = "multi"
+) -> None:
     """The raw endpoint subscribes after the handshake: probe until a publication arrives."""
     async with asyncio.timeout(WAIT):
         while True:
-            r = await http.post("/api/publish", json={"channel": "multi", "data": "probe"})
+            r = await http.post("/api/publish", json={"channel": channel, "data": "probe"})
             assert r.status_code == 200, r.text
             try:
                 await asyncio.wait_for(ws.recv(), 0.2)
@@ -96,3 +99,30 @@ async def test_concurrent_first_subscribers_on_a_node_all_receive(
         for reader in readers:
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
+
+
+async def test_disconnect_user_on_one_node_closes_their_connections_on_another(
+    serve: Serve, broker_url: str
+) -> None:
+    secret = "multinode-test-secret-long-enough-for-hs256"
+    node_a = await serve(broker_url=broker_url, token_hmac_secret=secret)
+    node_b = await serve(broker_url=broker_url, token_hmac_secret=secret)
+    alice = jwt.encode({"sub": "alice"}, secret, algorithm="HS256")
+    bob = jwt.encode({"sub": "bob"}, secret, algorithm="HS256")
+    async with (
+        httpx.AsyncClient(base_url=node_a.url) as http,
+        websockets.connect(f"{node_b.ws}/ws/room?token={alice}") as alice_ws,
+        websockets.connect(f"{node_b.ws}/ws/room?token={bob}") as bob_ws,
+    ):
+        await until_subscribed(alice_ws, http, "room")
+        await until_subscribed(bob_ws, http, "room")
+        await node_a.hub.disconnect_user("alice", 3000, "bye")
+        async with asyncio.timeout(WAIT):
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while True:
+                    await alice_ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 3000
+        await node_a.hub.publish("room", "still here")
+        async with asyncio.timeout(WAIT):
+            while await bob_ws.recv() != "still here":
+                pass
