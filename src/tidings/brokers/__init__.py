@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 
 from .base import (
     Broker,
+    BrokerUnavailable,
     ClientInfo,
     EventHandler,
     HistoryOptions,
@@ -56,6 +57,7 @@ def _extra(scheme: str) -> str:
 __all__ = [
     "ENGINES",
     "Broker",
+    "BrokerUnavailable",
     "ClientInfo",
     "EventHandler",
     "HistoryOptions",

@@ -25,6 +25,13 @@ def new_epoch() -> str:
     return secrets.token_hex(4)
 
 
+class BrokerUnavailable(Exception):
+    """The engine cannot be reached right now (down, refused, timed out); worth retrying.
+
+    Every networked engine raises this, whatever its client library raises, so callers can
+    answer "try again later" without knowing the engine."""
+
+
 @dataclass(frozen=True, slots=True)
 class StreamPosition:
     """Where a channel's stream is: ``offset`` grows by exactly 1 per publication; ``epoch``
@@ -137,7 +144,7 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def ping(self) -> None:
-        """Raise if the engine cannot be reached (used by /health)."""
+        """Raise :class:`BrokerUnavailable` if the engine cannot be reached (used by /health)."""
 
     # -- pub/sub -------------------------------------------------------------------------------
 

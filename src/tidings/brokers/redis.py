@@ -19,22 +19,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
 from . import redis_scripts as lua
 from .base import (
     DEFAULT_META_TTL,
     Broker,
+    BrokerUnavailable,
     ClientInfo,
     EventHandler,
     HistoryOptions,
@@ -84,6 +88,23 @@ def _seconds(options: dict[str, str], name: str, default: float) -> float:
     return value
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _reachable(method: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Turn redis-py's connection failures into the engine-neutral BrokerUnavailable."""
+
+    @functools.wraps(method)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise BrokerUnavailable(f"redis: {exc}") from exc
+
+    return call
+
+
 class RedisBroker(Broker):
     schemes = ("redis", "rediss")
 
@@ -126,6 +147,7 @@ class RedisBroker(Broker):
 
     # -- life ----------------------------------------------------------------------------------
 
+    @_reachable
     async def start(self, handler: EventHandler) -> None:
         await super().start(handler)
         try:
@@ -153,13 +175,14 @@ class RedisBroker(Broker):
         for queue in self._waiters.values():
             for waiter in queue:
                 if not waiter.done():
-                    waiter.set_exception(RedisConnectionError("the broker was closed"))
+                    waiter.set_exception(BrokerUnavailable("the broker was closed"))
         self._waiters.clear()
         self._wanted.clear()
         await self._redis.aclose()
         await self._pool.disconnect()
         await self._sub_pool.disconnect()
 
+    @_reachable
     async def ping(self) -> None:
         await self._redis.ping()
 
@@ -286,7 +309,7 @@ class RedisBroker(Broker):
             if not self._waiters.get((kind, topic)):
                 self._wanted.discard(topic)
             if isinstance(exc, TimeoutError):
-                raise RedisConnectionError(
+                raise BrokerUnavailable(
                     f"redis did not confirm SUBSCRIBE {topic} within {self.subscribe_timeout}s"
                 ) from None
             raise
@@ -299,6 +322,7 @@ class RedisBroker(Broker):
 
     # -- publishing ----------------------------------------------------------------------------
 
+    @_reachable
     async def publish(
         self,
         channel: str,
@@ -325,17 +349,20 @@ class RedisBroker(Broker):
         offset, epoch = await self._publish(keys, args)
         return StreamPosition(int(offset), epoch.decode())
 
+    @_reachable
     async def publish_join_leave(self, event: JoinLeave) -> None:
         kind = b"J\n" if event.join else b"L\n"
         await self._redis.publish(
             self._topic(event.channel), kind + orjson.dumps(encode_info(event.info))
         )
 
+    @_reachable
     async def publish_control(self, data: bytes) -> None:
         await self._redis.publish(self._control, data)
 
     # -- streams -------------------------------------------------------------------------------
 
+    @_reachable
     async def history(
         self,
         channel: str,
@@ -360,21 +387,25 @@ class RedisBroker(Broker):
             StreamPosition(int(offset), epoch.decode()),
         )
 
+    @_reachable
     async def remove_history(self, channel: str) -> None:
         await self._redis.delete(self._key("hist", channel))
 
     # -- presence ------------------------------------------------------------------------------
 
+    @_reachable
     async def add_presence(self, channel: str, info: ClientInfo, ttl: float) -> None:
         keys = [self._key("pres", channel), self._key("presz", channel)]
         await self._add_presence(keys, [info.client, orjson.dumps(encode_info(info)), _ms(ttl)])
 
+    @_reachable
     async def remove_presence(self, channel: str, client: str) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hdel(self._key("pres", channel), client)
             pipe.zrem(self._key("presz", channel), client)
             await pipe.execute()
 
+    @_reachable
     async def presence(self, channel: str) -> dict[str, ClientInfo]:
         keys = [self._key("pres", channel), self._key("presz", channel)]
         flat = await self._presence(keys, [])
