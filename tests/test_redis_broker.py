@@ -112,7 +112,8 @@ def test_url_options_are_ours_and_the_rest_go_to_redis_py() -> None:
     )
     assert isinstance(default, RedisBroker) and isinstance(tuned, RedisBroker)
     assert default.prefix == "tidings"
-    assert (tuned.prefix, tuned.subscribe_timeout, tuned.ping_interval) == ("app1", 3.0, 4.0)
+    assert tuned.prefix == "app1"
+    assert (tuned._pubsub.subscribe_timeout, tuned._pubsub.ping_interval) == (3.0, 4.0)
     kwargs = tuned._pool.connection_kwargs
     assert (kwargs["db"], kwargs["socket_timeout"], kwargs["port"]) == (2, 7.0, 6380)
     assert with_prefix("redis://h/0?x=1", "p") == "redis://h/0?x=1&prefix=p"
