@@ -59,7 +59,8 @@ Serve = Callable[..., Awaitable[Running]]
 @contextlib.asynccontextmanager
 async def served(app: Any, **options: Any) -> AsyncIterator[tuple[int, uvicorn.Server]]:
     """Serve any ASGI app under uvicorn on a free loopback port in this loop."""
-    sock = socket.socket()
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = int(sock.getsockname()[1])

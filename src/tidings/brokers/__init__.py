@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 
 from .base import (
     Broker,
+    BrokerUnavailable,
     ClientInfo,
     EventHandler,
     HistoryOptions,
@@ -39,6 +40,8 @@ def create_broker(url: str) -> Broker:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise ValueError(f"broker {scheme}:// is not part of this tidings version") from exc
         raise ValueError(
             f"broker {scheme}:// is not available here ({exc.name} is missing); "
             f"install tidings[{_extra(scheme)}]"
@@ -54,6 +57,7 @@ def _extra(scheme: str) -> str:
 __all__ = [
     "ENGINES",
     "Broker",
+    "BrokerUnavailable",
     "ClientInfo",
     "EventHandler",
     "HistoryOptions",

@@ -11,8 +11,25 @@ Payloads are bytes holding JSON: the hub encodes once and brokers move bytes unt
 from __future__ import annotations
 
 import abc
+import secrets
 from dataclasses import dataclass, field
 from typing import Protocol
+
+#: How long an idle stream keeps its offset and epoch unless told otherwise (Settings has the
+#: configured value, ``history_meta_ttl``; the hub passes it on every call).
+DEFAULT_META_TTL = 7 * 86400.0
+
+
+def new_epoch() -> str:
+    """A fresh epoch: random, so a stream that is lost and restarted never reuses one."""
+    return secrets.token_hex(4)
+
+
+class BrokerUnavailable(Exception):
+    """The engine cannot be reached right now (down, refused, timed out); worth retrying.
+
+    Every networked engine raises this, whatever its client library raises, so callers can
+    answer "try again later" without knowing the engine."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +71,7 @@ class HistoryOptions:
 
     size: int = 0
     ttl: float = 0.0
-    meta_ttl: float = 7 * 86400.0
+    meta_ttl: float = DEFAULT_META_TTL
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +144,7 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def ping(self) -> None:
-        """Raise if the engine cannot be reached (used by /health)."""
+        """Raise :class:`BrokerUnavailable` if the engine cannot be reached (used by /health)."""
 
     # -- pub/sub -------------------------------------------------------------------------------
 
@@ -169,7 +186,7 @@ class Broker(abc.ABC):
         since: StreamPosition | None = None,
         limit: int | None = None,
         reverse: bool = False,
-        meta_ttl: float = 7 * 86400.0,
+        meta_ttl: float = DEFAULT_META_TTL,
     ) -> HistoryResult:
         """Publications after ``since.offset`` (all kept ones without ``since``), at most
         ``limit`` (None: no limit, 0: none, only the position), oldest first unless ``reverse``.

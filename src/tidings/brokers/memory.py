@@ -8,13 +8,13 @@ several nodes and check the same contract as the networked engines.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from .base import (
+    DEFAULT_META_TTL,
     Broker,
     ClientInfo,
     EventHandler,
@@ -23,13 +23,10 @@ from .base import (
     JoinLeave,
     Publication,
     StreamPosition,
+    new_epoch,
 )
 
 SWEEP_INTERVAL = 30.0
-
-
-def new_epoch() -> str:
-    return secrets.token_hex(4)
 
 
 @dataclass(slots=True)
@@ -135,7 +132,7 @@ class MemoryBroker(Broker):
         since: StreamPosition | None = None,
         limit: int | None = None,
         reverse: bool = False,
-        meta_ttl: float = 7 * 86400.0,
+        meta_ttl: float = DEFAULT_META_TTL,
     ) -> HistoryResult:
         now = time.monotonic()
         stream = self._stream(channel, now, meta_ttl)

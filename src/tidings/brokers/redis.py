@@ -1,0 +1,279 @@
+"""The Redis broker: ``redis://host:port/db?prefix=tidings`` (``rediss://`` for TLS).
+
+Each publication is one Lua script (see :mod:`.redis_scripts`) that bumps the channel's offset,
+keeps it in history and PUBLISHes it, so pub/sub order is offset order on every node. Each node
+holds one pub/sub connection (see :mod:`.redis_pubsub`) read by one task, which calls the event
+handler in order;
+subscribe and unsubscribe return only after Redis confirmed them, so a publication made after
+``subscribe()`` returns is delivered. A lost pub/sub connection is reopened with backoff and
+every channel subscribed again (what was published meanwhile is lost to pub/sub, not to
+history).
+
+URL options (removed before the URL reaches redis-py, which reads its own, e.g.
+``socket_timeout``): ``prefix`` namespaces every key and topic (default ``tidings``);
+``subscribe_timeout`` is how long to wait for Redis to confirm a subscription (default 10 s);
+``ping_interval`` is how often the pub/sub connection is pinged (default 10 s): three intervals
+without a byte count as a lost connection.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import orjson
+from redis.asyncio import ConnectionPool, Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT
+
+from . import redis_scripts as lua
+from .base import (
+    DEFAULT_META_TTL,
+    Broker,
+    BrokerUnavailable,
+    ClientInfo,
+    EventHandler,
+    HistoryOptions,
+    HistoryResult,
+    JoinLeave,
+    Publication,
+    StreamPosition,
+    new_epoch,
+)
+from .redis_pubsub import PubSub
+from .redis_scripts import decode, decode_info, encode_info
+
+log = logging.getLogger("tidings.brokers.redis")
+
+OPTIONS = ("prefix", "subscribe_timeout", "ping_interval")
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+def _split_options(url: str) -> tuple[str, dict[str, str]]:
+    """Our options out of the URL's query; the rest of the URL goes to redis-py."""
+    parts = urlsplit(url)
+    ours, theirs = {}, []
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in OPTIONS:
+            ours[key] = value
+        else:
+            theirs.append((key, value))
+    return urlunsplit(parts._replace(query=urlencode(theirs))), ours
+
+
+def _seconds(options: dict[str, str], name: str, default: float) -> float:
+    raw = options.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ValueError(f"redis URL option {name}={raw!r}: expected a positive number of seconds")
+    return value
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _reachable(method: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Turn redis-py's connection failures into the engine-neutral BrokerUnavailable."""
+
+    @functools.wraps(method)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise BrokerUnavailable(f"redis: {exc}") from exc
+
+    return call
+
+
+class RedisBroker(Broker):
+    schemes = ("redis", "rediss")
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0") -> None:
+        super().__init__(url)
+        redis_url, options = _split_options(url)
+        self.prefix = options.get("prefix") or "tidings"
+        self._pool: ConnectionPool = ConnectionPool.from_url(redis_url)
+        self._redis = Redis(connection_pool=self._pool)
+        self._publish = self._redis.register_script(lua.PUBLISH)
+        self._history = self._redis.register_script(lua.HISTORY)
+        self._add_presence = self._redis.register_script(lua.ADD_PRESENCE)
+        self._presence = self._redis.register_script(lua.PRESENCE)
+        self._topic_prefix = f"{self.prefix}:ch:"
+        self._control = f"{self.prefix}:control"
+        self._closed = False
+        self._pubsub = PubSub(
+            redis_url,
+            f"tidings-{self.prefix}-{new_epoch()}".replace(" ", "_"),
+            self._on_message,
+            subscribe_timeout=_seconds(options, "subscribe_timeout", 10.0),
+            ping_interval=_seconds(options, "ping_interval", 10.0),
+        )
+
+    @property
+    def pubsub_name(self) -> str:
+        """The CLIENT SETNAME of this node's pub/sub connection (find it in CLIENT LIST)."""
+        return self._pubsub.name
+
+    # -- keys ----------------------------------------------------------------------------------
+
+    def _key(self, kind: str, channel: str) -> str:
+        return f"{self.prefix}:{kind}:{channel}"
+
+    def _topic(self, channel: str) -> str:
+        return self._topic_prefix + channel
+
+    # -- life ----------------------------------------------------------------------------------
+
+    @_reachable
+    async def start(self, handler: EventHandler) -> None:
+        await super().start(handler)
+        try:
+            await self._pubsub.start()
+            await self._pubsub.subscribe(self._control)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._pubsub.close()
+        await self._redis.aclose()
+        await self._pool.disconnect()
+
+    @_reachable
+    async def ping(self) -> None:
+        await self._redis.ping()
+
+    # -- the pub/sub connection ----------------------------------------------------------------
+
+    def _on_message(self, topic: str, message: bytes) -> None:
+        if topic == self._control:
+            self.handler.on_control(message)
+        else:
+            self._deliver(topic[len(self._topic_prefix) :], message)
+
+    def _deliver(self, channel: str, message: bytes) -> None:
+        try:
+            event = decode(channel, message)
+        except Exception:  # whatever arrives, the reader must go on
+            log.warning("ignoring a malformed message on channel %r", channel)
+            return
+        if isinstance(event, Publication):
+            self.handler.on_publication(event)
+        else:
+            self.handler.on_join_leave(event)
+
+    async def subscribe(self, channel: str) -> None:
+        await self._pubsub.subscribe(self._topic(channel))
+
+    async def unsubscribe(self, channel: str) -> None:
+        await self._pubsub.unsubscribe(self._topic(channel))
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    @_reachable
+    async def publish(
+        self,
+        channel: str,
+        data: bytes,
+        history: HistoryOptions,
+        *,
+        info: ClientInfo | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> StreamPosition:
+        meta: dict[str, Any] = {"t": time.time()}
+        if info is not None:
+            meta["i"] = encode_info(info)
+        if tags:
+            meta["g"] = tags
+        keys = [self._key("meta", channel), self._key("hist", channel)]
+        args: list[EncodableT] = [
+            new_epoch(),
+            _ms(history.meta_ttl),
+            self._topic(channel),
+            orjson.dumps(meta) + b"\n" + data,
+            history.size,
+            _ms(history.ttl) if history.ttl > 0 else 0,
+        ]
+        offset, epoch = await self._publish(keys, args)
+        return StreamPosition(int(offset), epoch.decode())
+
+    @_reachable
+    async def publish_join_leave(self, event: JoinLeave) -> None:
+        kind = b"J\n" if event.join else b"L\n"
+        await self._redis.publish(
+            self._topic(event.channel), kind + orjson.dumps(encode_info(event.info))
+        )
+
+    @_reachable
+    async def publish_control(self, data: bytes) -> None:
+        await self._redis.publish(self._control, data)
+
+    # -- streams -------------------------------------------------------------------------------
+
+    @_reachable
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: StreamPosition | None = None,
+        limit: int | None = None,
+        reverse: bool = False,
+        meta_ttl: float = DEFAULT_META_TTL,
+    ) -> HistoryResult:
+        keys = [self._key("meta", channel), self._key("hist", channel)]
+        args: list[EncodableT] = [
+            new_epoch(),
+            _ms(meta_ttl),
+            -1 if since is None else since.offset,
+            -1 if limit is None or limit < 0 else limit,
+            int(reverse),
+        ]
+        offset, epoch, messages = await self._history(keys, args)
+        pubs = [decode(channel, m) for m in messages]
+        return HistoryResult(
+            [p for p in pubs if isinstance(p, Publication)],
+            StreamPosition(int(offset), epoch.decode()),
+        )
+
+    @_reachable
+    async def remove_history(self, channel: str) -> None:
+        await self._redis.delete(self._key("hist", channel))
+
+    # -- presence ------------------------------------------------------------------------------
+
+    @_reachable
+    async def add_presence(self, channel: str, info: ClientInfo, ttl: float) -> None:
+        keys = [self._key("pres", channel), self._key("presz", channel)]
+        await self._add_presence(keys, [info.client, orjson.dumps(encode_info(info)), _ms(ttl)])
+
+    @_reachable
+    async def remove_presence(self, channel: str, client: str) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(self._key("pres", channel), client)
+            pipe.zrem(self._key("presz", channel), client)
+            await pipe.execute()
+
+    @_reachable
+    async def presence(self, channel: str) -> dict[str, ClientInfo]:
+        keys = [self._key("pres", channel), self._key("presz", channel)]
+        flat = await self._presence(keys, [])
+        return {
+            flat[i].decode(): decode_info(orjson.loads(flat[i + 1])) for i in range(0, len(flat), 2)
+        }
