@@ -113,7 +113,8 @@ def run(settings: Settings) -> None:
                 border_style="yellow",
             )
         )
-    err.print(f"tidings on [bold]{url}[/]  broker [bold]{settings.broker_url}[/]  demo {url}/")
+    broker = redact(settings.broker_url)
+    err.print(f"tidings on [bold]{url}[/]  broker [bold]{broker}[/]  demo {url}/")
     uvicorn.run(
         application,
         host=settings.host,
@@ -124,6 +125,15 @@ def run(settings: Settings) -> None:
         ws_ping_timeout=settings.pong_timeout,
         lifespan="on",
     )
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _data(value: str, as_text: bool) -> Any:

@@ -11,7 +11,7 @@ from starlette.types import Receive, Scope, Send
 
 from .auth import ANONYMOUS, Credentials, can_subscribe
 from .brokers.base import ClientInfo
-from .errors import BadRequest, Disconnect, TidingsError
+from .errors import UNAVAILABLE, BadRequest, Disconnect, TidingsError, Unavailable
 from .protocol.raw import RAW_TEXT
 from .session import Frame, Session
 from .transport.asgi import AsgiTransport
@@ -109,7 +109,9 @@ class RawEndpoint:
         except TidingsError as exc:
             await hub.forget(session)
             await transport.accept()
-            await transport.close(POLICY, close_reason(f"{exc.code}: {exc.message}"))
+            # A broker outage is worth retrying (1013); anything else is the client's doing.
+            code = UNAVAILABLE.code if isinstance(exc, Unavailable) else POLICY
+            await transport.close(code, close_reason(f"{exc.code}: {exc.message}"))
             return
         except BaseException:
             await hub.forget(session)

@@ -24,6 +24,13 @@ class TidingsError(Exception):
         return {"code": self.code, "message": self.message}
 
 
+class Unavailable(TidingsError):
+    """A dependency (the broker) cannot be reached right now: retry later (code 100, which
+    Centrifugo SDKs treat as temporary)."""
+
+    code, message = 100, "temporarily unavailable"
+
+
 class Unauthorized(TidingsError):
     code, message = 101, "unauthorized"
 
@@ -87,4 +94,5 @@ TOO_BIG = Disconnect(1009, "message too big")
 TOO_MANY = Disconnect(1013, "too many connections")
 BAD_REQUEST = Disconnect(3501, "bad request")
 INVALID_TOKEN = Disconnect(3500, "invalid token")
-FORCE = Disconnect(3000, "force reconnect")
+FORCE = Disconnect(3011, "force reconnect")
+UNAVAILABLE = Disconnect(1013, "try again later")

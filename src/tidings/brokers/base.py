@@ -15,6 +15,8 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..errors import Unavailable
+
 #: How long an idle stream keeps its offset and epoch unless told otherwise (Settings has the
 #: configured value, ``history_meta_ttl``; the hub passes it on every call).
 DEFAULT_META_TTL = 7 * 86400.0
@@ -25,7 +27,7 @@ def new_epoch() -> str:
     return secrets.token_hex(4)
 
 
-class BrokerUnavailable(Exception):
+class BrokerUnavailable(Unavailable):
     """The engine cannot be reached right now (down, refused, timed out); worth retrying.
 
     Every networked engine raises this, whatever its client library raises, so callers can
@@ -168,13 +170,13 @@ class Broker(abc.ABC):
     ) -> StreamPosition:
         """Append to the channel's stream (kept per ``history``) and fan out to every node."""
 
+    @abc.abstractmethod
     async def publish_join_leave(self, event: JoinLeave) -> None:
         """Send a join/leave event to every node subscribed to its channel."""
-        raise NotImplementedError(f"{type(self).__name__} does not carry join/leave events")
 
+    @abc.abstractmethod
     async def publish_control(self, data: bytes) -> None:
         """Send a control message to every node (disconnect a user, etc.)."""
-        raise NotImplementedError(f"{type(self).__name__} does not carry control messages")
 
     # -- streams -------------------------------------------------------------------------------
 
