@@ -5,18 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import cast
 from urllib.parse import urlsplit
 
 import pytest
 from redis.asyncio import Redis
 
+from tidings import Settings
 from tidings.brokers import ClientInfo, HistoryOptions, Publication, create_broker
 from tidings.brokers.redis import RedisBroker
+from tidings.hub import Hub
+from tidings.session import Session
 
 from .engines import ENGINES, REDIS_URL, WAIT, Cluster, Recorder, namespace, with_prefix
 from .test_broker_contract import KEEP, sentinel
+from .test_hub import CountingEncoder as PassThrough
+from .test_hub import Recorder as FrameRecorder
+from .test_hub import _ignore as ignore
 
 
 @pytest.fixture
@@ -60,6 +66,43 @@ async def test_delivery_resumes_after_the_pubsub_connection_is_killed(
     assert [p.data for p in pubs] == [b"%d" % i for i in range(20)]
     await a.publish_control(b"{}")
     await got.until(lambda: b"{}" in got.events)
+
+
+async def test_a_hub_catches_up_what_was_published_while_its_link_was_down(
+    cluster: Cluster, client: Redis
+) -> None:
+    """Publications made while a node's pub/sub link is down reach its subscribers after the
+    reconnection, from history, in order and once each."""
+    a, _ = await cluster.node()
+    broker = create_broker(cluster.url)
+    assert isinstance(broker, RedisBroker)
+    async with Hub(broker, Settings()) as hub:
+        transport = FrameRecorder()
+        session = Session(hub, transport, PassThrough())
+        serving = asyncio.create_task(session.serve(ignore))
+        await hub.subscribe(session, "feed", PassThrough())
+        keep = HistoryOptions(size=100, ttl=60)
+        await a.publish("feed", b"0", keep)
+        await until(lambda: transport.frames == [b"0"])
+        listing = await client.client_list(_type="pubsub")
+        [conn_id] = [c["id"] for c in listing if c.get("name") == broker.pubsub_name]
+        await client.client_kill_filter(_id=conn_id)
+        for i in range(1, 11):  # while the link is down: lost live, kept in history
+            await a.publish("feed", b"%d" % i, keep)
+        await until(lambda: len(transport.frames) >= 11)
+        for i in range(11, 15):
+            await a.publish("feed", b"%d" % i, keep)
+        await until(lambda: len(transport.frames) >= 15)
+        assert transport.frames == [b"%d" % i for i in range(15)]
+        assert hub.metrics.gaps_healed >= 1 and hub.metrics.gaps_lost == 0
+        transport.gone.set()
+        await serving
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    async with asyncio.timeout(WAIT):
+        while not predicate():
+            await asyncio.sleep(0.01)
 
 
 async def test_prefixes_keep_deployments_apart(cluster: Cluster) -> None:

@@ -58,6 +58,8 @@ class Metrics:
     slow_clients: int = 0
     rejected_connections: int = 0
     connections_total: int = 0
+    gaps_healed: int = 0
+    gaps_lost: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -73,6 +75,11 @@ class _Local:
     count: int = 0
     subscribed: bool = False  # the broker delivers this channel to us
     op: asyncio.Future[None] | None = None  # a broker (un)subscribe in flight
+    #: the stream position this node delivered last, to notice publications the broker lost
+    epoch: str = ""
+    last: int = 0
+    #: while a gap is filled from history, newer publications wait here, in order
+    healing: list[Publication] | None = None
 
 
 def encode_json(data: Any) -> bytes:
@@ -97,6 +104,7 @@ class Hub:
         self.users: dict[str, set[Session]] = {}
         self._local: dict[str, _Local] = {}
         self._control_handlers: list[Callable[[dict[str, Any]], None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self.rpc_handlers: dict[str, RpcHandler] = {}
         self.send_handlers: list[SendHandler] = []
         self.started = False
@@ -246,6 +254,8 @@ class Hub:
                 else:
                     await self.broker.unsubscribe(channel)
                 local.subscribed = want
+                if not want:  # what follows a resubscription is not a gap
+                    local.epoch, local.last = "", 0
             finally:
                 local.op = None
                 done.set_result(None)
@@ -306,6 +316,18 @@ class Hub:
             return
         for held in local.buffering.values():
             held.append(publication)
+        if local.healing is not None:
+            local.healing.append(publication)
+        elif (
+            local.last and publication.epoch == local.epoch and publication.offset > local.last + 1
+        ):
+            # The broker skipped offsets (e.g. its connection dropped): fill in from history.
+            self._heal(publication.channel, local, [publication])
+        else:
+            self._deliver(local, publication)
+
+    def _deliver(self, local: _Local, publication: Publication) -> None:
+        local.epoch, local.last = publication.epoch, publication.offset
         seen = self._seen(local, publication.offset) if local.floor else None
         delivered = 0
         for encoder, members in local.groups.items():
@@ -315,6 +337,47 @@ class Hub:
                     session.enqueue(frame)
             delivered += len(members)
         self.metrics.delivered += delivered
+
+    def on_resync(self) -> None:
+        """The broker may have missed deliveries (it reconnected): catch every channel up."""
+        for channel, local in self._local.items():
+            if local.last and local.healing is None:
+                self._heal(channel, local, [])
+
+    def _heal(self, channel: str, local: _Local, held: list[Publication]) -> None:
+        local.healing = held
+        task = asyncio.get_running_loop().create_task(self._catch_up(channel, local))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _catch_up(self, channel: str, local: _Local) -> None:
+        """Deliver what history kept after the last offset sent, then what waited, in order."""
+        missed: list[Publication] = []
+        try:
+            history = await self.broker.history(
+                channel,
+                since=StreamPosition(local.last, local.epoch),
+                meta_ttl=self.settings.history_meta_ttl,
+            )
+            if history.position.epoch == local.epoch:
+                missed = history.publications
+        except Exception as exc:
+            log.warning("could not catch up channel %r from history: %s", channel, exc)
+        held, local.healing = local.healing or [], None
+        before = local.last
+        for publication in [*missed, *held]:
+            if publication.epoch != local.epoch or publication.offset > local.last:
+                if publication.epoch == local.epoch and publication.offset > local.last + 1:
+                    self.metrics.gaps_lost += 1  # not kept by history any more
+                    log.warning(
+                        "channel %r lost offsets %d-%d",
+                        channel,
+                        local.last + 1,
+                        publication.offset - 1,
+                    )
+                self._deliver(local, publication)
+        if local.last > before:
+            self.metrics.gaps_healed += 1
 
     @staticmethod
     def _seen(local: _Local, offset: int) -> set[Session]:

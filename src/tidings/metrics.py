@@ -38,6 +38,8 @@ class HubCollector(Collector):
                 m.rejected_connections,
             ),
             ("tidings_connections_opened", "Connections accepted.", m.connections_total),
+            ("tidings_gaps_healed", "Broker delivery gaps filled from history.", m.gaps_healed),
+            ("tidings_gaps_lost", "Publications lost in a gap, not kept by history.", m.gaps_lost),
         ]
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)

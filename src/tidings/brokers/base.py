@@ -109,6 +109,9 @@ class EventHandler(Protocol):
 
     def on_control(self, data: bytes) -> None: ...
 
+    def on_resync(self) -> None:
+        """Deliveries may have been lost (a reconnection): check every channel's position."""
+
 
 @dataclass(slots=True)
 class _NullHandler:
@@ -122,6 +125,9 @@ class _NullHandler:
 
     def on_control(self, data: bytes) -> None:
         self.seen.append(data)
+
+    def on_resync(self) -> None:
+        self.seen.append("resync")
 
 
 class Broker(abc.ABC):

@@ -121,6 +121,7 @@ class RedisBroker(Broker):
             self._on_message,
             subscribe_timeout=_seconds(options, "subscribe_timeout", 10.0),
             ping_interval=_seconds(options, "ping_interval", 10.0),
+            on_resync=lambda: self.handler.on_resync(),
         )
 
     @property

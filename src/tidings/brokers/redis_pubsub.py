@@ -23,6 +23,7 @@ from .base import BrokerUnavailable
 
 log = logging.getLogger("tidings.brokers.redis")
 
+_RESYNC = "tidings-resync"
 RECONNECT_MIN = 0.05  # seconds before the first reconnection attempt, doubled up to:
 RECONNECT_MAX = 5.0
 
@@ -38,6 +39,7 @@ class PubSub:
         *,
         subscribe_timeout: float,
         ping_interval: float,
+        on_resync: Callable[[], None] = lambda: None,
     ) -> None:
         # RESP2: under RESP3 redis-py hands subscribe confirmations to a push handler, not us
         self._pool: ConnectionPool = ConnectionPool.from_url(url, protocol=2, client_name=name)
@@ -45,6 +47,7 @@ class PubSub:
         self._pool.connection_kwargs["socket_timeout"] = None
         self.name = name
         self.on_message = on_message
+        self.on_resync = on_resync
         self.subscribe_timeout = subscribe_timeout
         self.ping_interval = ping_interval
         self._wanted: set[str] = set()  # topics wanted, subscribed again after a reconnection
@@ -119,6 +122,9 @@ class PubSub:
                     log.warning(
                         "redis pub/sub reconnected; resubscribing %d topics", len(self._wanted)
                     )
+                    # Answered after every SUBSCRIBE above: from then on nothing is missed, so
+                    # that is when the node catches up on what was published meanwhile.
+                    await conn.send_command("PING", _RESYNC)
                     delay = RECONNECT_MIN
                 while True:
                     self._dispatch(await conn.read_response(timeout=3 * self.ping_interval))
@@ -150,6 +156,12 @@ class PubSub:
                     self.on_message(topic, reply[2])
                 except Exception:
                     log.exception("handling a message on %r failed", topic)
+        elif kind == b"pong":
+            if topic == _RESYNC:
+                try:
+                    self.on_resync()
+                except Exception:
+                    log.exception("resync after reconnection failed")
         elif kind in (_SUB, _UNSUB):
             queue = self._waiters.get((kind, topic))
             if queue:
