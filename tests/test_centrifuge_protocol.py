@@ -272,6 +272,27 @@ async def test_recovery_reports_lost_position(serve: Serve) -> None:
     await c.close()
 
 
+async def test_recovery_beyond_the_cap_is_not_recovered(serve: Serve) -> None:
+    srv = await serve(recovery_max_publications=3, namespaces={"feed": {"force_recovery": True}})
+    c = await Raw.open(srv.ws)
+    await c.connect()
+    position = await c.subscribe("feed:z")
+    await c.close()
+    for i in range(3):
+        await srv.hub.publish("feed:z", i)
+    c = await Raw.open(srv.ws)
+    await c.connect()
+    result = await c.subscribe("feed:z", recover=True, offset=0, epoch=position["epoch"])
+    assert result["recovered"] is True and len(result["publications"]) == 3
+    await c.close()
+    await srv.hub.publish("feed:z", 3)
+    c = await Raw.open(srv.ws)
+    await c.connect()
+    result = await c.subscribe("feed:z", recover=True, offset=0, epoch=position["epoch"])
+    assert result.get("recovered", False) is False and "publications" not in result
+    await c.close()
+
+
 async def test_history_limit_since_reverse(serve: Serve) -> None:
     srv = await serve()
     for i in range(6):

@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     max_commands_per_second: float = Field(
         100.0, ge=0, description="Sustained commands per connection (0: unlimited; error 111)."
     )
+    recovery_max_publications: int = Field(
+        300,
+        ge=1,
+        description="Most publications one recovery returns; more missed: recovered false.",
+    )
     command_burst: int = Field(
         200,
         ge=1,

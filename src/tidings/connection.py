@@ -398,8 +398,10 @@ class Client:
             since = StreamPosition(
                 _positive_int(request.get("offset"), "offset"), str(request.get("epoch") or "")
             )
-            history = await self.hub.history(name, since=since)
-            recovered = is_recovered(history, since)
+            cap = self.settings.recovery_max_publications
+            history = await self.hub.history(name, since=since, limit=cap + 1)
+            # Past the cap the client is better off reloading its state than replaying.
+            recovered = len(history.publications) <= cap and is_recovered(history, since)
             result["was_recovering"] = True
             result["recovered"] = recovered
             if recovered:
