@@ -15,6 +15,7 @@ import uvicorn
 
 from tidings import Settings, create_app
 from tidings.app import Tidings
+from tidings.cli import server_options
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -51,10 +52,15 @@ Serve = Callable[..., Awaitable[Running]]
 
 @pytest.fixture
 async def serve() -> AsyncIterator[Serve]:
-    """``await serve(**settings)`` starts a server in this test's loop; stopped at teardown."""
+    """``await serve(**settings)`` starts a server in this test's loop; stopped at teardown.
+
+    ``fast=True`` serves it as `tidings serve` does (tidings' own WebSocket protocol); the
+    default is uvicorn's plain WebSocket protocol, the path of an app mounted elsewhere."""
     started: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
 
-    async def start(settings: Settings | None = None, **overrides: Any) -> Running:
+    async def start(
+        settings: Settings | None = None, *, fast: bool = False, **overrides: Any
+    ) -> Running:
         if settings is None:
             settings = Settings(**overrides)
         app = create_app(settings)
@@ -62,14 +68,12 @@ async def serve() -> AsyncIterator[Serve]:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            app,
-            log_level="warning",
-            lifespan="on",
-            ws_max_size=settings.max_message_size,
-            ws_ping_interval=settings.ping_interval,
-            ws_ping_timeout=settings.pong_timeout,
-        )
+        options = server_options(settings)
+        if not fast:
+            options["ws"] = "websockets-sansio"
+        # the test's own loop runs the server: uvicorn's "loop" setting would not apply
+        options.pop("loop")
+        config = uvicorn.Config(app, log_level="warning", **options)
         server = uvicorn.Server(config)
         task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
         started.append((server, task))

@@ -75,6 +75,29 @@ def serve(
     run(settings)
 
 
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn settings of `tidings serve`: the fast WebSocket path, uvloop and httptools
+    when installed, and the WebSocket limits and heartbeats from ``settings``."""
+    from .transport.fast import FastWebSocket
+
+    return {
+        "ws": FastWebSocket,
+        "loop": "uvloop" if _installed("uvloop") else "asyncio",
+        "http": "httptools" if _installed("httptools") else "h11",
+        "ws_max_size": settings.max_message_size,
+        "ws_ping_interval": settings.ping_interval,
+        "ws_ping_timeout": settings.pong_timeout,
+        "ws_per_message_deflate": False,
+        "lifespan": "on",
+    }
+
+
 def run(settings: Settings) -> None:
     import uvicorn
 
@@ -103,10 +126,7 @@ def run(settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
-        ws_max_size=settings.max_message_size,
-        ws_ping_interval=settings.ping_interval,
-        ws_ping_timeout=settings.pong_timeout,
-        lifespan="on",
+        **server_options(settings),
     )
 
 

@@ -12,9 +12,9 @@ from starlette.types import Receive, Scope, Send
 from .auth import ANONYMOUS, Credentials, can_subscribe
 from .brokers.base import ClientInfo
 from .errors import Disconnect, TidingsError
-from .protocol.raw import RAW_TEXT
+from .protocol.raw import raw_format
 from .session import Frame, Session
-from .transport.asgi import AsgiTransport
+from .transport import open_transport
 
 if TYPE_CHECKING:
     from .app import Tidings
@@ -43,9 +43,10 @@ class RawEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         tidings = self.tidings
         hub, settings = tidings.hub, tidings.settings
-        transport = AsgiTransport(receive, send, settings.max_message_size)
+        transport = open_transport(scope, receive, send, settings.max_message_size)
         await transport.accept()
-        session = Session(hub, transport, RAW_TEXT)
+        wire = raw_format(transport.framed)
+        session = Session(hub, transport, wire)
         try:
             hub.connect(session)
         except Disconnect as reason:
@@ -63,7 +64,7 @@ class RawEndpoint:
             if sub_token:
                 tidings.tokens.subscription(sub_token, channel.name, who.user)
             can_subscribe(settings, channel, who, token=bool(sub_token))
-            await hub.subscribe(session, channel.name, RAW_TEXT)
+            await hub.subscribe(session, channel.name, wire)
         except TidingsError as exc:
             await hub.disconnect(session)
             await transport.close(POLICY, close_reason(f"{exc.code}: {exc.message}"))

@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .errors import NO_PONG, SLOW, Disconnect
 
@@ -37,6 +37,28 @@ class Transport(Protocol):
 
     async def close(self, code: int, reason: str) -> None:
         """Send a close frame and let the connection go."""
+
+
+@runtime_checkable
+class DirectTransport(Transport, Protocol):
+    """A transport that writes synchronously (the fast path of `tidings serve`).
+
+    A session on it needs no writer task: the :class:`Flusher` writes its outbox in the same
+    loop iteration, in one call, and the transport calls ``on_drain`` when a paused socket can
+    take more."""
+
+    on_drain: Callable[[], None] | None
+
+    @property
+    def writable(self) -> bool:
+        """False while the socket's buffer is above its high-water mark."""
+
+    def write_frames(self, frames: list[Frame]) -> None:
+        """Write ``frames`` now, in one call."""
+
+    def finish(self, frames: list[Frame], code: int, reason: str, timeout: float) -> None:
+        """Write ``frames`` and a close frame; abort the connection after ``timeout`` seconds
+        without the client's close reply. ``receive`` returns None from now on."""
 
 
 class WireFormat(Protocol):
@@ -76,8 +98,7 @@ class Flusher:
         dirty, self._dirty = self._dirty, []
         self._scheduled = False
         for session in dirty:
-            session._dirty = False
-            session._wakeup.set()
+            session.flush()
 
 
 class Session:
@@ -86,6 +107,7 @@ class Session:
     __slots__ = (
         "__weakref__",
         "_closing",
+        "_direct",
         "_dirty",
         "_flusher",
         "_outbox",
@@ -136,6 +158,9 @@ class Session:
         self._dirty = False
         self._closing = False
         self._wakeup = asyncio.Event()
+        self._direct = transport if isinstance(transport, DirectTransport) else None
+        if self._direct is not None:
+            self._direct.on_drain = self.flush
         self._reader: asyncio.Task[Any] | None = None
         self._receiving = False
         self._ping_timer: asyncio.TimerHandle | None = None
@@ -162,6 +187,17 @@ class Session:
             self._dirty = True
             self._flusher.mark(self)
 
+    def flush(self) -> None:
+        """Hand the outbox on: written here on a direct transport, else wake the writer task."""
+        self._dirty = False
+        direct = self._direct
+        if direct is None:
+            self._wakeup.set()
+        elif self._outbox and not self._closing and direct.writable:
+            batch, self._outbox = self._outbox, []
+            self._pending = 0
+            direct.write_frames(self.format.pack(batch))
+
     @property
     def pending_bytes(self) -> int:
         return self._pending
@@ -179,7 +215,13 @@ class Session:
         if reason is SLOW:
             self._outbox.clear()
         self._cancel_timers()
-        self._wakeup.set()
+        if self._direct is None:
+            self._wakeup.set()
+            return
+        batch, self._outbox = self._outbox, []
+        self._pending = 0
+        frames = self.format.pack(batch) if batch else []
+        self._direct.finish(frames, reason.code, reason.reason, self.hub.settings.close_timeout)
 
     async def _write_loop(self) -> None:
         """The only writer of this connection: drains the outbox in batches."""
@@ -246,7 +288,9 @@ class Session:
         Messages are handled one at a time, in order: a client that floods waits for its own
         commands, and its socket applies backpressure to it."""
         self._reader = asyncio.current_task()
-        writer = asyncio.get_running_loop().create_task(self._write_loop())
+        writer = None  # a direct transport is written by flush() and close(), not by a task
+        if self._direct is None:
+            writer = asyncio.get_running_loop().create_task(self._write_loop())
         self._schedule_ping()
         try:
             while not self._closing:
@@ -266,7 +310,8 @@ class Session:
                 except Exception:
                     log.exception("error handling a message from %s", self.client_id)
                     self.close(Disconnect(1011, "internal error"))
-            await asyncio.shield(writer)  # it sends what is queued, then the close frame
+            if writer is not None:
+                await asyncio.shield(writer)  # it sends what is queued, then the close frame
         except asyncio.CancelledError:
             # The writer cancels a reader blocked in receive() once the close frame is out.
             if not self._closing:
@@ -275,6 +320,8 @@ class Session:
             self._closing = True
             self._cancel_timers()
             self._outbox.clear()
-            if not writer.done():
+            if writer is not None and not writer.done():
                 writer.cancel()
+            if self._direct is not None:
+                self._direct.on_drain = None
             await self.hub.disconnect(self)

@@ -11,6 +11,7 @@ import orjson
 
 from ..brokers.base import JoinLeave, Publication
 from ..session import Frame
+from ..transport.frames import text_frame
 
 
 def text_of(data: bytes) -> str:
@@ -40,4 +41,20 @@ class RawText:
         return None
 
 
+class RawFramed(RawText):
+    """Raw format for the fast transport: each push is a complete WebSocket text frame, built
+    once per publication and shared by every subscriber; a batch leaves in one write."""
+
+    __slots__ = ()
+
+    def push(self, publication: Publication) -> Frame:
+        return text_frame(text_of(publication.data).encode())
+
+
 RAW_TEXT = RawText()
+RAW_FRAMED = RawFramed()
+
+
+def raw_format(framed: bool) -> RawText:
+    """The raw wire format for a transport that does (fast) or does not (ASGI) take frames."""
+    return RAW_FRAMED if framed else RAW_TEXT

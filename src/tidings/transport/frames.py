@@ -1,0 +1,33 @@
+"""Server-to-client WebSocket frames, built by hand for the hot path (RFC 6455, section 5.2).
+
+A frame a server sends is trivial: FIN + opcode, the payload length in 7, 7+16 or 7+64 bits, no
+mask, the payload. Building it here costs one small ``bytes`` concatenation; going through a
+library's frame object costs several µs per message (measured with py-spy in bench/RESULTS.md).
+Everything else (handshake, parsing masked client frames, control frames, close) is left to
+``websockets``' sans-I/O protocol. The bytes are identical to what ``websockets`` serializes
+for an unmasked, uncompressed frame.
+"""
+
+from __future__ import annotations
+
+_TEXT = 0x81  # FIN + text
+_BINARY = 0x82  # FIN + binary
+
+
+def _frame(first: int, payload: bytes) -> bytes:
+    n = len(payload)
+    if n < 126:
+        return bytes((first, n)) + payload
+    if n < 65536:
+        return bytes((first, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((first, 127)) + n.to_bytes(8, "big") + payload
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One complete text frame holding ``payload`` (UTF-8 text, not checked)."""
+    return _frame(_TEXT, payload)
+
+
+def binary_frame(payload: bytes) -> bytes:
+    """One complete binary frame holding ``payload``."""
+    return _frame(_BINARY, payload)
