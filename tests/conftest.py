@@ -16,6 +16,7 @@ import uvicorn
 from tidings import Settings, create_app
 from tidings.app import Tidings
 from tidings.cli import server_options
+from tidings.front import Front
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -64,6 +65,7 @@ async def serve() -> AsyncIterator[Serve]:
         if settings is None:
             settings = Settings(**overrides)
         app = create_app(settings)
+        asgi: Any = Front(app) if fast else app
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
@@ -73,7 +75,7 @@ async def serve() -> AsyncIterator[Serve]:
             options["ws"] = "websockets-sansio"
         # the test's own loop runs the server: uvicorn's "loop" setting would not apply
         options.pop("loop")
-        config = uvicorn.Config(app, log_level="warning", **options)
+        config = uvicorn.Config(asgi, log_level="warning", **options)
         server = uvicorn.Server(config)
         task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
         started.append((server, task))

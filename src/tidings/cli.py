@@ -102,12 +102,13 @@ def run(settings: Settings) -> None:
     import uvicorn
 
     from .app import create_app
+    from .front import Front
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        application = create_app(settings)
+        application = Front(create_app(settings))
     except ValueError as exc:
         raise _fail(str(exc)) from None
     url = f"http://{settings.host}:{settings.port}"

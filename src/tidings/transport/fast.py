@@ -40,6 +40,7 @@ from websockets.exceptions import InvalidState
 from websockets.frames import Frame as WsFrame
 from websockets.frames import Opcode
 from websockets.http11 import Request
+from websockets.protocol import Protocol as WsProtocol
 from websockets.server import ServerProtocol
 
 from ..session import Frame
@@ -182,6 +183,12 @@ class FastWebSocket(asyncio.Protocol):
             self.transport.close()
             return
         self.response = response
+        # websockets' handshake parser keeps the request (headers and all) alive in its
+        # generator frame for the connection's life: go on with the plain frame parser, which
+        # reads the same buffer (~1.5 KiB per idle connection)
+        conn = self.conn
+        conn.parser = WsProtocol.parse(conn)
+        next(conn.parser)
         headers = [
             (k.encode("ascii"), v.encode("latin-1")) for k, v in request.headers.raw_items()
         ]
