@@ -32,9 +32,10 @@ def _handler(app: FastAPI, path: str, params: list[str]) -> Handler | None:
     """The endpoint function of ``POST path`` if it takes exactly ``params`` (else None: the
     route changed shape, so it is left to FastAPI)."""
     for route in app.router.routes:
-        if isinstance(route, APIRoute) and route.path == path and "POST" in route.methods:
+        if isinstance(route, APIRoute) and route.path == path and "POST" in (route.methods or ()):
             if list(inspect.signature(route.endpoint).parameters) == params:
-                return route.endpoint  # type: ignore[no-any-return]
+                endpoint: Handler = route.endpoint
+                return endpoint
             return None
     return None
 
