@@ -117,6 +117,7 @@ class Session:
         "_reader",
         "_receiving",
         "_wakeup",
+        "_writer",
         "channels",
         "client_id",
         "closed_with",
@@ -163,6 +164,7 @@ class Session:
         else:  # no writer task, so no wake-up event (~0.8 KiB per idle connection)
             self._direct.on_drain = self.flush
         self._reader: asyncio.Task[Any] | None = None
+        self._writer: asyncio.Task[None] | None = None
         self._receiving = False
         self._ping_timer: asyncio.TimerHandle | None = None
         self._pong_timer: asyncio.TimerHandle | None = None
@@ -218,11 +220,20 @@ class Session:
         self._cancel_timers()
         if self._direct is None:
             self._wakeup.set()
+            if reason is SLOW:  # its writer may be stuck on a full socket: don't wait forever
+                timeout = self.hub.settings.close_timeout
+                asyncio.get_running_loop().call_later(timeout, self._abandon)
             return
         batch, self._outbox = self._outbox, []
         self._pending = 0
         frames = self.format.pack(batch) if batch else []
         self._direct.finish(frames, reason.code, reason.reason, self.hub.settings.close_timeout)
+
+    def _abandon(self) -> None:
+        """End a slow ASGI session whose writer could not finish: cancel both its tasks."""
+        for task in (self._writer, self._reader if self._receiving else None):
+            if task is not None and not task.done():
+                task.cancel()
 
     async def _write_loop(self) -> None:
         """The only writer of this connection: drains the outbox in batches."""
@@ -291,7 +302,7 @@ class Session:
         self._reader = asyncio.current_task()
         writer = None  # a direct transport is written by flush() and close(), not by a task
         if self._direct is None:
-            writer = asyncio.get_running_loop().create_task(self._write_loop())
+            writer = self._writer = asyncio.get_running_loop().create_task(self._write_loop())
         self._schedule_ping()
         try:
             while not self._closing:

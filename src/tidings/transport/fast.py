@@ -189,9 +189,7 @@ class FastWebSocket(asyncio.Protocol):
         conn = self.conn
         conn.parser = WsProtocol.parse(conn)
         next(conn.parser)
-        headers = [
-            (k.encode("ascii"), v.encode("latin-1")) for k, v in request.headers.raw_items()
-        ]
+        headers = [(k.encode("ascii"), v.encode("latin-1")) for k, v in request.headers.raw_items()]
         raw_path, _, query = request.path.partition("?")
         offered = request.headers.get_all("Sec-WebSocket-Protocol")
         subprotocols = [p.strip() for h in offered for p in h.split(",")]
