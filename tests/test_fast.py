@@ -11,6 +11,8 @@ import httpx
 import pytest
 import websockets
 
+from tidings import Settings, create_app
+from tidings.front import Front
 from tidings.transport.fast import FastWebSocket
 
 from .conftest import Running, Serve
@@ -189,3 +191,9 @@ async def test_front_answers_publish_requests_like_fastapi(
     fast = await answers(await serve(api_key=api_key, fast=True))
     assert fast == asgi
     assert {status for status, _ in asgi} >= ({401} if api_key else {200, 400})
+
+
+def test_front_serves_the_publish_routes_itself() -> None:
+    front = Front(create_app(Settings()))
+    assert front.api_publish is not None
+    assert front.publish_text is not None

@@ -86,10 +86,15 @@ def server_options(settings: Settings) -> dict[str, Any]:
     when installed, and the WebSocket limits and heartbeats from ``settings``."""
     from .transport.fast import FastWebSocket
 
+    http: Any = "h11"
+    if _installed("httptools"):
+        from .transport.http import CorkedHttpTools
+
+        http = CorkedHttpTools
     return {
         "ws": FastWebSocket,
         "loop": "uvloop" if _installed("uvloop") else "asyncio",
-        "http": "httptools" if _installed("httptools") else "h11",
+        "http": http,
         "ws_max_size": settings.max_message_size,
         "ws_ping_interval": settings.ping_interval,
         "ws_ping_timeout": settings.pong_timeout,

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -28,10 +28,10 @@ log = logging.getLogger("tidings.front")
 Handler = Callable[..., Awaitable[Response]]
 
 
-def _handler(app: FastAPI, path: str, params: list[str]) -> Handler | None:
+def _handler(router: APIRouter, path: str, params: list[str]) -> Handler | None:
     """The endpoint function of ``POST path`` if it takes exactly ``params`` (else None: the
     route changed shape, so it is left to FastAPI)."""
-    for route in app.router.routes:
+    for route in router.routes:
         if isinstance(route, APIRoute) and route.path == path and "POST" in (route.methods or ()):
             if list(inspect.signature(route.endpoint).parameters) == params:
                 endpoint: Handler = route.endpoint
@@ -47,9 +47,10 @@ class Front:
     def __init__(self, app: FastAPI) -> None:
         self.app = app
         self.state = app.state
-        self.raw = RawEndpoint(app.state.tidings)
-        self.api_publish = _handler(app, "/api/publish", ["request"])
-        self.publish_text = _handler(app, "/publish/{channel}", ["channel", "request"])
+        tidings = app.state.tidings  # create_app() includes tidings.router at the root
+        self.raw = RawEndpoint(tidings)
+        self.api_publish = _handler(tidings.router, "/api/publish", ["request"])
+        self.publish_text = _handler(tidings.router, "/publish/{channel}", ["channel", "request"])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -73,7 +74,7 @@ class Front:
                 handler = self.api_publish
             elif path.startswith("/publish/") and "/" not in path[9:] and path[9:]:
                 handler, args = self.publish_text, (path[9:],)
-            if handler is not None:
+            if handler is not None:  # None: not found on the app, FastAPI answers
                 await self._answer(handler, args, scope, receive, send)
                 return
         await self.app(scope, receive, send)
