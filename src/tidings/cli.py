@@ -83,7 +83,8 @@ def _installed(module: str) -> bool:
 
 def server_options(settings: Settings) -> dict[str, Any]:
     """uvicorn settings of `tidings serve`: the fast WebSocket path, uvloop and httptools
-    when installed, and the WebSocket limits and heartbeats from ``settings``."""
+    (corked: one write per response) when installed, and the WebSocket limits and heartbeats
+    from ``settings``. permessage-deflate is declined (see transport/fast.py)."""
     from .transport.fast import FastWebSocket
 
     http: Any = "h11"
@@ -99,6 +100,8 @@ def server_options(settings: Settings) -> dict[str, Any]:
         "ws_ping_interval": settings.ping_interval,
         "ws_ping_timeout": settings.pong_timeout,
         "ws_per_message_deflate": False,
+        # a line per publish request costs more than the publish itself: only when debugging
+        "access_log": settings.log_level.lower() in ("debug", "trace"),
         "lifespan": "on",
     }
 
