@@ -102,6 +102,9 @@ def server_options(settings: Settings) -> dict[str, Any]:
         "ws_per_message_deflate": False,
         # a line per publish request costs more than the publish itself: only when debugging
         "access_log": settings.log_level.lower() in ("debug", "trace"),
+        # tidings never reads the client address; the middleware would stay suspended in every
+        # idle WebSocket (~0.3 KiB each) and run on every publish
+        "proxy_headers": False,
         "lifespan": "on",
     }
 
