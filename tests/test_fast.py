@@ -197,3 +197,16 @@ def test_front_serves_the_publish_routes_itself() -> None:
     front = Front(create_app(Settings()))
     assert front.api_publish is not None
     assert front.publish_text is not None
+
+
+@pytest.mark.parametrize("fast", PATHS)
+async def test_publish_many_lets_subscribers_keep_up(serve: Serve, fast: bool) -> None:
+    srv = await serve(outbox_limit=32 * 1024, fast=fast)
+    async with websockets.connect(f"{srv.ws}/ws/batch") as ws:
+        await wait_for(lambda: srv.hub.subscribers("batch") == 1)
+        items = [("batch", f"{i:04d}" + "x" * 200) for i in range(1000)]  # 200 KB in all
+        positions = await srv.hub.publish_many(items)
+        assert [p.offset for p in positions] == list(range(1, 1001))
+        got = [await asyncio.wait_for(ws.recv(), 5) for _ in range(1000)]
+        assert got == [data for _, data in items]
+        assert srv.hub.metrics.slow_clients == 0

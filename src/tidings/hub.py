@@ -269,8 +269,17 @@ class Hub:
         return position
 
     async def publish_many(self, items: Iterable[tuple[str, Any]]) -> list[StreamPosition]:
-        """Publish several (channel, data) pairs in order; one encode per item."""
-        return [await self.publish(channel, data) for channel, data in items]
+        """Publish several (channel, data) pairs in order; one encode per item.
+
+        Yields to the event loop every 64 items: with a broker that does not suspend (memory)
+        a long batch would otherwise queue everything before the Flusher writes anything, and
+        close subscribers as slow."""
+        positions = []
+        for i, (channel, data) in enumerate(items):
+            positions.append(await self.publish(channel, data))
+            if i % 64 == 63:
+                await asyncio.sleep(0)
+        return positions
 
     # -- broker events (EventHandler) ------------------------------------------------------------
 
