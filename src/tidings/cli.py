@@ -105,6 +105,8 @@ def server_options(settings: Settings) -> dict[str, Any]:
         # tidings never reads the client address; the middleware would stay suspended in every
         # idle WebSocket (~0.3 KiB each) and run on every publish
         "proxy_headers": False,
+        # Front.__call__ is a plain function returning an awaitable (see front.py)
+        "interface": "asgi3",
         "lifespan": "on",
     }
 

@@ -18,6 +18,7 @@ from .transport import open_transport
 
 if TYPE_CHECKING:
     from .app import Tidings
+    from .hub import Hub
 
 log = logging.getLogger("tidings.endpoints")
 
@@ -31,6 +32,25 @@ def close_reason(message: str) -> str:
     return raw.decode(errors="ignore")
 
 
+class _ClientPublish:
+    """Handles what a raw client sends: text is published to its channel, if allowed."""
+
+    __slots__ = ("allowed", "channel", "hub", "info")
+
+    def __init__(self, hub: Hub, channel: str, allowed: bool, session: Session) -> None:
+        self.hub = hub
+        self.channel = channel
+        self.allowed = allowed
+        self.info = ClientInfo(session.client_id, session.user)
+
+    async def __call__(self, session: Session, message: Frame) -> None:
+        if isinstance(message, bytes):
+            raise Disconnect(UNSUPPORTED, "binary frames are not accepted here")
+        if not self.allowed:
+            raise Disconnect(POLICY, "clients may not publish in this channel")
+        await self.hub.publish_json(self.channel, orjson.dumps(message), info=self.info)
+
+
 class RawEndpoint:
     """``/ws/{channel}``: each publication is one text frame; text sent is published.
 
@@ -41,6 +61,14 @@ class RawEndpoint:
         self.tidings = tidings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # set up in a helper: this frame stays suspended for the connection's life, keep it small
+        opened = await self._open(scope, receive, send)
+        if opened is not None:
+            await opened[0].serve(opened[1])
+
+    async def _open(
+        self, scope: Scope, receive: Receive, send: Send
+    ) -> tuple[Session, _ClientPublish] | None:
         tidings = self.tidings
         hub, settings = tidings.hub, tidings.settings
         transport = open_transport(scope, receive, send, settings.max_message_size)
@@ -52,7 +80,7 @@ class RawEndpoint:
         except Disconnect as reason:
             log.warning("refusing a connection: %s", reason)
             await transport.close(reason.code, reason.reason)
-            return
+            return None
         try:
             name = scope["path_params"]["channel"]
             channel = hub.channel(name)
@@ -68,21 +96,12 @@ class RawEndpoint:
         except TidingsError as exc:
             await hub.disconnect(session)
             await transport.close(POLICY, close_reason(f"{exc.code}: {exc.message}"))
-            return
+            return None
         except BaseException:
             await hub.disconnect(session)
             raise
         allowed = settings.allows_client_publish(channel.options)
-        info = ClientInfo(session.client_id, session.user)
-
-        async def handle(session: Session, message: Frame) -> None:
-            if isinstance(message, bytes):
-                raise Disconnect(UNSUPPORTED, "binary frames are not accepted here")
-            if not allowed:
-                raise Disconnect(POLICY, "clients may not publish in this channel")
-            await hub.publish_json(channel.name, orjson.dumps(message), info=info)
-
-        await session.serve(handle)
+        return session, _ClientPublish(hub, channel.name, allowed, session)
 
     def _credentials(self, query: dict[str, list[str]]) -> Credentials:
         token = query.get("token", [""])[0]

@@ -52,11 +52,13 @@ class Front:
         self.api_publish = _handler(tidings.router, "/api/publish", ["request"])
         self.publish_text = _handler(tidings.router, "/publish/{channel}", ["channel", "request"])
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """Returns the chosen app's awaitable instead of awaiting it: no frame of ours stays
+        suspended under every idle WebSocket (~0.4 KiB each). Serve it with
+        ``interface="asgi3"``: uvicorn would guess ASGI2 from a non-async ``__call__``."""
         kind = scope["type"]
         if kind == "lifespan":
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
         path: str = scope["path"]
         root = scope.get("root_path", "")
         if root and path.startswith(root):
@@ -65,8 +67,7 @@ class Front:
             channel = path[4:] if path.startswith("/ws/") else ""
             if channel and "/" not in channel:
                 scope["path_params"] = {"channel": channel}
-                await self.raw(scope, receive, send)
-                return
+                return self.raw(scope, receive, send)
         elif kind == "http" and scope["method"] == "POST":
             handler: Handler | None = None
             args: tuple[Any, ...] = ()
@@ -75,9 +76,8 @@ class Front:
             elif path.startswith("/publish/") and "/" not in path[9:] and path[9:]:
                 handler, args = self.publish_text, (path[9:],)
             if handler is not None:  # None: not found on the app, FastAPI answers
-                await self._answer(handler, args, scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+                return self._answer(handler, args, scope, receive, send)
+        return self.app(scope, receive, send)
 
     @staticmethod
     async def _answer(
