@@ -133,12 +133,105 @@ def fanout_cmd(name: str, spec: dict[str, Any], scenario: str, out: Path, rep: i
     return cmd
 
 
+WRK_BODY = "#1:1:" + "x" * 123
+HTTP_TARGETS = {
+    # (path, body, content type); /publish/{topic} is the shape every raw peer serves
+    "publish": ("/publish/t0", WRK_BODY, "text/plain"),
+    "api": ("/api/publish", json.dumps({"channel": "t0", "data": WRK_BODY}), "application/json"),
+}
+
+
+def http_publish(name: str, spec: dict[str, Any], out: Path, seconds: int) -> list[dict[str, Any]]:
+    """Requests/s of the HTTP publish endpoints under wrk (1 thread, 8 keep-alive connections),
+    with one WebSocket subscriber on the channel; server CPU µs per request from /proc."""
+    import shutil
+    import threading
+
+    import fanout
+    from websockets.sync.client import connect
+
+    if shutil.which("wrk") is None:
+        sys.exit("error: the http scenario needs wrk (apt-get install -y wrk)")
+    port = fanout.free_port()
+    environ = {**os.environ, **dict(e.split("=", 1) for e in spec.get("env", []))}
+    log_path = out / f"{name}__http.server.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            shlex.split(spec["cmd"].format(port=port)), env=environ, cwd=SHARED,
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    rows = []
+    try:
+        fanout.wait_port("127.0.0.1", port, proc, 30)
+        ws = connect(f"ws://127.0.0.1:{port}/ws/t0", max_size=None)
+        received = [0]
+
+        def drain() -> None:
+            try:
+                for _ in ws:
+                    received[0] += 1
+            except Exception:
+                pass
+
+        threading.Thread(target=drain, daemon=True).start()
+        for target, (path, body, ctype) in HTTP_TARGETS.items():
+            if name in ("raw_ceiling", "seed1_naive") and target == "api":
+                continue  # these peers only have /publish/{topic}
+            script = out / f"wrk_{target}.lua"
+            script.write_text(
+                f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
+                f'wrk.headers["Content-Type"] = "{ctype}"\n'
+            )
+            cpu0 = fanout.tree_cpu_s(proc.pid)
+            res = subprocess.run(
+                ["wrk", "-t1", "-c8", f"-d{int(seconds)}s", "-s", str(script),
+                 f"http://127.0.0.1:{port}{path}"],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            cpu = fanout.tree_cpu_s(proc.pid) - cpu0
+            text = res.stdout
+            rps = float(text.split("Requests/sec:")[1].split()[0])
+            total = int(text.split(" requests in ")[0].split()[-1])
+            bad = text.split("Non-2xx or 3xx responses:")
+            non2xx = int(bad[1].split()[0]) if len(bad) > 1 else 0
+            rows.append({"server": name, "target": f"POST {path}", "requests_per_s": rps,
+                         "server_cpu_us_per_request": round(cpu * 1e6 / max(total, 1), 1),
+                         "non_2xx": non2xx})  # fmt: skip
+        ws.close()
+        rows = [{**r, "subscriber_received": received[0]} for r in rows]
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    return rows
+
+
 def run(args: argparse.Namespace) -> Path:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H%M%SZ")
     out = Path(args.out or ROOT / "bench" / "results" / stamp)
     out.mkdir(parents=True, exist_ok=True)
     plan: list[tuple[str, dict[str, Any], str]] = []
     for scenario in args.scenarios:
+        if scenario == "http":
+            sys.path.insert(0, str(SHARED))
+            with open(out / "http.jsonl", "a") as f:
+                for rep in range(args.repeats):
+                    for name in args.servers:
+                        if name in SERVERS and SERVERS[name]["flavor"] == "raw":
+                            for row in http_publish(name, SERVERS[name], out, args.wrk_seconds):
+                                f.write(json.dumps({**row, "rep": rep + 1}) + "\n")
+                                print(row, file=sys.stderr, flush=True)
+            continue
+        if scenario == "inproc":
+            import asyncio
+
+            from bench.inproc import measure
+
+            with open(out / "inproc.jsonl", "a") as f:
+                for subs in (0, 1, 1000):
+                    row = {"subscribers": subs, **asyncio.run(measure(subs=subs))}
+                    f.write(json.dumps(row) + "\n")
+                    print(row, file=sys.stderr, flush=True)
+            continue
         if scenario == "redis":
             print(
                 "skip redis: the multi-node scenario (publish on A, deliver on B through "
@@ -181,7 +274,11 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def table(out: Path) -> None:
-    files = sorted(str(p) for p in out.glob("*.jsonl"))
+    for extra in ("http.jsonl", "inproc.jsonl"):
+        if (out / extra).is_file():
+            print(f"\n{extra}:")
+            print((out / extra).read_text())
+    files = sorted(str(p) for p in out.glob("*__*.jsonl"))
     if not files:
         print("no results", file=sys.stderr)
         return
@@ -209,10 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         "--scenarios",
         nargs="+",
         default=DEFAULT_SCENARIOS,
-        choices=[*SCENARIOS, "centrifuge", "redis"],
+        choices=[*SCENARIOS, "http", "inproc", "centrifuge", "redis"],
         help=f"default: {' '.join(DEFAULT_SCENARIOS)}",
     )
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--wrk-seconds", type=int, default=5, help="http scenario: per target")
     ap.add_argument("--pause", type=float, default=2.0, help="seconds between runs")
     ap.add_argument("--out", help="results directory (default bench/results/<UTC time>)")
     ap.add_argument("--table", metavar="DIR", help="only print the table of an earlier run")
