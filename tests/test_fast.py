@@ -10,10 +10,13 @@ from collections.abc import Callable
 import httpx
 import pytest
 import websockets
+from websockets.frames import Frame as WsLibFrame
+from websockets.frames import Opcode
 
 from tidings import Settings, create_app
 from tidings.front import Front
 from tidings.transport.fast import FastWebSocket
+from tidings.transport.frames import binary_frame, framed, text_frame
 
 from .conftest import Running, Serve
 from .wsraw import RawWs, close_code
@@ -210,3 +213,15 @@ async def test_publish_many_lets_subscribers_keep_up(serve: Serve, fast: bool) -
         got = [await asyncio.wait_for(ws.recv(), 5) for _ in range(1000)]
         assert got == [data for _, data in items]
         assert srv.hub.metrics.slow_clients == 0
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
+def test_hand_built_frames_equal_websockets_frames(size: int) -> None:
+    payload = bytes(i % 251 for i in range(size))
+    for opcode, build in ((Opcode.TEXT, text_frame), (Opcode.BINARY, binary_frame)):
+        expected = WsLibFrame(opcode, payload).serialize(mask=False, extensions=[])
+        assert build(payload) == expected
+    assert framed(payload) == binary_frame(payload)  # plain bytes: a binary message
+    assert framed("é" * size) == text_frame(("é" * size).encode())
+    built = text_frame(payload)
+    assert framed(built) is built  # pre-built frames go out as they are

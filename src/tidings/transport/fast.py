@@ -45,7 +45,7 @@ from websockets.server import ServerProtocol
 
 from ..session import Frame
 from .asgi import AsgiTransport
-from .frames import binary_frame, text_frame
+from .frames import binary_frame, framed, text_frame
 
 log = logging.getLogger("uvicorn.error")
 
@@ -464,14 +464,15 @@ class FastWebSocket(asyncio.Protocol):
         return not self.paused
 
     def write_frames(self, frames: list[Frame]) -> None:
-        """Write frames in one call: ``bytes`` are complete frames (see :mod:`.frames`), a
-        ``str`` is a text payload framed here (a wire format that coalesces builds one)."""
+        """Write frames in one call: a :class:`.frames.WsFrame` (built once per publication)
+        as it is; ``str``/``bytes`` are text/binary messages framed here, as over ASGI (a wire
+        format that coalesces hands over one joined message)."""
         if self.close_sent or self.disconnected:
             return
         if len(frames) == 1:
-            self.transport.write(_framed(frames[0]))
+            self.transport.write(framed(frames[0]))
         else:
-            self.transport.write(b"".join([_framed(f) for f in frames]))
+            self.transport.write(b"".join([framed(f) for f in frames]))
 
     async def send(self, frames: list[Frame]) -> None:
         await self._drained()
@@ -551,10 +552,6 @@ def _name(header: str) -> bytes:
         if len(_NAMES) < 256:
             _NAMES[header] = name
     return name
-
-
-def _framed(frame: Frame) -> bytes:
-    return text_frame(frame.encode()) if isinstance(frame, str) else frame
 
 
 def _addr(value: Any) -> tuple[str, int] | None:

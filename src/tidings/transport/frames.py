@@ -14,20 +14,38 @@ _TEXT = 0x81  # FIN + text
 _BINARY = 0x82  # FIN + binary
 
 
-def _frame(first: int, payload: bytes) -> bytes:
+class WsFrame(bytes):
+    """A complete WebSocket frame, header included: a transport writes it as it is. Plain
+    ``str``/``bytes`` frames are payloads (text/binary messages) that the transport frames."""
+
+    __slots__ = ()
+
+
+def _frame(first: int, payload: bytes) -> WsFrame:
     n = len(payload)
     if n < 126:
-        return bytes((first, n)) + payload
+        return WsFrame(bytes((first, n)) + payload)
     if n < 65536:
-        return bytes((first, 126)) + n.to_bytes(2, "big") + payload
-    return bytes((first, 127)) + n.to_bytes(8, "big") + payload
+        return WsFrame(bytes((first, 126)) + n.to_bytes(2, "big") + payload)
+    return WsFrame(bytes((first, 127)) + n.to_bytes(8, "big") + payload)
 
 
-def text_frame(payload: bytes) -> bytes:
+def text_frame(payload: bytes) -> WsFrame:
     """One complete text frame holding ``payload`` (UTF-8 text, not checked)."""
     return _frame(_TEXT, payload)
 
 
-def binary_frame(payload: bytes) -> bytes:
+def binary_frame(payload: bytes) -> WsFrame:
     """One complete binary frame holding ``payload``."""
     return _frame(_BINARY, payload)
+
+
+def framed(frame: str | bytes) -> bytes:
+    """``frame`` as bytes to write: a :class:`WsFrame` as it is, ``str`` as a text frame,
+    other ``bytes`` as a binary frame (the meanings ASGI gives them)."""
+    kind = type(frame)
+    if kind is WsFrame:
+        return frame  # type: ignore[return-value]
+    if kind is str:
+        return _frame(_TEXT, frame.encode())  # type: ignore[union-attr]
+    return _frame(_BINARY, frame)  # type: ignore[arg-type]
