@@ -48,7 +48,11 @@ class RawFramed(RawText):
     __slots__ = ()
 
     def push(self, publication: Publication) -> Frame:
-        return text_frame(text_of(publication.data).encode())
+        data = publication.data
+        if data[:1] == b'"' and data[-1:] == b'"' and b"\\" not in data:
+            # a JSON string without escapes: its UTF-8 text is what lies between the quotes
+            return text_frame(data[1:-1])
+        return text_frame(text_of(data).encode())
 
 
 RAW_TEXT = RawText()

@@ -37,7 +37,7 @@ from urllib.parse import unquote
 
 from starlette.types import Message, Receive, Scope, Send
 from websockets.exceptions import InvalidState
-from websockets.frames import Frame as WsFrame
+from websockets.frames import Frame as LibFrame
 from websockets.frames import Opcode
 from websockets.http11 import Request
 from websockets.protocol import Protocol as WsProtocol
@@ -45,7 +45,7 @@ from websockets.server import ServerProtocol
 
 from ..session import Frame
 from .asgi import AsgiTransport
-from .frames import binary_frame, framed, text_frame
+from .frames import WsFrame, binary_frame, framed, text_frame
 
 log = logging.getLogger("uvicorn.error")
 
@@ -147,7 +147,7 @@ class FastWebSocket(asyncio.Protocol):
         conn = self.conn
         conn.receive_data(data)
         for event in conn.events_received():
-            if isinstance(event, WsFrame):
+            if isinstance(event, LibFrame):
                 self._frame(event)
             elif isinstance(event, Request):
                 self._handshake(event)
@@ -221,7 +221,7 @@ class FastWebSocket(asyncio.Protocol):
         self.server_state.tasks.add(task)
         task.add_done_callback(self._app_done)
 
-    def _frame(self, frame: WsFrame) -> None:
+    def _frame(self, frame: LibFrame) -> None:
         opcode = frame.opcode
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY or opcode is Opcode.CONT:
             # websockets hands over fragments as they come: reassemble them here
@@ -470,9 +470,12 @@ class FastWebSocket(asyncio.Protocol):
         if self.close_sent or self.disconnected:
             return
         if len(frames) == 1:
-            self.transport.write(framed(frames[0]))
-        else:
-            self.transport.write(b"".join([framed(f) for f in frames]))
+            frame = frames[0]
+            self.transport.write(frame if type(frame) is WsFrame else framed(frame))
+        else:  # inlined type test: this runs once per frame per subscriber
+            self.transport.write(
+                b"".join([f if type(f) is WsFrame else framed(f) for f in frames])
+            )
 
     async def send(self, frames: list[Frame]) -> None:
         await self._drained()
