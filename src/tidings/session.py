@@ -48,10 +48,9 @@ class DirectTransport(Transport, Protocol):
     take more."""
 
     on_drain: Callable[[], None] | None
-
-    @property
-    def writable(self) -> bool:
-        """False while the socket's buffer is above its high-water mark."""
+    #: False while the socket's buffer is above its high-water mark (an attribute, not a
+    #: property: it is read once per subscriber per flush)
+    writable: bool
 
     def write_frames(self, frames: list[Frame]) -> None:
         """Write ``frames`` now, in one call."""
@@ -89,10 +88,13 @@ class Flusher:
     def mark(self, session: Session) -> None:
         self._dirty.append(session)
         if not self._scheduled:
-            self._scheduled = True
-            if self._loop is None:
-                self._loop = asyncio.get_running_loop()
-            self._loop.call_soon(self._flush)
+            self.schedule()
+
+    def schedule(self) -> None:
+        self._scheduled = True
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         dirty, self._dirty = self._dirty, []
@@ -188,7 +190,10 @@ class Session:
         self._outbox.append(frame)
         if not self._dirty:
             self._dirty = True
-            self._flusher.mark(self)
+            flusher = self._flusher  # Flusher.mark, inlined: once per subscriber per flush
+            flusher._dirty.append(self)
+            if not flusher._scheduled:
+                flusher.schedule()
 
     def flush(self) -> None:
         """Hand the outbox on: written here on a direct transport, else wake the writer task."""

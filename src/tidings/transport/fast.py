@@ -74,7 +74,6 @@ class FastWebSocket(asyncio.Protocol):
         "framed",
         "handshake_complete",
         "on_drain",
-        "paused",
         "ping_due",
         "ping_payload",
         "read_paused",
@@ -82,6 +81,7 @@ class FastWebSocket(asyncio.Protocol):
         "scope",
         "server_state",
         "transport",
+        "writable",
     )
 
     def __init__(
@@ -105,7 +105,7 @@ class FastWebSocket(asyncio.Protocol):
         self.close_sent = False
         self.disconnected = False
         self.close_code = 1006
-        self.paused = False
+        self.writable = True  # False while paused: above the transport's high-water mark
         self.read_paused = False
         self.framed = True  # tidings sessions may hand us pre-built frames
         self.on_drain: Any = None  # a Session's flush, called when the socket drains
@@ -135,10 +135,10 @@ class FastWebSocket(asyncio.Protocol):
             self.scope["extensions"].pop(EXTENSION, None)
 
     def pause_writing(self) -> None:
-        self.paused = True
+        self.writable = False
 
     def resume_writing(self) -> None:
-        self.paused = False
+        self.writable = True
         self._wake_writers()
         if self.on_drain is not None:
             self.on_drain()
@@ -347,7 +347,7 @@ class FastWebSocket(asyncio.Protocol):
             drain.set_result(None)
 
     async def _drained(self) -> None:
-        while self.paused and not self.disconnected:
+        while not self.writable and not self.disconnected:
             self._drain = asyncio.get_running_loop().create_future()
             try:
                 await self._drain
@@ -457,11 +457,6 @@ class FastWebSocket(asyncio.Protocol):
         """The next message from the client; None once it is gone or closing."""
         item = await self._next()
         return None if item is _GONE else item
-
-    @property
-    def writable(self) -> bool:
-        """False while the kernel and transport buffers are above the high-water mark."""
-        return not self.paused
 
     def write_frames(self, frames: list[Frame]) -> None:
         """Write frames in one call: a :class:`.frames.WsFrame` (built once per publication)
