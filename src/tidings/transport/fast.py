@@ -131,7 +131,7 @@ class FastWebSocket(asyncio.Protocol):
         self._push(_GONE)
         self._wake_writers()
         self.on_drain = None
-        if self.scope is not None:  # break the scope <-> protocol cycle now, not at GC
+        if self.scope is not None:  # not accepted: break the scope <-> protocol cycle now
             self.scope["extensions"].pop(EXTENSION, None)
 
     def pause_writing(self) -> None:
@@ -313,6 +313,9 @@ class FastWebSocket(asyncio.Protocol):
             self._schedule_ping()
         assert self.scope is not None
         log.info('%s - "WebSocket %s" [accepted]', _who(self.scope), self.scope["path"])
+        # the app has the scope; without our reference an idle tidings connection can let it
+        # (headers and all) go
+        self.scope = None
 
     def _reject(self, status: int) -> None:
         response = self.conn.reject(status, HTTPStatus(status).phrase)
