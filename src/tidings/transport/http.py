@@ -18,15 +18,16 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 class Cork:
     """Transport proxy: writes are joined and leave once per loop iteration."""
 
-    __slots__ = ("chunks", "transport")
+    __slots__ = ("chunks", "loop", "transport")
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         self.chunks: list[bytes] = []
+        self.loop = asyncio.get_running_loop()
 
     def write(self, data: bytes) -> None:
         if not self.chunks:
-            asyncio.get_running_loop().call_soon(self.flush)
+            self.loop.call_soon(self.flush)
         self.chunks.append(data)
 
     def flush(self) -> None:
