@@ -55,7 +55,9 @@ async def _server(n: int, asgi: bool, top: int) -> None:
     config = uvicorn.Config(app if asgi else Front(app), log_level="warning", **options)
     server = uvicorn.Server(config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
-    while not server.started:
+    for _ in range(600):
+        if server.started:
+            break
         await asyncio.sleep(0.05)
     gc.collect()
     before = tracemalloc.take_snapshot()
