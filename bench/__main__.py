@@ -15,8 +15,6 @@ import shlex
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -92,11 +90,14 @@ def _scenario_args(name: str) -> list[str]:
     return args
 
 
-def _has_route(cmd: str, env: list[str], path: str) -> bool:
-    """Start ``cmd`` briefly and see whether ``path`` exists (the Centrifugo endpoint is on
-    another branch until it is merged)."""
+def _has_ws_route(cmd: str, env: list[str], path: str) -> bool:
+    """Start ``cmd`` briefly and see whether a WebSocket handshake on ``path`` succeeds (the
+    Centrifugo endpoint is on another branch until it is merged; a missing WebSocket route
+    answers the handshake with 403 or 404)."""
     sys.path.insert(0, str(SHARED))
     import fanout
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
 
     port = fanout.free_port()
     environ = {**os.environ, **dict(e.split("=", 1) for e in env)}
@@ -109,13 +110,56 @@ def _has_route(cmd: str, env: list[str], path: str) -> bool:
     try:
         fanout.wait_port("127.0.0.1", port, proc, 30)
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5)
-        except urllib.error.HTTPError as exc:
-            return exc.code != 404
+            connect(f"ws://127.0.0.1:{port}{path}", open_timeout=5).close()
+        except InvalidStatus:
+            return False
         return True
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+REDIS_URL = os.environ.get("TIDINGS_BENCH_REDIS", "redis://127.0.0.1:6379/9")
+
+
+def _redis_plan() -> list[tuple[str, dict[str, Any], str]]:
+    """n1000_rate10 on one node with the Redis broker, and on two nodes (publish on A,
+    subscribers on B): the difference in p50 is what crossing the broker adds."""
+    import importlib.util
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(REDIS_URL)
+    try:
+        socket.create_connection((url.hostname, url.port or 6379), timeout=1).close()
+    except OSError:
+        print(f"skip redis: nothing answers at {REDIS_URL}", file=sys.stderr)
+        return []
+    if importlib.util.find_spec("tidings.brokers.redis") is None:
+        print(
+            "skip redis: the multi-node scenario needs tidings' Redis broker "
+            "(tidings/brokers/redis.py), which is not in this build",
+            file=sys.stderr,
+        )
+        return []
+    sys.path.insert(0, str(SHARED))
+    import fanout
+
+    pub_port = fanout.free_port()
+    env = [*TIDINGS_ENV, f"TIDINGS_BROKER_URL={REDIS_URL}"]
+    one = {"cmd": TIDINGS, "sub": RM.RAW_SUB, "flavor": "raw", "env": env}
+    two = {
+        "cmd": f"{PY} {ROOT / 'bench' / 'two_nodes.py'} --port {{port}} "
+        f"--pub-port {pub_port} --broker {REDIS_URL}",
+        "sub": RM.RAW_SUB,
+        "pub": f"http://127.0.0.1:{pub_port}/publish/{{topic}}",
+        "flavor": "raw",
+        "env": TIDINGS_ENV,
+    }
+    return [
+        ("tidings_redis_1node", one, "n1000_rate10"),
+        ("tidings_redis_2nodes", two, "n1000_rate10"),
+    ]
 
 
 def fanout_cmd(name: str, spec: dict[str, Any], scenario: str, out: Path, rep: int) -> list[str]:
@@ -233,11 +277,7 @@ def run(args: argparse.Namespace) -> Path:
                     print(row, file=sys.stderr, flush=True)
             continue
         if scenario == "redis":
-            print(
-                "skip redis: the multi-node scenario (publish on A, deliver on B through "
-                "redis://) needs the Redis broker, which is not in this branch yet",
-                file=sys.stderr,
-            )
+            plan += _redis_plan()
             continue
         if scenario == "centrifuge":
             for name in args.servers:
@@ -246,11 +286,11 @@ def run(args: argparse.Namespace) -> Path:
                 )
                 if spec is None:
                     continue
-                if name.startswith("tidings") and not _has_route(
+                if name.startswith("tidings") and not _has_ws_route(
                     spec["cmd"], spec.get("env", []), "/connection/websocket"
                 ):
                     print(
-                        f"skip centrifuge/{name}: /connection/websocket answers 404 (the "
+                        f"skip centrifuge/{name}: no WebSocket at /connection/websocket (the "
                         "Centrifugo endpoint is not in this build)",
                         file=sys.stderr,
                     )
