@@ -64,6 +64,8 @@ SCENARIOS: dict[str, list[str]] = {
     **RM.SCENARIOS,
     # memory: as many idle-ish connections as the fd limit allows (20,000 by default)
     "mem20k": ["-n", "20000", "-m", "5", "--procs", "2", "--connect-concurrency", "200"],
+    # latency of the path itself: few subscribers, so the fan-out does not dominate
+    "n10_rate10": ["-n", "10", "-m", "200", "--rate", "10"],
 }
 DEFAULT_SERVERS = ["tidings_fast", "tidings_asgi", "raw_ceiling", "seed1_naive"]
 DEFAULT_SCENARIOS = ["n1000", "n5000", "n1000_rate10", "topics1000"]
@@ -157,8 +159,9 @@ def _redis_plan() -> list[tuple[str, dict[str, Any], str]]:
         "env": TIDINGS_ENV,
     }
     return [
-        ("tidings_redis_1node", one, "n1000_rate10"),
-        ("tidings_redis_2nodes", two, "n1000_rate10"),
+        (name, spec, scenario)
+        for scenario in ("n10_rate10", "n1000_rate10")
+        for name, spec in (("tidings_redis_1node", one), ("tidings_redis_2nodes", two))
     ]
 
 
