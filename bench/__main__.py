@@ -161,7 +161,11 @@ def _redis_plan() -> list[tuple[str, dict[str, Any], str]]:
     return [
         (name, spec, scenario)
         for scenario in ("n10_rate10", "n1000_rate10")
-        for name, spec in (("tidings_redis_1node", one), ("tidings_redis_2nodes", two))
+        for name, spec in (
+            ("tidings_memory_1node", SERVERS["tidings_fast"]),
+            ("tidings_redis_1node", one),
+            ("tidings_redis_2nodes", two),
+        )
     ]
 
 
