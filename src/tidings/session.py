@@ -53,7 +53,7 @@ class DirectTransport(Transport, Protocol):
     writable: bool
 
     def write_frames(self, frames: list[Frame]) -> None:
-        """Write ``frames`` now, in one call."""
+        """Write ``frames`` now, in one call (the list is reused afterwards: don't keep it)."""
 
     def finish(self, frames: list[Frame], code: int, reason: str, timeout: float) -> None:
         """Write ``frames`` and a close frame; abort the connection after ``timeout`` seconds
@@ -202,9 +202,10 @@ class Session:
         if direct is None:
             self._wakeup.set()
         elif self._outbox and not self._closing and direct.writable:
-            batch, self._outbox = self._outbox, []
+            outbox = self._outbox
             self._pending = 0
-            direct.write_frames(self.format.pack(batch))
+            direct.write_frames(self.format.pack(outbox))
+            outbox.clear()  # written synchronously: the list is reused, not reallocated
 
     @property
     def pending_bytes(self) -> int:
