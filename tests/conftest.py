@@ -15,8 +15,12 @@ import uvicorn
 
 from tidings import Settings, create_app
 from tidings.app import Tidings
+from tidings.cli import server_options
+from tidings.front import Front
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+#: TIDINGS_TEST_FAST=1 runs every server test on the fast path of `tidings serve`
+FAST_BY_DEFAULT = os.environ.get("TIDINGS_TEST_FAST", "") not in ("", "0")
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[[], Any]]:
@@ -92,11 +96,16 @@ async def serve() -> AsyncIterator[Serve]:
             settings: Settings | None = None,
             *,
             app: Any = None,
+            fast: bool | None = None,
             uvicorn_options: dict[str, Any] | None = None,
             **overrides: Any,
         ) -> Running:
-            """Serve ``Settings(**overrides)``, or ``app`` (with a Tidings installed);
-            ``uvicorn_options`` override the server's own."""
+            """Serve ``Settings(**overrides)``, or ``app`` (with a Tidings installed).
+
+            ``fast=True`` serves it as `tidings serve` does (tidings' own WebSocket protocol
+            and front door); the default is stock uvicorn, the path of an app mounted
+            elsewhere. ``uvicorn_options`` override the server's settings."""
+            own = app is None  # the standalone app, as `tidings serve` builds it
             if app is not None:
                 settings = app.state.tidings.settings
             elif settings is None:
@@ -104,13 +113,21 @@ async def serve() -> AsyncIterator[Serve]:
             assert settings is not None
             if app is None:
                 app = create_app(settings)
-            options: dict[str, Any] = {
-                "ws_max_size": settings.max_message_size,
-                "ws_ping_interval": settings.ping_interval,
-                "ws_ping_timeout": settings.pong_timeout,
-            }
+            if fast is None:
+                fast = FAST_BY_DEFAULT
+            if fast:
+                asgi: Any = Front(app) if own else app  # a user's app keeps its own routing
+                options = server_options(settings)
+                options.pop("loop")  # the test's own loop runs the server
+            else:
+                asgi = app
+                options = {
+                    "ws_max_size": settings.max_message_size,
+                    "ws_ping_interval": settings.ping_interval,
+                    "ws_ping_timeout": settings.pong_timeout,
+                }
             port, server = await stack.enter_async_context(
-                served(app, **{**options, **(uvicorn_options or {})})
+                served(asgi, **{**options, **(uvicorn_options or {})})
             )
             return Running(app.state.tidings, port, server)
 

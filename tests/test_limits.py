@@ -9,7 +9,7 @@ import pytest
 import websockets
 
 from .conftest import Serve
-from .wsraw import RawClient
+from .wsraw import RawWs
 
 
 async def wait_for(predicate: object, what: str, timeout: float = 10.0) -> None:
@@ -24,7 +24,7 @@ async def wait_for(predicate: object, what: str, timeout: float = 10.0) -> None:
 
 async def test_slow_subscriber_is_dropped_and_others_get_everything(serve: Serve) -> None:
     srv = await serve(outbox_limit=64 * 1024, max_message_size=60_000)
-    stalled = await RawClient.connect(srv.port, "/ws/firehose", rcvbuf=4096)
+    stalled = await RawWs.connect(srv.port, "/ws/firehose", rcvbuf=4096)
     received: list[str] = []
     async with websockets.connect(f"{srv.ws}/ws/firehose", max_size=None) as fast:
         await wait_for(lambda: srv.hub.subscribers("firehose") == 2, "two subscribers")
@@ -126,11 +126,11 @@ async def test_api_key_is_enforced_when_configured(
 
 async def test_silent_peer_is_closed_after_the_pong_timeout(serve: Serve) -> None:
     srv = await serve(ping_interval=0.2, pong_timeout=0.3)
-    silent = await RawClient.connect(srv.port, "/ws/beat")
+    silent = await RawWs.connect(srv.port, "/ws/beat")
     try:
-        opcode, _ = await silent.frame()
+        opcode, _ = await asyncio.wait_for(silent.frame(), 10)
         assert opcode == 0x9  # a ping, which this client never answers
-        code, reason = await silent.close_code()
+        code, reason = await silent.closed()
         assert code == 1011 and "ping timeout" in reason
     finally:
         silent.close()

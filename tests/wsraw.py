@@ -1,7 +1,5 @@
-"""A WebSocket client on a bare socket, for clients that misbehave on purpose.
-
-Real clients (websockets) read and answer pings in the background; these tests need one that
-stops reading, never answers pings, or sends what a polite client would not."""
+"""A bare WebSocket client over a raw socket: sees the exact bytes the server writes, and can
+stop reading (a slow client) or ignore pings, which well-behaved client libraries never do."""
 
 from __future__ import annotations
 
@@ -12,76 +10,75 @@ import socket
 import struct
 
 
-class RawClient:
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.loop = asyncio.get_running_loop()
-        self.buffer = b""
+class RawWs:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.raw = bytearray()  # every byte received after the handshake
 
     @classmethod
-    async def connect(cls, port: int, path: str, *, rcvbuf: int | None = None) -> RawClient:
+    async def connect(cls, port: int, path: str, *, rcvbuf: int | None = None) -> RawWs:
         sock = socket.socket()
-        if rcvbuf is not None:
+        if rcvbuf is not None:  # before connect, so the TCP window stays small
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.setblocking(False)
-        loop = asyncio.get_running_loop()
-        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        limit = 2**16 if rcvbuf is None else rcvbuf
+        reader, writer = await asyncio.open_connection(sock=sock, limit=limit)
         key = base64.b64encode(os.urandom(16)).decode()
-        request = (
+        writer.write(
             f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
         )
-        await loop.sock_sendall(sock, request.encode())
-        client = cls(sock)
-        head = b""
-        while b"\r\n\r\n" not in head:  # byte by byte: leave any frame after it unread
-            chunk = await asyncio.wait_for(loop.sock_recv(sock, 1), 5)
-            if not chunk:
-                raise ConnectionError("closed during handshake")
-            head += chunk
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         if not head.startswith(b"HTTP/1.1 101"):
             raise ConnectionError(head.decode(errors="replace"))
-        return client
+        return cls(reader, writer)
 
-    async def send_frame(self, opcode: int, payload: bytes) -> None:
+    async def frame(self) -> tuple[int, bytes]:
+        """(opcode, payload) of the next frame; its bytes are appended to ``raw``."""
+        head = await self.reader.readexactly(2)
+        n = head[1] & 0x7F
+        ext = b""
+        if n == 126:
+            ext = await self.reader.readexactly(2)
+            n = struct.unpack("!H", ext)[0]
+        elif n == 127:
+            ext = await self.reader.readexactly(8)
+            n = struct.unpack("!Q", ext)[0]
+        payload = await self.reader.readexactly(n)
+        self.raw += head + ext + payload
+        return head[0] & 0x0F, payload
+
+    async def frames(self, count: int, seconds: float = 10.0) -> list[tuple[int, bytes]]:
+        async with asyncio.timeout(seconds):
+            return [await self.frame() for _ in range(count)]
+
+    def send(self, opcode: int, payload: bytes) -> None:
+        """A masked client frame."""
         mask = os.urandom(4)
-        header = bytes([0x80 | opcode])
         n = len(payload)
         if n < 126:
-            header += bytes([0x80 | n])
+            head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
         elif n < 65536:
-            header += bytes([0x80 | 126]) + struct.pack("!H", n)
+            head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
         else:
-            header += bytes([0x80 | 127]) + struct.pack("!Q", n)
+            head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
         masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        await self.loop.sock_sendall(self.sock, header + mask + masked)
+        self.writer.write(head + mask + masked)
 
-    async def _read(self, n: int, timeout: float) -> bytes:
-        while len(self.buffer) < n:
-            chunk = await asyncio.wait_for(self.loop.sock_recv(self.sock, 65536), timeout)
-            if not chunk:
-                raise EOFError
-            self.buffer += chunk
-        out, self.buffer = self.buffer[:n], self.buffer[n:]
-        return out
-
-    async def frame(self, timeout: float = 10.0) -> tuple[int, bytes]:
-        """The next frame: (opcode, payload). Raises EOFError when the server hung up."""
-        b0, b1 = await self._read(2, timeout)
-        n = b1 & 0x7F
-        if n == 126:
-            (n,) = struct.unpack("!H", await self._read(2, timeout))
-        elif n == 127:
-            (n,) = struct.unpack("!Q", await self._read(8, timeout))
-        return b0 & 0x0F, await self._read(n, timeout)
-
-    async def close_code(self, timeout: float = 10.0) -> tuple[int, str]:
-        """Skip frames until the close frame; its (code, reason)."""
-        while True:
-            opcode, payload = await self.frame(timeout)
-            if opcode == 0x8:
-                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
-                return code, payload[2:].decode(errors="replace")
+    async def closed(self, seconds: float = 10.0) -> tuple[int, str]:
+        """Skip frames until the server's close frame: its (code, reason)."""
+        async with asyncio.timeout(seconds):
+            while True:
+                opcode, payload = await self.frame()
+                if opcode == 0x8:
+                    return close_code(payload), payload[2:].decode(errors="replace")
 
     def close(self) -> None:
-        self.sock.close()
+        self.writer.close()
+
+
+def close_code(payload: bytes) -> int:
+    return int(struct.unpack("!H", payload[:2])[0]) if len(payload) >= 2 else 1005

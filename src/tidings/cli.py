@@ -91,16 +91,53 @@ def _problems(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn settings of `tidings serve`: the fast WebSocket path, uvloop and httptools
+    (corked: one write per response) when installed, and the WebSocket limits and heartbeats
+    from ``settings``. permessage-deflate is declined (see transport/fast.py)."""
+    from .transport.fast import FastWebSocket
+
+    http: Any = "h11"
+    if _installed("httptools"):
+        from .transport.http import CorkedHttpTools
+
+        http = CorkedHttpTools
+    return {
+        "ws": FastWebSocket,
+        "loop": "uvloop" if _installed("uvloop") else "asyncio",
+        "http": http,
+        "ws_max_size": settings.max_message_size,
+        "ws_ping_interval": settings.ping_interval,
+        "ws_ping_timeout": settings.pong_timeout,
+        "ws_per_message_deflate": False,
+        # a line per publish request costs more than the publish itself: only when debugging
+        "access_log": settings.log_level.lower() in ("debug", "trace"),
+        # tidings never reads the client address; the middleware would stay suspended in every
+        # idle WebSocket (~0.3 KiB each) and run on every publish
+        "proxy_headers": False,
+        # Front.__call__ is a plain function returning an awaitable (see front.py)
+        "interface": "asgi3",
+        "lifespan": "on",
+    }
+
+
 def run(settings: Settings) -> None:
     import uvicorn
 
     from .app import create_app
+    from .front import Front
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        application = create_app(settings)
+        application = Front(create_app(settings))
     except ValueError as exc:
         raise _fail(str(exc)) from None
     url = f"http://{settings.host}:{settings.port}"
@@ -120,10 +157,7 @@ def run(settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
-        ws_max_size=settings.max_message_size,
-        ws_ping_interval=settings.ping_interval,
-        ws_ping_timeout=settings.pong_timeout,
-        lifespan="on",
+        **server_options(settings),
     )
 
 

@@ -47,7 +47,7 @@ from .errors import (
 )
 from .protocol import centrifuge as wire
 from .session import Frame, Session
-from .transport.asgi import AsgiTransport
+from .transport import open_transport
 
 if TYPE_CHECKING:
     from .app import Tidings
@@ -601,7 +601,7 @@ class CentrifugeEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         hub, settings = self.tidings.hub, self.tidings.settings
-        transport = AsgiTransport(receive, send, settings.max_message_size)
+        transport = open_transport(scope, receive, send, settings.max_message_size)
         await transport.accept()
         # Pings start once the client has connected: before that any frame, a pong too, is a
         # protocol error (3501), so a ping would only provoke one.

@@ -12,12 +12,13 @@ from starlette.types import Receive, Scope, Send
 from .auth import ANONYMOUS, Credentials, can_subscribe
 from .brokers.base import ClientInfo
 from .errors import UNAVAILABLE, BadRequest, Disconnect, TidingsError, Unavailable
-from .protocol.raw import RAW_TEXT
+from .protocol.raw import RawText, raw_format
 from .session import Frame, Session
-from .transport.asgi import AsgiTransport
+from .transport import open_transport
 
 if TYPE_CHECKING:
     from .app import Tidings
+    from .hub import Hub
 
 log = logging.getLogger("tidings.endpoints")
 
@@ -55,6 +56,25 @@ async def admit(session: Session) -> bool:
     return True
 
 
+class _ClientPublish:
+    """Handles what a raw client sends: text is published to its channel, if allowed."""
+
+    __slots__ = ("allowed", "channel", "hub", "info")
+
+    def __init__(self, hub: Hub, channel: str, allowed: bool, session: Session) -> None:
+        self.hub = hub
+        self.channel = channel
+        self.allowed = allowed
+        self.info = ClientInfo(session.client_id, session.user)
+
+    async def __call__(self, session: Session, message: Frame) -> None:
+        if isinstance(message, bytes):
+            raise Disconnect(UNSUPPORTED, "binary frames are not accepted here")
+        if not self.allowed:
+            raise Disconnect(POLICY, "clients may not publish in this channel")
+        await self.hub.publish_json(self.channel, orjson.dumps(message), info=self.info)
+
+
 class RawEndpoint:
     """``/ws/{channel}``: each publication is one text frame; text sent is published.
 
@@ -73,23 +93,34 @@ class RawEndpoint:
         channel = message.get("channel")
         user, client = str(message.get("user", "")), str(message.get("client") or "")
         for session in self.tidings.hub.local_sessions(user, client):
-            if session.format is RAW_TEXT and channel in session.channels:
+            if isinstance(session.format, RawText) and channel in session.channels:
                 session.close(UNSUBSCRIBED)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # set up in a helper: this frame stays suspended for the connection's life, keep it small
+        opened = await self._open(scope, receive, send)
+        del scope, receive, send  # an idle connection keeps nothing of its request (~1.8 KiB)
+        if opened is not None:
+            await opened[0].serve(opened[1])
+
+    async def _open(
+        self, scope: Scope, receive: Receive, send: Send
+    ) -> tuple[Session, _ClientPublish] | None:
         tidings = self.tidings
         hub, settings = tidings.hub, tidings.settings
-        transport = AsgiTransport(receive, send, settings.max_message_size)
-        session = Session(hub, transport, RAW_TEXT)
+        transport = open_transport(scope, receive, send, settings.max_message_size)
+        wire = raw_format(transport.framed)
+        session = Session(hub, transport, wire)
         # Subscribe *before* accepting: once the client sees the connection open, every
         # publication reaches it (the raw protocol has no subscribe confirmation to wait for).
+        # What arrives meanwhile waits in the outbox: the transport is not writable yet.
         try:
             hub.connect(session)
         except Disconnect as reason:
             log.warning("refusing a connection: %s", reason)
             await transport.accept()
             await transport.close(reason.code, reason.reason)
-            return
+            return None
         try:
             name = scope["path_params"]["channel"]
             channel = hub.channel(name)
@@ -103,7 +134,7 @@ class RawEndpoint:
             can_subscribe(settings, channel, who, token=bool(sub_token))
             since = _replay_from(query)
             if since is None:
-                await hub.subscribe(session, channel.name, RAW_TEXT)
+                await hub.subscribe(session, channel.name, wire)
             else:
                 await self._replay(session, channel.name, *since)
         except TidingsError as exc:
@@ -112,22 +143,14 @@ class RawEndpoint:
             # A broker outage is worth retrying (1013); anything else is the client's doing.
             code = UNAVAILABLE.code if isinstance(exc, Unavailable) else POLICY
             await transport.close(code, close_reason(f"{exc.code}: {exc.message}"))
-            return
+            return None
         except BaseException:
             await hub.forget(session)
             raise
         await transport.accept()
+        session.flush()  # anything published while the handshake was pending
         allowed = settings.allows_client_publish(channel.options)
-        info = ClientInfo(session.client_id, session.user)
-
-        async def handle(session: Session, message: Frame) -> None:
-            if isinstance(message, bytes):
-                raise Disconnect(UNSUPPORTED, "binary frames are not accepted here")
-            if not allowed:
-                raise Disconnect(POLICY, "clients may not publish in this channel")
-            await hub.publish_json(channel.name, orjson.dumps(message), info=info)
-
-        await session.serve(handle)
+        return session, _ClientPublish(hub, channel.name, allowed, session)
 
     async def _replay(self, session: Session, channel: str, offset: int, epoch: str) -> None:
         """Subscribe, then send what history holds after ``offset`` before anything live.
@@ -135,21 +158,22 @@ class RawEndpoint:
         Live publications arriving meanwhile are held by the hub and sent after the history,
         skipping offsets already sent. An ``epoch`` that is not the stream's current one means
         the offset belongs to a lost stream: everything kept is replayed."""
-        hub = self.tidings.hub
-        await hub.subscribe(session, channel, RAW_TEXT, buffer=True)
+        hub, wire = self.tidings.hub, session.format
+        assert isinstance(wire, RawText)
+        await hub.subscribe(session, channel, wire, buffer=True)
         try:
             history = await hub.history(channel)
         except BaseException:
-            hub.activate(session, channel, RAW_TEXT)
+            hub.activate(session, channel, wire)
             raise
         if epoch and epoch != history.position.epoch:
             offset = 0
         replay = [p for p in history.publications if p.offset > offset]
         last = max(offset, replay[-1].offset if replay else 0)
         # A networked broker may still deliver a publication the history read already returned.
-        held = hub.activate(session, channel, RAW_TEXT, after=last)
+        held = hub.activate(session, channel, wire, after=last)
         for publication in [*replay, *(p for p in held if p.offset > last)]:
-            session.enqueue(RAW_TEXT.push(publication))
+            session.enqueue(wire.push(publication))
 
     async def _credentials(self, query: dict[str, list[str]]) -> Credentials:
         token = query.get("token", [""])[0]

@@ -305,8 +305,17 @@ class Hub:
         return position
 
     async def publish_many(self, items: Iterable[tuple[str, Any]]) -> list[StreamPosition]:
-        """Publish several (channel, data) pairs in order; one encode per item."""
-        return [await self.publish(channel, data) for channel, data in items]
+        """Publish several (channel, data) pairs in order; one encode per item.
+
+        Yields to the event loop every 64 items: with a broker that does not suspend (memory)
+        a long batch would otherwise queue everything before the Flusher writes anything, and
+        close subscribers as slow."""
+        positions = []
+        for i, (channel, data) in enumerate(items):
+            positions.append(await self.publish(channel, data))
+            if i % 64 == 63:
+                await asyncio.sleep(0)
+        return positions
 
     # -- broker events (EventHandler) ------------------------------------------------------------
 
@@ -332,9 +341,13 @@ class Hub:
         delivered = 0
         for encoder, members in local.groups.items():
             frame = encoder.push(publication)
-            for session in members:
-                if seen is None or session not in seen:
+            if seen is None:  # the hot loop: one call per subscriber, nothing else
+                for session in members:
                     session.enqueue(frame)
+            else:
+                for session in members:
+                    if session not in seen:
+                        session.enqueue(frame)
             delivered += len(members)
         self.metrics.delivered += delivered
 

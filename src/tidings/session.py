@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .errors import NO_PONG, SLOW, Disconnect
 
@@ -37,6 +37,27 @@ class Transport(Protocol):
 
     async def close(self, code: int, reason: str) -> None:
         """Send a close frame and let the connection go."""
+
+
+@runtime_checkable
+class DirectTransport(Transport, Protocol):
+    """A transport that writes synchronously (the fast path of `tidings serve`).
+
+    A session on it needs no writer task: the :class:`Flusher` writes its outbox in the same
+    loop iteration, in one call, and the transport calls ``on_drain`` when a paused socket can
+    take more."""
+
+    on_drain: Callable[[], None] | None
+    #: False while the socket's buffer is above its high-water mark (an attribute, not a
+    #: property: it is read once per subscriber per flush)
+    writable: bool
+
+    def write_frames(self, frames: list[Frame]) -> None:
+        """Write ``frames`` now, in one call (the list is reused afterwards: don't keep it)."""
+
+    def finish(self, frames: list[Frame], code: int, reason: str, timeout: float) -> None:
+        """Write ``frames`` and a close frame; abort the connection after ``timeout`` seconds
+        without the client's close reply. ``receive`` returns None from now on."""
 
 
 class WireFormat(Protocol):
@@ -67,17 +88,19 @@ class Flusher:
     def mark(self, session: Session) -> None:
         self._dirty.append(session)
         if not self._scheduled:
-            self._scheduled = True
-            if self._loop is None:
-                self._loop = asyncio.get_running_loop()
-            self._loop.call_soon(self._flush)
+            self.schedule()
+
+    def schedule(self) -> None:
+        self._scheduled = True
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         dirty, self._dirty = self._dirty, []
         self._scheduled = False
         for session in dirty:
-            session._dirty = False
-            session._wakeup.set()
+            session.flush()
 
 
 class Session:
@@ -86,6 +109,7 @@ class Session:
     __slots__ = (
         "__weakref__",
         "_closing",
+        "_direct",
         "_dirty",
         "_flusher",
         "_outbox",
@@ -137,11 +161,15 @@ class Session:
         self._pending = 0  # bytes queued or being written
         self._dirty = False
         self._closing = False
-        self._wakeup = asyncio.Event()
+        self._direct = transport if isinstance(transport, DirectTransport) else None
+        if self._direct is None:
+            self._wakeup = asyncio.Event()
+        else:  # no writer task, so no wake-up event (~0.8 KiB per idle connection)
+            self._direct.on_drain = self.flush
         self._reader: asyncio.Task[Any] | None = None
+        self._writer: asyncio.Task[None] | None = None
         self._receiving = False
         self._sending = False
-        self._writer: asyncio.Task[None] | None = None
         self._ping_timer: asyncio.TimerHandle | None = None
         self._pong_timer: asyncio.TimerHandle | None = None
 
@@ -164,7 +192,22 @@ class Session:
         self._outbox.append(frame)
         if not self._dirty:
             self._dirty = True
-            self._flusher.mark(self)
+            flusher = self._flusher  # Flusher.mark, inlined: once per subscriber per flush
+            flusher._dirty.append(self)
+            if not flusher._scheduled:
+                flusher.schedule()
+
+    def flush(self) -> None:
+        """Hand the outbox on: written here on a direct transport, else wake the writer task."""
+        self._dirty = False
+        direct = self._direct
+        if direct is None:
+            self._wakeup.set()
+        elif self._outbox and not self._closing and direct.writable:
+            outbox = self._outbox
+            self._pending = 0
+            direct.write_frames(self.format.pack(outbox))
+            outbox.clear()  # written synchronously: the list is reused, not reallocated
 
     @property
     def pending_bytes(self) -> int:
@@ -181,16 +224,22 @@ class Session:
         self._closing = True
         self.closed_with = reason
         self._cancel_timers()
-        self._wakeup.set()
-        if reason is SLOW or reason is NO_PONG:
-            # The client is not reading: drop what is queued and stop waiting on its socket.
+        unresponsive = reason is SLOW or reason is NO_PONG
+        if unresponsive:  # the client is not reading: what is queued would never get through
             self._outbox.clear()
             self._pending = 0
-            if self._sending and self._writer is not None:
-                self._writer.cancel()
+        if self._direct is None:
+            self._wakeup.set()
+            if unresponsive and self._sending and self._writer is not None:
+                self._writer.cancel()  # stop waiting on its full socket; the writer then closes
+            return
+        batch, self._outbox = self._outbox, []
+        self._pending = 0
+        frames = self.format.pack(batch) if batch else []
+        self._direct.finish(frames, reason.code, reason.reason, self.hub.settings.close_timeout)
 
     async def _write_loop(self) -> None:
-        """The only writer of this connection: drains the outbox in batches, then closes."""
+        """The only writer of an ASGI connection: drains the outbox in batches, then closes."""
         transport, wire = self.transport, self.format
         try:
             while True:
@@ -269,7 +318,9 @@ class Session:
         Messages are handled one at a time, in order: a client that floods waits for its own
         commands, and its socket applies backpressure to it."""
         self._reader = asyncio.current_task()
-        writer = self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+        writer = None  # a direct transport is written by flush() and close(), not by a task
+        if self._direct is None:
+            writer = self._writer = asyncio.get_running_loop().create_task(self._write_loop())
         self._schedule_ping()
         try:
             while not self._closing:
@@ -289,7 +340,8 @@ class Session:
                 except Exception:
                     log.exception("error handling a message from %s", self.client_id)
                     self.close(Disconnect(1011, "internal error"))
-            await asyncio.shield(writer)  # it sends what is queued, then the close frame
+            if writer is not None:
+                await asyncio.shield(writer)  # it sends what is queued, then the close frame
         except asyncio.CancelledError:
             # The writer cancels a reader blocked in receive() once the close frame is out.
             if not self._closing:
@@ -298,6 +350,8 @@ class Session:
             self._closing = True
             self._cancel_timers()
             self._outbox.clear()
-            if not writer.done():
+            if writer is not None and not writer.done():
                 writer.cancel()
+            if self._direct is not None:
+                self._direct.on_drain = None
             await self.hub.forget(self)

@@ -11,6 +11,7 @@ import orjson
 
 from ..brokers.base import JoinLeave, Publication
 from ..session import Frame
+from ..transport.frames import text_frame
 
 
 def text_of(data: bytes) -> str:
@@ -40,4 +41,24 @@ class RawText:
         return None
 
 
+class RawFramed(RawText):
+    """Raw format for the fast transport: each push is a complete WebSocket text frame, built
+    once per publication and shared by every subscriber; a batch leaves in one write."""
+
+    __slots__ = ()
+
+    def push(self, publication: Publication) -> Frame:
+        data = publication.data
+        if data[:1] == b'"' and data[-1:] == b'"' and b"\\" not in data:
+            # a JSON string without escapes: its UTF-8 text is what lies between the quotes
+            return text_frame(data[1:-1])
+        return text_frame(text_of(data).encode())
+
+
 RAW_TEXT = RawText()
+RAW_FRAMED = RawFramed()
+
+
+def raw_format(framed: bool) -> RawText:
+    """The raw wire format for a transport that does (fast) or does not (ASGI) take frames."""
+    return RAW_FRAMED if framed else RAW_TEXT

@@ -17,6 +17,9 @@ class AsgiTransport:
 
     __slots__ = ("_receive", "_send", "closed", "max_size")
 
+    #: frames are payloads (``str`` text, ``bytes`` binary), not pre-built WebSocket frames
+    framed = False
+
     def __init__(self, receive: Receive, send: Send, max_size: int) -> None:
         self._receive = receive
         self._send = send

@@ -1,0 +1,1 @@
+"""Benchmarks of tidings against the shared peers: ``python -m bench --help``."""

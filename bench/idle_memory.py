@@ -1,0 +1,101 @@
+"""Where an idle WebSocket's memory goes: tracemalloc in the server, N connections from a child.
+
+  .bench-venv/bin/python -m bench.idle_memory            # tidings serve's fast path
+  .bench-venv/bin/python -m bench.idle_memory --asgi     # uvicorn's websockets-sansio + FastAPI
+
+Starts the server in this process (uvloop, the options of `tidings serve`), snapshots the Python
+heap, lets a child process open ``--n`` subscribers (picows) to ``/ws/t0``, snapshots again and
+prints the difference per connection, largest first. RSS per connection (which also counts what
+C extensions allocate outside Python's allocator) is what fanout.py's ``mem20k`` reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import socket
+import subprocess
+import sys
+import tracemalloc
+
+
+async def _clients(port: int, n: int) -> None:
+    from picows import WSListener, ws_connect
+
+    sem = asyncio.Semaphore(100)
+    transports = []
+
+    async def one() -> None:
+        async with sem:
+            transport, _ = await ws_connect(WSListener, f"ws://127.0.0.1:{port}/ws/t0")
+            transports.append(transport)
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    print("connected", flush=True)
+    sys.stdin.readline()  # hold the connections until the parent has its snapshot
+
+
+async def _server(n: int, asgi: bool, top: int) -> None:
+    import uvicorn
+
+    from tidings import Settings, create_app
+    from tidings.cli import server_options
+    from tidings.front import Front
+
+    settings = Settings(max_connections=n + 100, demo=False)
+    app = create_app(settings)
+    options = server_options(settings)
+    options.pop("loop")
+    if asgi:
+        options.update(ws="websockets-sansio", http="httptools", interface="auto")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app if asgi else Front(app), log_level="warning", **options)
+    server = uvicorn.Server(config)
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    for _ in range(600):
+        if server.started:
+            break
+        await asyncio.sleep(0.05)
+    gc.collect()
+    before = tracemalloc.take_snapshot()
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.idle_memory", "--client", str(port), "--n", str(n),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert child.stdout is not None and child.stdin is not None
+    await child.stdout.readline()
+    await asyncio.sleep(1.0)
+    gc.collect()
+    after = tracemalloc.take_snapshot()
+    child.stdin.write(b"\n")
+    await child.wait()
+    stats = after.compare_to(before, "lineno")
+    total = sum(s.size_diff for s in stats)
+    print(f"{'asgi' if asgi else 'fast'}: {total / n:.0f} B of Python heap per idle connection")
+    for s in stats[:top]:
+        print(f"{s.size_diff / n:8.0f} B  {s.count_diff / n:5.2f} blocks  {s.traceback}")
+    server.should_exit = True
+    await task
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--asgi", action="store_true", help="uvicorn's own WebSocket protocol")
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--client", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    import uvloop
+
+    if args.client:
+        uvloop.run(_clients(args.client, args.n))
+        return
+    tracemalloc.start(1)
+    uvloop.run(_server(args.n, args.asgi, args.top))
+
+
+if __name__ == "__main__":
+    main()

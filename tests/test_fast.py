@@ -1,0 +1,227 @@
+"""The fast path (`tidings serve`: FastWebSocket + Front) and the plain ASGI path behave alike:
+same bytes on the wire, same errors, same handling of slow and silent clients."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+
+import httpx
+import pytest
+import websockets
+from websockets.frames import Frame as WsLibFrame
+from websockets.frames import Opcode
+
+from tidings import Settings, create_app
+from tidings.front import Front
+from tidings.transport.fast import FastWebSocket
+from tidings.transport.frames import binary_frame, framed, text_frame
+
+from .conftest import Running, Serve
+from .wsraw import RawWs, close_code
+
+PATHS = [pytest.param(False, id="asgi"), pytest.param(True, id="fast")]
+
+# sizes around the frame header's length encodings: 7-bit, 16-bit, 64-bit
+MESSAGES = ["a", "é" * 3, "x" * 125, "y" * 126, "z" * 65535, "w" * 65536, '"quoted" {json}']
+
+
+async def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Poll ``condition`` (server-side state) until it holds; fail after ``seconds``."""
+    for _ in range(int(seconds * 100)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+async def received_bytes(srv: Running) -> bytes:
+    ws = await RawWs.connect(srv.port, "/ws/bytes")
+    try:
+        await wait_for(lambda: srv.hub.subscribers("bytes") == 1)
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            for text in MESSAGES:
+                r = await http.post("/publish/bytes", content=text.encode())
+                assert r.status_code == 200, r.text
+            r = await http.post("/api/publish", json={"channel": "bytes", "data": {"k": [1, 2]}})
+            assert r.status_code == 200
+        frames = await ws.frames(len(MESSAGES) + 1)
+        assert [op for op, _ in frames] == [1] * (len(MESSAGES) + 1)
+        assert [p.decode() for _, p in frames] == [*MESSAGES, '{"k":[1,2]}']
+        return bytes(ws.raw)
+    finally:
+        ws.close()
+
+
+async def test_fast_and_asgi_paths_write_identical_bytes(serve: Serve) -> None:
+    asgi = await received_bytes(await serve(max_message_size=1 << 20))
+    fast = await received_bytes(await serve(max_message_size=1 << 20, fast=True))
+    assert fast == asgi
+
+
+async def test_fast_path_is_used_by_serve_fast(serve: Serve) -> None:
+    srv = await serve(fast=True)
+    async with websockets.connect(f"{srv.ws}/ws/which") as ws:
+        await wait_for(lambda: srv.hub.subscribers("which") == 1)
+        (session,) = srv.hub.sessions
+        assert isinstance(session.transport, FastWebSocket)
+        await ws.close()
+
+
+@pytest.mark.parametrize("fast", PATHS)
+async def test_oversize_message_closes_1009(serve: Serve, fast: bool) -> None:
+    srv = await serve(max_message_size=1024, fast=fast)
+    async with websockets.connect(f"{srv.ws}/ws/big", max_size=None) as ws:
+        await ws.send("x" * 1025)
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 5)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1009
+    await wait_for(lambda: not srv.hub.sessions)
+
+
+@pytest.mark.parametrize("fast", PATHS)
+async def test_client_text_is_published_to_the_channel(serve: Serve, fast: bool) -> None:
+    srv = await serve(fast=fast)
+    async with (
+        websockets.connect(f"{srv.ws}/ws/chat") as a,
+        websockets.connect(f"{srv.ws}/ws/chat") as b,
+    ):
+        await wait_for(lambda: srv.hub.subscribers("chat") == 2)
+        await a.send("hello")
+        assert await asyncio.wait_for(b.recv(), 5) == "hello"
+        assert await asyncio.wait_for(a.recv(), 5) == "hello"
+        await a.send(b"binary")
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(a.recv(), 5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1003
+
+
+@pytest.mark.parametrize("fast", PATHS)
+async def test_slow_client_is_closed_while_a_fast_one_gets_everything(
+    serve: Serve, fast: bool
+) -> None:
+    srv = await serve(outbox_limit=64 * 1024, close_timeout=0.5, fast=fast)
+    slow = await RawWs.connect(srv.port, "/ws/feed", rcvbuf=4096)  # never reads again
+    async with websockets.connect(f"{srv.ws}/ws/feed", max_size=None) as quick:
+        await wait_for(lambda: srv.hub.subscribers("feed") == 2)
+        body = b"m" * 32_000
+        count = 400  # 12.8 MB: more than the slow socket's buffers hold
+        got: list[str | bytes] = []
+
+        async def read_all() -> None:
+            while len(got) < count:
+                got.append(await quick.recv())
+
+        reader = asyncio.get_running_loop().create_task(read_all())
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            for _ in range(count):
+                r = await http.post("/publish/feed", content=body)
+                assert r.status_code == 200
+        await asyncio.wait_for(reader, 20)
+        assert len(got) == count and all(m == body.decode() for m in got)
+        assert srv.hub.metrics.slow_clients == 1
+        await wait_for(lambda: srv.hub.subscribers("feed") == 1)
+        assert len(srv.hub.sessions) == 1
+    if fast:  # the connection was aborted: reading it ends without a close handshake
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    if not await slow.reader.read(1 << 20):
+                        break
+                except ConnectionResetError:
+                    break
+    slow.close()
+
+
+@pytest.mark.parametrize("fast", PATHS)
+async def test_client_that_never_pongs_is_closed_1011(serve: Serve, fast: bool) -> None:
+    srv = await serve(ping_interval=0.2, pong_timeout=0.3, fast=fast)
+    ws = await RawWs.connect(srv.port, "/ws/quiet")
+    try:
+        await wait_for(lambda: srv.hub.subscribers("quiet") == 1)
+        opcode, _ = await asyncio.wait_for(ws.frame(), 5)
+        assert opcode == 0x9  # ping, left unanswered
+        opcode, payload = await asyncio.wait_for(ws.frame(), 5)
+        assert opcode == 0x8 and close_code(payload) == 1011
+        await wait_for(lambda: not srv.hub.sessions)
+    finally:
+        ws.close()
+
+
+@pytest.mark.parametrize("fast", PATHS)
+async def test_client_that_pongs_stays(serve: Serve, fast: bool) -> None:
+    srv = await serve(ping_interval=0.1, pong_timeout=0.3, fast=fast)
+    ws = await RawWs.connect(srv.port, "/ws/alive")
+    try:
+        for _ in range(4):
+            opcode, payload = await asyncio.wait_for(ws.frame(), 5)
+            assert opcode == 0x9
+            ws.send(0xA, payload)
+        assert len(srv.hub.sessions) == 1
+    finally:
+        ws.close()
+
+
+REQUESTS = [
+    ("/api/publish", b'{"channel": "c", "data": 1}', {}),
+    ("/api/publish", b"not json", {}),
+    ("/api/publish", b"[1]", {}),
+    ("/api/publish", b'{"channel": "c"}', {}),
+    ("/api/publish", b'{"channel": "bad channel!", "data": 1}', {}),
+    ("/publish/c", b"text", {}),
+    ("/publish/c", b"\xff", {}),
+    ("/api/publish", b'{"channel": "c", "data": 1}', {"X-API-Key": "wrong"}),
+]
+
+
+async def answers(srv: Running) -> list[tuple[int, bytes]]:
+    async with httpx.AsyncClient(base_url=srv.url) as http:
+        out = []
+        for path, body, headers in REQUESTS:
+            r = await http.post(path, content=body, headers=headers)
+            # every server starts its own stream epoch
+            out.append((r.status_code, re.sub(rb'"epoch":"\w+"', b'"epoch":""', r.content)))
+        return out
+
+
+@pytest.mark.parametrize("api_key", [None, "sekret"])
+async def test_front_answers_publish_requests_like_fastapi(
+    serve: Serve, api_key: str | None
+) -> None:
+    asgi = await answers(await serve(api_key=api_key))
+    fast = await answers(await serve(api_key=api_key, fast=True))
+    assert fast == asgi
+    assert {status for status, _ in asgi} >= ({401} if api_key else {200, 400})
+
+
+def test_front_serves_the_publish_routes_itself() -> None:
+    front = Front(create_app(Settings()))
+    assert front.server_api is not None
+    assert front.publish_text is not None
+
+
+@pytest.mark.parametrize("fast", PATHS)
+async def test_publish_many_lets_subscribers_keep_up(serve: Serve, fast: bool) -> None:
+    srv = await serve(outbox_limit=32 * 1024, fast=fast)
+    async with websockets.connect(f"{srv.ws}/ws/batch") as ws:
+        await wait_for(lambda: srv.hub.subscribers("batch") == 1)
+        items = [("batch", f"{i:04d}" + "x" * 200) for i in range(1000)]  # 200 KB in all
+        positions = await srv.hub.publish_many(items)
+        assert [p.offset for p in positions] == list(range(1, 1001))
+        got = [await asyncio.wait_for(ws.recv(), 5) for _ in range(1000)]
+        assert got == [data for _, data in items]
+        assert srv.hub.metrics.slow_clients == 0
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
+def test_hand_built_frames_equal_websockets_frames(size: int) -> None:
+    payload = bytes(i % 251 for i in range(size))
+    for opcode, build in ((Opcode.TEXT, text_frame), (Opcode.BINARY, binary_frame)):
+        expected = WsLibFrame(opcode, payload).serialize(mask=False, extensions=[])
+        assert build(payload) == expected
+    assert framed(payload) == binary_frame(payload)  # plain bytes: a binary message
+    assert framed("é" * size) == text_frame(("é" * size).encode())
+    built = text_frame(payload)
+    assert framed(built) is built  # pre-built frames go out as they are
