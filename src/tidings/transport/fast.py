@@ -475,9 +475,7 @@ class FastWebSocket(asyncio.Protocol):
             frame = frames[0]
             self.transport.write(frame if type(frame) is WsFrame else framed(frame))
         else:  # inlined type test: this runs once per frame per subscriber
-            self.transport.write(
-                b"".join([f if type(f) is WsFrame else framed(f) for f in frames])
-            )
+            self.transport.write(b"".join([f if type(f) is WsFrame else framed(f) for f in frames]))
 
     async def send(self, frames: list[Frame]) -> None:
         await self._drained()
