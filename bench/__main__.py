@@ -258,7 +258,7 @@ def http_publish(name: str, spec: dict[str, Any], out: Path, seconds: int) -> li
 
 def run(args: argparse.Namespace) -> Path:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H%M%SZ")
-    out = Path(args.out or ROOT / "bench" / "results" / stamp)
+    out = Path(args.out or ROOT / "bench" / "results" / stamp).resolve()
     out.mkdir(parents=True, exist_ok=True)
     plan: list[tuple[str, dict[str, Any], str]] = []
     for scenario in args.scenarios:

@@ -23,7 +23,11 @@ message.
   the client's close reply and *aborts* the TCP connection if it does not come (a client that
   stops reading never empties the buffer, so a graceful close would wait forever).
 * Heartbeats: a WebSocket ping every ``ws_ping_interval`` seconds; no pong within
-  ``ws_ping_timeout`` closes the connection 1011, as uvicorn's own protocols do.
+  ``ws_ping_timeout`` closes the connection 1011, as uvicorn's own protocols do. One
+  :class:`Heartbeat` timer per server drives every connection (not a timer each).
+* Memory: an idle tidings connection keeps no scope, request or headers, no task of its own
+  beyond the app's, and no per-connection timer: ~6 KiB of Python heap, ~7 KiB RSS at 20,000
+  connections (``python -m bench.idle_memory``, bench/RESULTS.md).
 """
 
 from __future__ import annotations
