@@ -2,6 +2,7 @@
 
   .bench-venv/bin/python -m bench.idle_memory            # tidings serve's fast path
   .bench-venv/bin/python -m bench.idle_memory --asgi     # uvicorn's websockets-sansio + FastAPI
+  .bench-venv/bin/python -m bench.idle_memory --centrifuge   # Centrifugo-protocol connections
 
 Starts the server in this process (uvloop, the options of `tidings serve`), snapshots the Python
 heap, lets a child process open ``--n`` subscribers (picows) to ``/ws/t0``, snapshots again and
@@ -19,16 +20,22 @@ import subprocess
 import sys
 import tracemalloc
 
+#: what a Centrifugo-protocol client sends first (as the shared harness does)
+HELLO = b'{"id":1,"connect":{"name":"bench"}}\n{"id":2,"subscribe":{"channel":"t0"}}'
 
-async def _clients(port: int, n: int) -> None:
-    from picows import WSListener, ws_connect
+
+async def _clients(port: int, n: int, centrifuge: bool) -> None:
+    from picows import WSListener, WSMsgType, ws_connect
 
     sem = asyncio.Semaphore(100)
     transports = []
+    path = "/connection/websocket" if centrifuge else "/ws/t0"
 
     async def one() -> None:
         async with sem:
-            transport, _ = await ws_connect(WSListener, f"ws://127.0.0.1:{port}/ws/t0")
+            transport, _ = await ws_connect(WSListener, f"ws://127.0.0.1:{port}{path}")
+            if centrifuge:
+                transport.send(WSMsgType.TEXT, HELLO)
             transports.append(transport)
 
     await asyncio.gather(*(one() for _ in range(n)))
@@ -36,7 +43,7 @@ async def _clients(port: int, n: int) -> None:
     sys.stdin.readline()  # hold the connections until the parent has its snapshot
 
 
-async def _server(n: int, asgi: bool, top: int) -> None:
+async def _server(n: int, asgi: bool, top: int, centrifuge: bool) -> None:
     import uvicorn
 
     from tidings import Settings, create_app
@@ -63,7 +70,7 @@ async def _server(n: int, asgi: bool, top: int) -> None:
     before = tracemalloc.take_snapshot()
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.idle_memory", "--client", str(port), "--n", str(n),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        *(["--centrifuge"] if centrifuge else []), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
     )  # fmt: skip
     assert child.stdout is not None and child.stdin is not None
     await child.stdout.readline()
@@ -86,15 +93,16 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--asgi", action="store_true", help="uvicorn's own WebSocket protocol")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--centrifuge", action="store_true", help="/connection/websocket clients")
     ap.add_argument("--client", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     import uvloop
 
     if args.client:
-        uvloop.run(_clients(args.client, args.n))
+        uvloop.run(_clients(args.client, args.n, args.centrifuge))
         return
     tracemalloc.start(1)
-    uvloop.run(_server(args.n, args.asgi, args.top))
+    uvloop.run(_server(args.n, args.asgi, args.top, args.centrifuge))
 
 
 if __name__ == "__main__":

@@ -200,6 +200,10 @@ def test_front_serves_the_publish_routes_itself() -> None:
     front = Front(create_app(Settings()))
     assert front.server_api is not None
     assert front.publish_text is not None
+    # the app's own endpoint objects: a second one would register its control handlers twice
+    tidings = front.app.state.tidings
+    assert front.raw is tidings.raw_endpoint
+    assert front.centrifuge is tidings.centrifuge_endpoint
 
 
 @pytest.mark.parametrize("fast", PATHS)

@@ -51,13 +51,16 @@ class Tidings:
         self.hub = Hub(self.broker, settings)
         self.tokens = TokenVerifier(settings)
         self.api = ServerApi(self.hub, settings)
+        # one instance each: they register control-message handlers on the hub
+        self.raw_endpoint = RawEndpoint(self)
+        self.centrifuge_endpoint = CentrifugeEndpoint(self)
         self.router = self._routes()
 
     def _routes(self) -> APIRouter:
         router = build_router(self)
-        router.routes.append(WebSocketRoute("/ws/{channel}", RawEndpoint(self), name="raw"))
+        router.routes.append(WebSocketRoute("/ws/{channel}", self.raw_endpoint, name="raw"))
         router.routes.append(
-            WebSocketRoute("/connection/websocket", CentrifugeEndpoint(self), name="centrifuge")
+            WebSocketRoute("/connection/websocket", self.centrifuge_endpoint, name="centrifuge")
         )
         if self.settings.demo:
 

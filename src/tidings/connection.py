@@ -600,19 +600,25 @@ class CentrifugeEndpoint:
         tidings.hub.on_control_message(self._on_control)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        hub, settings = self.tidings.hub, self.tidings.settings
-        transport = open_transport(scope, receive, send, settings.max_message_size)
-        await transport.accept()
-        # Pings start once the client has connected: before that any frame, a pong too, is a
-        # protocol error (3501), so a ping would only provoke one.
-        session = Session(hub, transport, wire.PLAIN, pong_timeout=settings.pong_timeout)
-        if not await admit(session):
+        # set up in a helper: this frame stays suspended for the connection's life, keep it small
+        session = await self._open(scope, receive, send)
+        del scope, receive, send  # an idle connection keeps nothing of its request
+        if session is None:
             return
         client = Client(self.tidings, session)
         try:
             await session.serve(client.handle)
         finally:
             await client.close()
+
+    async def _open(self, scope: Scope, receive: Receive, send: Send) -> Session | None:
+        hub, settings = self.tidings.hub, self.tidings.settings
+        transport = open_transport(scope, receive, send, settings.max_message_size)
+        await transport.accept()
+        # Pings start once the client has connected: before that any frame, a pong too, is a
+        # protocol error (3501), so a ping would only provoke one.
+        session = Session(hub, transport, wire.PLAIN, pong_timeout=settings.pong_timeout)
+        return session if await admit(session) else None
 
     def _clients(self, message: dict[str, Any]) -> list[Client]:
         user = str(message.get("user", ""))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
@@ -21,7 +21,9 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from .endpoints import RawEndpoint
+if TYPE_CHECKING:
+    from .connection import CentrifugeEndpoint
+    from .endpoints import RawEndpoint
 
 log = logging.getLogger("tidings.front")
 
@@ -41,7 +43,8 @@ def _handler(router: APIRouter, path: str, params: list[str]) -> Handler | None:
 
 
 class Front:
-    """ASGI app for `tidings serve`: ``/ws/{channel}``, ``POST /api/{method}`` (the server
+    """ASGI app for `tidings serve`: ``/ws/{channel}``, ``/connection/websocket``,
+    ``POST /api/{method}`` (the server
     API, ``publish`` included) and ``POST /publish/{channel}`` directly; anything else through
     ``app``."""
 
@@ -49,7 +52,8 @@ class Front:
         self.app = app
         self.state = app.state
         tidings = app.state.tidings  # create_app() includes tidings.router at the root
-        self.raw = RawEndpoint(tidings)
+        self.raw: RawEndpoint = tidings.raw_endpoint
+        self.centrifuge: CentrifugeEndpoint = tidings.centrifuge_endpoint
         self.server_api = _handler(tidings.router, "/api/{method}", ["method", "request"])
         self.publish_text = _handler(tidings.router, "/publish/{channel}", ["channel", "request"])
 
@@ -69,6 +73,8 @@ class Front:
             if channel and "/" not in channel:
                 scope["path_params"] = {"channel": channel}
                 return self.raw(scope, receive, send)
+            if path == "/connection/websocket":
+                return self.centrifuge(scope, receive, send)
         elif kind == "http" and scope["method"] == "POST":
             handler: Handler | None = None
             args: tuple[Any, ...] = ()
