@@ -188,7 +188,7 @@ async def test_disconnect_user_closes_only_that_users_sessions(hub: Hub) -> None
     hub.set_user(s1, "alice")
     hub.set_user(s2, "bob")
     tasks = [asyncio.create_task(s.serve(_ignore)) for s in (s1, s2)]
-    await hub.disconnect_user("alice", 3010, "bye")
+    await hub.disconnect("alice", 3010, "bye")
     await asyncio.wait_for(tasks[0], 5)
     assert alice.closed == (3010, "bye")
     assert bob.closed is None and not tasks[1].done()

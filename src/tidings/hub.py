@@ -463,10 +463,6 @@ class Hub:
             {"op": "disconnect", "user": user, "client": client, "code": code, "reason": reason}
         )
 
-    async def disconnect_user(self, user: str, code: int = 3503, reason: str = "") -> None:
-        """Alias of :meth:`disconnect`, kept for existing callers."""
-        await self.disconnect(user, code, reason or "force disconnect")
-
     async def subscribe_user(self, user: str, channel: str, *, client: str = "") -> None:
         """Subscribe ``user``'s connections (``client``'s only, if given) to ``channel``.
 

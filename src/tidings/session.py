@@ -210,10 +210,6 @@ class Session:
             outbox.clear()  # written synchronously: the list is reused, not reallocated
 
     @property
-    def pending_bytes(self) -> int:
-        return self._pending
-
-    @property
     def closing(self) -> bool:
         return self._closing
 
