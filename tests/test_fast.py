@@ -198,8 +198,10 @@ async def test_front_answers_publish_requests_like_fastapi(
 
 def test_front_serves_the_publish_routes_itself() -> None:
     front = Front(create_app(Settings()))
-    assert front.server_api is not None
-    assert front.publish_text is not None
+    assert front.route("/api/publish") is not None
+    assert front.route("/publish/t0") is not None
+    for other in ("/api", "/api/", "/api/a/b", "/publish/", "/publish/a/b", "/push", "/health"):
+        assert front.route(other) is None, other
     # the app's own endpoint objects: a second one would register its control handlers twice
     tidings = front.app.state.tidings
     assert front.raw is tidings.raw_endpoint

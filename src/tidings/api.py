@@ -5,10 +5,16 @@ Errors follow Centrifugo's server API: a request that was understood but cannot 
 HTTP 200 with ``{"error": {"code": N, "message": "..."}}``; a missing or wrong API key is HTTP
 401; a body that is not the documented JSON is HTTP 400 (413 if too large), an unknown method
 HTTP 404, each with the same error shape.
+
+The publishing endpoints are answered by :class:`HttpApi`, which knows no web framework: it takes
+the headers and a way to read the body and returns the status and JSON body. The FastAPI routes
+below call it, and so does `tidings serve`'s own HTTP protocol (transport/http.py), which answers
+them without an ASGI request cycle: both paths send the same bytes because they run the same code.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -22,30 +28,48 @@ from .server_api import Malformed
 if TYPE_CHECKING:
     from .app import Tidings
 
-
-def json_response(body: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
-
+#: an answer: HTTP status and JSON body
+Reply = tuple[int, bytes]
+#: request headers with lower-case names
+Headers = Mapping[str, str]
+#: ``await read(limit)``: the request body, or None if it is larger than ``limit`` bytes
+ReadBody = Callable[[int], Awaitable[bytes | None]]
 
 #: HTTP statuses of API errors in Centrifugo's transport error mode (the rest are 500)
 TRANSPORT_STATUS = {102: 404, 104: 404, 107: 400, 108: 400, 112: 416, 113: 409}
 
 
-def error_response(exc: TidingsError, status: int = 200) -> Response:
-    return json_response({"error": exc.as_dict()}, status)
+def json_reply(body: Any, status: int = 200) -> Reply:
+    return status, orjson.dumps(body)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, never buffering more than ``limit`` bytes: BadRequest past it."""
-    too_big = BadRequest(f"request body larger than {limit} bytes")
+def error_reply(exc: TidingsError, status: int = 200) -> Reply:
+    return json_reply({"error": exc.as_dict()}, status)
+
+
+def as_response(reply: Reply) -> Response:
+    status, body = reply
+    return Response(body, status_code=status, media_type="application/json")
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return as_response(json_reply(body, status))
+
+
+def too_big(limit: int) -> BadRequest:
+    return BadRequest(f"request body larger than {limit} bytes")
+
+
+async def read_limited(request: Request, limit: int) -> bytes | None:
+    """The body, never buffering more than ``limit`` bytes: None past it."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise too_big
+        return None
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise too_big
+            return None
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -61,10 +85,6 @@ def parse_object(raw: bytes, what: str = "body") -> dict[str, Any]:
     return value
 
 
-async def _json_object(request: Request, limit: int) -> dict[str, Any]:
-    return parse_object(await read_body(request, limit))
-
-
 def _string(payload: dict[str, Any], key: str) -> str:
     value = payload.get(key)
     if not isinstance(value, str):
@@ -72,66 +92,68 @@ def _string(payload: dict[str, Any], key: str) -> str:
     return value
 
 
-def build_router(tidings: Tidings) -> APIRouter:
-    router = APIRouter()
-    settings = tidings.settings
-    hub = tidings.hub
-    body_limit = settings.max_message_size + 1024
+class HttpApi:
+    """The answers of the publishing endpoints, whichever server read the request."""
 
-    def authorized(request: Request) -> bool:
-        return check_api_key(settings, dict(request.headers))
+    __slots__ = ("api", "api_limit", "denied", "hub", "settings", "text_limit")
 
-    denied = Unauthorized(
-        "unauthorized"
-        if settings.api_key is not None or settings.dev_mode
-        else "unauthorized: the HTTP API needs TIDINGS_API_KEY to be set on the server"
-    )
+    def __init__(self, tidings: Tidings) -> None:
+        self.settings = settings = tidings.settings
+        self.hub = tidings.hub
+        self.api = tidings.api
+        #: ``/publish/{channel}`` and ``/push`` carry one message (plus a little JSON around it)
+        self.text_limit = settings.max_message_size + 1024
+        self.api_limit = settings.api_max_body_size
+        self.denied = error_reply(
+            Unauthorized(
+                "unauthorized"
+                if settings.api_key is not None or settings.dev_mode
+                else "unauthorized: the HTTP API needs TIDINGS_API_KEY to be set on the server"
+            ),
+            401,
+        )
 
-    async def publish(channel: str, data: bytes) -> Response:
+    def authorized(self, headers: Headers) -> bool:
+        return check_api_key(self.settings, headers)
+
+    async def _publish(self, channel: str, data: bytes) -> Reply:
         try:
-            position = await hub.publish_json(channel, data)
+            position = await self.hub.publish_json(channel, data)
         except TidingsError as exc:
-            return error_response(exc)
-        return json_response({"result": {"offset": position.offset, "epoch": position.epoch}})
+            return error_reply(exc)
+        return json_reply({"result": {"offset": position.offset, "epoch": position.epoch}})
 
-    def transport_errors(request: Request) -> bool:
-        """Centrifugo's opt-in: API errors as HTTP statuses with ``{"code", "message"}``."""
-        return request.headers.get("x-centrifugo-error-mode", "") == "transport"
-
-    async def api_body(request: Request) -> bytes | Response:
-        """A server API request's body, or the 401/413 answer."""
-        if not authorized(request):
-            return error_response(denied, 401)
-        try:
-            return await read_body(request, settings.api_max_body_size)
-        except BadRequest as exc:
-            return error_response(exc, 413)
-
-    @router.post("/api/{method}", tags=["api"])
-    async def server_api(method: str, request: Request) -> Response:
+    async def server_api(self, method: str, headers: Headers, read: ReadBody) -> Reply:
         """Centrifugo's server API: ``publish``, ``broadcast``, ``history``, ``batch``, ..."""
-        body = await api_body(request)
-        if isinstance(body, Response):
-            return body
+        if not self.authorized(headers):
+            return self.denied
+        body = await read(self.api_limit)
+        if body is None:
+            return error_reply(too_big(self.api_limit), 413)
         try:
             params = parse_object(body) if body.strip() else {}
-            answer = await tidings.api.call(method, params)
+            answer = await self.api.call(method, params)
             error = answer.get("error")
-            if error is not None and method != "batch" and transport_errors(request):
-                return json_response(error, TRANSPORT_STATUS.get(error["code"], 500))
-            return json_response(answer)
+            if (
+                error is not None
+                and method != "batch"
+                and headers.get("x-centrifugo-error-mode", "") == "transport"
+            ):  # Centrifugo's opt-in: API errors as HTTP statuses with {"code", "message"}
+                return json_reply(error, TRANSPORT_STATUS.get(error["code"], 500))
+            return json_reply(answer)
         except MethodNotFound as exc:
-            return error_response(exc, 404)
+            return error_reply(exc, 404)
         except BadRequest as exc:  # not JSON, or Malformed params
-            return error_response(exc, 400)
+            return error_reply(exc, 400)
 
-    @router.post("/api", tags=["api"])
-    async def legacy_api(request: Request) -> Response:
+    async def legacy_api(self, headers: Headers, read: ReadBody) -> Reply:
         """Centrifugo's older single endpoint (cent < 5, gocent < 3): newline-delimited
         ``{"id": n, "method": "publish", "params": {...}}``, one reply line each."""
-        body = await api_body(request)
-        if isinstance(body, Response):
-            return body
+        if not self.authorized(headers):
+            return self.denied
+        body = await read(self.api_limit)
+        if body is None:
+            return error_reply(too_big(self.api_limit), 413)
         replies = []
         for line in body.splitlines():
             if not line.strip():
@@ -139,9 +161,9 @@ def build_router(tidings: Tidings) -> APIRouter:
             try:
                 command = parse_object(line, "a command")
             except BadRequest as exc:
-                return error_response(exc, 400)
+                return error_reply(exc, 400)
             try:
-                answer = await tidings.api.call(
+                answer = await self.api.call(
                     str(command.get("method", "")).lower(), command.get("params")
                 )
             except (MethodNotFound, Malformed) as exc:
@@ -150,34 +172,66 @@ def build_router(tidings: Tidings) -> APIRouter:
                 answer = {"id": command["id"], **answer}
             replies.append(orjson.dumps(answer))
         if not replies:
-            return error_response(BadRequest("no command in the body"), 400)
-        return Response(b"\n".join(replies), media_type="application/json")
+            return error_reply(BadRequest("no command in the body"), 400)
+        return 200, b"\n".join(replies)
+
+    async def push(self, headers: Headers, read: ReadBody) -> Reply:
+        """The FastAPI + broadcaster example's shape: ``{"channel": str, "message": str}``."""
+        if not self.authorized(headers):
+            return self.denied
+        body = await read(self.text_limit)
+        try:
+            if body is None:
+                raise too_big(self.text_limit)
+            payload = parse_object(body)
+            channel = _string(payload, "channel")
+            message = _string(payload, "message")
+        except TidingsError as exc:
+            return error_reply(exc, 400)
+        return await self._publish(channel, orjson.dumps(message))
+
+    async def publish_text(self, channel: str, headers: Headers, read: ReadBody) -> Reply:
+        """The tutorial shape: the request body, as text, is the message."""
+        if not self.authorized(headers):
+            return self.denied
+        body = await read(self.text_limit)
+        if body is None:
+            return error_reply(too_big(self.text_limit), 400)
+        try:
+            text = body.decode()
+        except UnicodeDecodeError:
+            return error_reply(BadRequest("body is not UTF-8 text"), 400)
+        return await self._publish(channel, orjson.dumps(text))
+
+
+def build_router(tidings: Tidings) -> APIRouter:
+    router = APIRouter()
+    hub = tidings.hub
+    http = tidings.http
+
+    def reader(request: Request) -> ReadBody:
+        return lambda limit: read_limited(request, limit)
+
+    @router.post("/api/{method}", tags=["api"])
+    async def server_api(method: str, request: Request) -> Response:
+        """Centrifugo's server API: ``publish``, ``broadcast``, ``history``, ``batch``, ..."""
+        return as_response(await http.server_api(method, request.headers, reader(request)))
+
+    @router.post("/api", tags=["api"])
+    async def legacy_api(request: Request) -> Response:
+        """Centrifugo's older single endpoint (cent < 5, gocent < 3): newline-delimited
+        ``{"id": n, "method": "publish", "params": {...}}``, one reply line each."""
+        return as_response(await http.legacy_api(request.headers, reader(request)))
 
     @router.post("/push", tags=["seed"])
     async def push(request: Request) -> Response:
         """The FastAPI + broadcaster example's shape: ``{"channel": str, "message": str}``."""
-        if not authorized(request):
-            return error_response(denied, 401)
-        try:
-            payload = await _json_object(request, body_limit)
-            channel = _string(payload, "channel")
-            message = _string(payload, "message")
-        except TidingsError as exc:
-            return error_response(exc, 400)
-        return await publish(channel, orjson.dumps(message))
+        return as_response(await http.push(request.headers, reader(request)))
 
     @router.post("/publish/{channel}", tags=["seed"])
     async def publish_text(channel: str, request: Request) -> Response:
         """The tutorial shape: the request body, as text, is the message."""
-        if not authorized(request):
-            return error_response(denied, 401)
-        try:
-            text = (await read_body(request, body_limit)).decode()
-        except UnicodeDecodeError:
-            return error_response(BadRequest("body is not UTF-8 text"), 400)
-        except TidingsError as exc:
-            return error_response(exc, 400)
-        return await publish(channel, orjson.dumps(text))
+        return as_response(await http.publish_text(channel, request.headers, reader(request)))
 
     @router.get("/health", tags=["ops"])
     async def health() -> Response:

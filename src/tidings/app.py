@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse
 from starlette.requests import HTTPConnection
 from starlette.routing import WebSocketRoute
 
-from .api import build_router
+from .api import HttpApi, build_router
 from .auth import TokenVerifier
 from .brokers import create_broker
 from .config import Settings
@@ -51,6 +51,7 @@ class Tidings:
         self.hub = Hub(self.broker, settings)
         self.tokens = TokenVerifier(settings)
         self.api = ServerApi(self.hub, settings)
+        self.http = HttpApi(self)
         # one instance each: they register control-message handlers on the hub
         self.raw_endpoint = RawEndpoint(self)
         self.centrifuge_endpoint = CentrifugeEndpoint(self)

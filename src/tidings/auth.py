@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +43,7 @@ class Credentials:
 ANONYMOUS = Credentials()
 
 
-def check_api_key(settings: Settings, headers: dict[str, str]) -> bool:
+def check_api_key(settings: Settings, headers: Mapping[str, str]) -> bool:
     """True when the request carries the API key (constant-time compare).
 
     Without a key the API is open in dev mode only: a server with a token secret but no API key

@@ -99,15 +99,16 @@ def _installed(module: str) -> bool:
 
 def server_options(settings: Settings) -> dict[str, Any]:
     """uvicorn settings of `tidings serve`: the fast WebSocket path, uvloop and httptools
-    (corked: one write per response) when installed, and the WebSocket limits and heartbeats
-    from ``settings``. permessage-deflate is declined (see transport/fast.py)."""
+    (FastHttp: the publishing routes without an ASGI cycle, one write per response) when
+    installed, and the WebSocket limits and heartbeats from ``settings``. permessage-deflate
+    is declined (see transport/fast.py)."""
     from .transport.fast import FastWebSocket
 
     http: Any = "h11"
     if _installed("httptools"):
-        from .transport.http import CorkedHttpTools
+        from .transport.http import FastHttp
 
-        http = CorkedHttpTools
+        http = FastHttp
     return {
         "ws": FastWebSocket,
         "loop": "uvloop" if _installed("uvloop") else "asyncio",

@@ -2,51 +2,42 @@
 
 Profiled under load (bench/RESULTS.md), FastAPI's middleware stack and routing take most of a
 publish request's CPU, and its coroutine chain is most of an idle WebSocket's memory. Here the
-three hot routes go straight to the same handlers the FastAPI app registered (so behaviour,
-errors and the API-key check are identical: it is the same code); everything else, lifespan
-included, goes to the FastAPI app unchanged. A mounted tidings (your own FastAPI app) is not
-affected.
+hot routes go straight to the code the FastAPI routes call (the WebSocket endpoints, and
+:class:`~tidings.api.HttpApi` for publishing), so behaviour, errors and the API-key check are
+identical: it is the same code. Everything else, lifespan included, goes to the FastAPI app
+unchanged. A mounted tidings (your own FastAPI app) is not affected.
 """
 
 from __future__ import annotations
 
-import inspect
+import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, FastAPI
-from fastapi.routing import APIRoute
+from fastapi import FastAPI
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from .api import Headers, ReadBody, Reply, read_limited
+
 if TYPE_CHECKING:
+    from .api import HttpApi
     from .connection import CentrifugeEndpoint
     from .endpoints import RawEndpoint
 
 log = logging.getLogger("tidings.front")
 
-Handler = Callable[..., Awaitable[Response]]
+#: an HttpApi method with its path argument bound
+Answer = Callable[[Headers, ReadBody], Coroutine[Any, Any, Reply]]
 
-
-def _handler(router: APIRouter, path: str, params: list[str]) -> Handler | None:
-    """The endpoint function of ``POST path`` if it takes exactly ``params`` (else None: the
-    route changed shape, so it is left to FastAPI)."""
-    for route in router.routes:
-        if isinstance(route, APIRoute) and route.path == path and "POST" in (route.methods or ()):
-            if list(inspect.signature(route.endpoint).parameters) == params:
-                endpoint: Handler = route.endpoint
-                return endpoint
-            return None
-    return None
+INTERNAL_ERROR = (500, b"Internal Server Error", b"text/plain; charset=utf-8")
 
 
 class Front:
     """ASGI app for `tidings serve`: ``/ws/{channel}``, ``/connection/websocket``,
-    ``POST /api/{method}`` (the server
-    API, ``publish`` included) and ``POST /publish/{channel}`` directly; anything else through
-    ``app``."""
+    ``POST /api/{method}`` (the server API, ``publish`` included) and
+    ``POST /publish/{channel}`` directly; anything else through ``app``."""
 
     def __init__(self, app: FastAPI) -> None:
         self.app = app
@@ -54,8 +45,20 @@ class Front:
         tidings = app.state.tidings  # create_app() includes tidings.router at the root
         self.raw: RawEndpoint = tidings.raw_endpoint
         self.centrifuge: CentrifugeEndpoint = tidings.centrifuge_endpoint
-        self.server_api = _handler(tidings.router, "/api/{method}", ["method", "request"])
-        self.publish_text = _handler(tidings.router, "/publish/{channel}", ["channel", "request"])
+        self.http: HttpApi = tidings.http
+
+    def route(self, path: str) -> Answer | None:
+        """The answer of ``POST path`` if it is one of the hot routes (shared with
+        transport/http.py, which serves them without an ASGI cycle)."""
+        if path.startswith("/api/"):
+            method = path[5:]
+            if method and "/" not in method:
+                return functools.partial(self.http.server_api, method)
+        elif path.startswith("/publish/"):
+            channel = path[9:]
+            if channel and "/" not in channel:
+                return functools.partial(self.http.publish_text, channel)
+        return None
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         """Returns the chosen app's awaitable instead of awaiting it: no frame of ours stays
@@ -76,23 +79,20 @@ class Front:
             if path == "/connection/websocket":
                 return self.centrifuge(scope, receive, send)
         elif kind == "http" and scope["method"] == "POST":
-            handler: Handler | None = None
-            args: tuple[Any, ...] = ()
-            if path.startswith("/api/") and "/" not in path[5:] and path[5:]:
-                handler, args = self.server_api, (path[5:],)
-            elif path.startswith("/publish/") and "/" not in path[9:] and path[9:]:
-                handler, args = self.publish_text, (path[9:],)
-            if handler is not None:  # None: not found on the app, FastAPI answers
-                return self._answer(handler, args, scope, receive, send)
+            answer = self.route(path)
+            if answer is not None:
+                return self._answer(answer, scope, receive, send)
         return self.app(scope, receive, send)
 
     @staticmethod
-    async def _answer(
-        handler: Handler, args: tuple[Any, ...], scope: Scope, receive: Receive, send: Send
-    ) -> None:
+    async def _answer(answer: Answer, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        content_type = b"application/json"
         try:
-            response = await handler(*args, Request(scope, receive))
+            status, body = await answer(request.headers, lambda n: read_limited(request, n))
         except Exception:
             log.exception("error in %s %s", scope["method"], scope["path"])
-            response = PlainTextResponse("Internal Server Error", status_code=500)
-        await response(scope, receive, send)
+            status, body, content_type = INTERNAL_ERROR
+        headers = [(b"content-length", b"%d" % len(body)), (b"content-type", content_type)]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

@@ -135,6 +135,9 @@ class Broker(abc.ABC):
 
     #: URL schemes this engine answers to.
     schemes: tuple[str, ...] = ()
+    #: True when no method ever suspends (memory): callers may run them without a task
+    #: (tidings.eager); a networked engine awaits I/O and leaves it False.
+    synchronous: bool = False
 
     def __init__(self, url: str) -> None:
         self.url = url

@@ -50,6 +50,7 @@ _shared: dict[str, _Store] = {}
 
 class MemoryBroker(Broker):
     schemes = ("memory",)
+    synchronous = True
 
     def __init__(self, url: str = "memory://") -> None:
         super().__init__(url)

@@ -10,23 +10,33 @@ fast WebSocket path writes directly. Used by `tidings serve` when httptools is i
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from .. import eager
+from ..api import Reply
+from ..front import INTERNAL_ERROR, Answer, Front
+
+log = logging.getLogger("tidings.http")
 
 
 class Cork:
-    """Transport proxy: writes are joined and leave once per loop iteration."""
+    """Transport proxy: writes are joined and leave once per loop iteration, or (``held``)
+    when the holder flushes."""
 
-    __slots__ = ("chunks", "loop", "transport")
+    __slots__ = ("chunks", "held", "loop", "transport")
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         self.chunks: list[bytes] = []
+        self.held = False
         self.loop = asyncio.get_running_loop()
 
     def write(self, data: bytes) -> None:
-        if not self.chunks:
+        if not self.chunks and not self.held:
             self.loop.call_soon(self.flush)
         self.chunks.append(data)
 
@@ -57,3 +67,186 @@ class CorkedHttpTools(HttpToolsProtocol):
             cork.flush()
             self.transport = cork.transport
         super().handle_websocket_upgrade()
+
+
+class _Body:
+    """The request body as the HttpApi reads it: ``await body(limit)``."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | None) -> None:
+        self.data = data
+
+    async def __call__(self, limit: int) -> bytes | None:
+        data = self.data
+        return data if data is not None and len(data) <= limit else None
+
+
+class _Answering:
+    """Stands in for uvicorn's request cycle while an answer waits (a networked broker):
+    uvicorn queues pipelined requests behind it, and marks it on disconnect or shutdown."""
+
+    __slots__ = ("disconnected", "keep_alive", "response_complete")
+
+    def __init__(self, keep_alive: bool) -> None:
+        self.keep_alive = keep_alive
+        self.disconnected = False
+        self.response_complete = False
+
+    @property
+    def message_event(self) -> _Answering:
+        return self  # connection_lost() sets it: nothing waits on it here
+
+    def set(self) -> None:
+        pass
+
+
+def _front(app: Any) -> Front | None:
+    """The Front under uvicorn's middleware wrappers, if the app is `tidings serve`'s."""
+    for _ in range(8):
+        if isinstance(app, Front):
+            return app
+        app = getattr(app, "app", None)
+    return None
+
+
+class FastHttp(CorkedHttpTools):
+    """`tidings serve`'s HTTP protocol: answers the publishing routes itself.
+
+    uvicorn answers every request through an ASGI cycle: a task, an ``asyncio.Event``, message
+    dicts, starlette's Request and Response; under publish load that was over half of the CPU
+    (bench/RESULTS.md). ``POST /api/{method}`` and ``POST /publish/{channel}`` go here straight
+    from httptools' callbacks to :class:`~tidings.api.HttpApi` (the code the FastAPI routes
+    call), run eagerly when the broker never suspends, and the response is written at once. Any
+    request that needs more (``Expect: 100-continue``, a body declared over the limit, one
+    pipelined behind a request still being answered, a paused socket) takes uvicorn's path to
+    the same code. Anything else is uvicorn's, unchanged.
+    """
+
+    _served: tuple[list[tuple[bytes, bytes]], bytes] = ([], b"")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        front = _front(self.app)
+        if self.root_path or self.limit_concurrency is not None or self.access_log:
+            front = None  # settings this path does not implement: uvicorn's path does
+        self.front = front
+        self.eager = front is not None and front.http.hub.broker.synchronous
+        self.max_body = max(front.http.text_limit, front.http.api_limit) if front else 0
+        self.answer: Answer | None = None
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+    def data_received(self, data: bytes) -> None:
+        """Answers written while parsing ``data`` (several, if pipelined) leave in one write
+        at the end, with no callback scheduled for it."""
+        cork: Any = self.transport  # a Cork until a WebSocket upgrade
+        if type(cork) is not Cork:
+            super().data_received(data)
+            return
+        cork.held = True
+        try:
+            super().data_received(data)
+        finally:
+            cork.held = False
+            cork.flush()
+
+    def on_message_begin(self) -> None:
+        if self.front is None:
+            super().on_message_begin()
+        else:  # uvicorn's scope is built in on_headers_complete, only if uvicorn needs it
+            self.url = b""
+            self.expect_100_continue = False
+            self.headers = []
+
+    def on_headers_complete(self) -> None:
+        if self.front is not None:
+            if self._take(self.front):
+                return
+            url, headers, expect = self.url, self.headers, self.expect_100_continue
+            super().on_message_begin()
+            self.url, self.headers, self.expect_100_continue = url, headers, expect
+            self.scope["headers"] = headers
+        super().on_headers_complete()
+
+    def _take(self, front: Front) -> bool:
+        """Answer this request here? Only the hot routes, and only when nothing is ahead."""
+        parser = self.parser
+        if parser.get_method() != b"POST" or self.expect_100_continue or parser.should_upgrade():
+            return False
+        cycle = self.cycle
+        if (cycle is not None and not cycle.response_complete) or self.pipeline:
+            return False
+        if self.flow.write_paused:
+            return False  # uvicorn's cycle waits for the client to read before answering
+        path = self.url.partition(b"?")[0]
+        if path[:1] != b"/" or b"%" in path:
+            return False
+        answer = front.route(path.decode("latin-1"))
+        if answer is None:
+            return False
+        for name, value in self.headers:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
+                return False
+        self.answer = answer
+        self.chunks = []
+        self.size = 0
+        return True
+
+    def on_body(self, body: bytes) -> None:
+        if self.answer is None:
+            super().on_body(body)
+            return
+        self.size += len(body)
+        if self.size <= self.max_body:
+            self.chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        answer = self.answer
+        if answer is None:
+            super().on_message_complete()
+            return
+        self.answer = None
+        parser = self.parser
+        keep_alive = parser.get_http_version() != "1.0" and parser.should_keep_alive()
+        chunks, self.chunks = self.chunks, []
+        body = None if self.size > self.max_body else b"".join(chunks)
+        # starlette's Headers.get finds a name's first value: keep the first of repeated names
+        headers = {n.decode("latin-1"): v.decode("latin-1") for n, v in reversed(self.headers)}
+        state = _Answering(keep_alive)
+        done = functools.partial(self._answered, state)
+        if not eager.run(answer(headers, _Body(body)), done, eager=self.eager, tasks=self.tasks):
+            self.cycle = state  # type: ignore[assignment]
+
+    def _answered(self, state: _Answering, reply: Reply | None, exc: BaseException | None) -> None:
+        state.response_complete = True
+        if exc is not None or reply is None:
+            if not isinstance(exc, Exception):  # cancelled: the server is going away
+                self.transport.close()
+                return
+            log.error("error in POST %s", self.url.decode("latin-1"), exc_info=exc)
+            status, body, content_type = INTERNAL_ERROR
+        else:
+            status, body = reply
+            content_type = b"application/json"
+        transport = self.transport
+        if state.disconnected or transport.is_closing():
+            return
+        served = FastHttp._served
+        if served[0] is not self.server_state.default_headers:  # uvicorn renews it every second
+            default = self.server_state.default_headers
+            served = FastHttp._served = (default, b"".join(b"%s: %s\r\n" % h for h in default))
+        transport.write(
+            b"%s%scontent-length: %d\r\ncontent-type: %s\r\n%s\r\n%s"
+            % (
+                STATUS_LINE[status],
+                served[1],
+                len(body),
+                content_type,
+                b"" if state.keep_alive else b"connection: close\r\n",
+                body,
+            )
+        )
+        if not state.keep_alive:
+            transport.close()
+        self.on_response_complete()  # uvicorn's: counts it, next pipelined request, keep-alive
