@@ -95,7 +95,7 @@ def _string(payload: dict[str, Any], key: str) -> str:
 class HttpApi:
     """The answers of the publishing endpoints, whichever server read the request."""
 
-    __slots__ = ("api", "api_limit", "denied", "hub", "settings", "text_limit")
+    __slots__ = ("api", "api_limit", "denied", "hub", "open", "settings", "text_limit")
 
     def __init__(self, tidings: Tidings) -> None:
         self.settings = settings = tidings.settings
@@ -104,6 +104,8 @@ class HttpApi:
         #: ``/publish/{channel}`` and ``/push`` carry one message (plus a little JSON around it)
         self.text_limit = settings.max_message_size + 1024
         self.api_limit = settings.api_max_body_size
+        #: without an API key, whether the API is open (dev mode) is fixed for the process
+        self.open = settings.dev_mode if settings.api_key is None else None
         self.denied = error_reply(
             Unauthorized(
                 "unauthorized"
@@ -114,6 +116,8 @@ class HttpApi:
         )
 
     def authorized(self, headers: Headers) -> bool:
+        if self.open is not None:
+            return self.open
         return check_api_key(self.settings, headers)
 
     async def _publish(self, channel: str, data: bytes) -> Reply:

@@ -31,6 +31,9 @@ log = logging.getLogger("tidings.front")
 #: an HttpApi method with its path argument bound
 Answer = Callable[[Headers, ReadBody], Coroutine[Any, Any, Reply]]
 
+#: request targets whose route Front remembers (then it starts over)
+MAX_TARGETS = 4096
+
 INTERNAL_ERROR = (500, b"Internal Server Error", b"text/plain; charset=utf-8")
 
 
@@ -46,6 +49,7 @@ class Front:
         self.raw: RawEndpoint = tidings.raw_endpoint
         self.centrifuge: CentrifugeEndpoint = tidings.centrifuge_endpoint
         self.http: HttpApi = tidings.http
+        self._targets: dict[bytes, Answer | None] = {}
 
     def route(self, path: str) -> Answer | None:
         """The answer of ``POST path`` if it is one of the hot routes (shared with
@@ -59,6 +63,23 @@ class Front:
             if channel and "/" not in channel:
                 return functools.partial(self.http.publish_text, channel)
         return None
+
+    def route_target(self, target: bytes) -> Answer | None:
+        """:meth:`route` for a raw request target (path and query), remembered: publishers
+        post to the same few URLs again and again. %-escaped paths are left to the ASGI path,
+        which unquotes them."""
+        try:
+            return self._targets[target]
+        except KeyError:
+            pass
+        path = target.partition(b"?")[0]
+        answer = None
+        if path[:1] == b"/" and b"%" not in path:
+            answer = self.route(path.decode("latin-1"))
+        if len(self._targets) >= MAX_TARGETS:
+            self._targets.clear()
+        self._targets[target] = answer
+        return answer
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         """Returns the chosen app's awaitable instead of awaiting it: no frame of ours stays

@@ -103,6 +103,7 @@ class Hub:
         self.sessions: set[Session] = set()
         self.users: dict[str, set[Session]] = {}
         self._local: dict[str, _Local] = {}
+        self._kept: dict[int, tuple[object, HistoryOptions]] = {}
         self._control_handlers: list[Callable[[dict[str, Any]], None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.rpc_handlers: dict[str, RpcHandler] = {}
@@ -141,7 +142,11 @@ class Hub:
 
     def history_options(self, channel: Channel) -> HistoryOptions:
         o = channel.options
-        return HistoryOptions(o.history_size, o.history_ttl, self.settings.history_meta_ttl)
+        kept = self._kept.get(id(o))
+        if kept is None or kept[0] is not o:  # made once per namespace, not per publish
+            history = HistoryOptions(o.history_size, o.history_ttl, self.settings.history_meta_ttl)
+            kept = self._kept[id(o)] = (o, history)
+        return kept[1]
 
     def connect(self, session: Session) -> None:
         """Count a new connection in; Disconnect(1013) past ``max_connections``."""

@@ -53,9 +53,12 @@ class ClientInfo:
     chan_info: bytes | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Publication:
-    """One message in a channel. ``data`` is JSON bytes, never re-encoded by a broker."""
+    """One message in a channel. ``data`` is JSON bytes, never re-encoded by a broker.
+
+    Read-only by convention, not ``frozen``: a frozen dataclass's ``__init__`` costs 4x as
+    much (2.0 vs 0.5 µs here), and one is made for every publication."""
 
     channel: str
     data: bytes

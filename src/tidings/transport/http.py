@@ -10,8 +10,8 @@ fast WebSocket path writes directly. Used by `tidings serve` when httptools is i
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -82,6 +82,35 @@ class _Body:
         return data if data is not None and len(data) <= limit else None
 
 
+class _Headers(Mapping[str, str]):
+    """The request's headers as the HttpApi reads them (a name's first value, as starlette's
+    ``Headers``), decoded only when asked for: it asks for two or three of them."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self.raw = raw  # names already lower-case (uvicorn's on_header)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        name = key.encode("latin-1")
+        for n, v in self.raw:
+            if n == name:
+                return v.decode("latin-1")
+        return default
+
+    def __getitem__(self, key: str) -> str:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return str(value)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(dict.fromkeys(n.decode("latin-1") for n, _ in self.raw))
+
+    def __len__(self) -> int:
+        return len({n for n, _ in self.raw})
+
+
 class _Answering:
     """Stands in for uvicorn's request cycle while an answer waits (a networked broker):
     uvicorn queues pipelined requests behind it, and marks it on disconnect or shutdown."""
@@ -121,6 +150,10 @@ class FastHttp(CorkedHttpTools):
     request that needs more (``Expect: 100-continue``, a body declared over the limit, one
     pipelined behind a request still being answered, a paused socket) takes uvicorn's path to
     the same code. Anything else is uvicorn's, unchanged.
+
+    The keep-alive timeout is kept lazily: one timer per idle spell that checks when the
+    connection was last answered, not a timer armed after every response and cancelled by the
+    next request.
     """
 
     _served: tuple[list[tuple[bytes, bytes]], bytes] = ([], b"")
@@ -134,8 +167,12 @@ class FastHttp(CorkedHttpTools):
         self.eager = front is not None and front.http.hub.broker.synchronous
         self.max_body = max(front.http.text_limit, front.http.api_limit) if front else 0
         self.answer: Answer | None = None
+        self.answering: _Answering | None = None
         self.chunks: list[bytes] = []
         self.size = 0
+        self.declared = 0  # Content-Length
+        self.keep_alive = True
+        self.idle_since: float | None = None
 
     def data_received(self, data: bytes) -> None:
         """Answers written while parsing ``data`` (several, if pipelined) leave in one write
@@ -158,6 +195,15 @@ class FastHttp(CorkedHttpTools):
             self.url = b""
             self.expect_100_continue = False
             self.headers = []
+            self.declared = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"content-length":
+            self.declared = int(value) if value.isdigit() else 0
+        elif name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         if self.front is not None:
@@ -177,17 +223,13 @@ class FastHttp(CorkedHttpTools):
         cycle = self.cycle
         if (cycle is not None and not cycle.response_complete) or self.pipeline:
             return False
-        if self.flow.write_paused:
-            return False  # uvicorn's cycle waits for the client to read before answering
-        path = self.url.partition(b"?")[0]
-        if path[:1] != b"/" or b"%" in path:
+        if self.flow.write_paused or self.declared > self.max_body:
+            # uvicorn's cycle waits for the client to read; and answers a body declared too
+            # large without reading it
             return False
-        answer = front.route(path.decode("latin-1"))
+        answer = front.route_target(self.url)
         if answer is None:
             return False
-        for name, value in self.headers:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
-                return False
         self.answer = answer
         self.chunks = []
         self.size = 0
@@ -208,18 +250,27 @@ class FastHttp(CorkedHttpTools):
             return
         self.answer = None
         parser = self.parser
-        keep_alive = parser.get_http_version() != "1.0" and parser.should_keep_alive()
-        chunks, self.chunks = self.chunks, []
-        body = None if self.size > self.max_body else b"".join(chunks)
-        # starlette's Headers.get finds a name's first value: keep the first of repeated names
-        headers = {n.decode("latin-1"): v.decode("latin-1") for n, v in reversed(self.headers)}
-        state = _Answering(keep_alive)
-        done = functools.partial(self._answered, state)
-        if not eager.run(answer(headers, _Body(body)), done, eager=self.eager, tasks=self.tasks):
-            self.cycle = state  # type: ignore[assignment]
+        self.keep_alive = keep_alive = (
+            parser.should_keep_alive() and parser.get_http_version() != "1.0"
+        )
+        chunks = self.chunks
+        body = None
+        if self.size <= self.max_body:
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        coro = answer(_Headers(self.headers), _Body(body))
+        if not eager.run(coro, self._answered, eager=self.eager, tasks=self.tasks):
+            self.cycle = self.answering = _Answering(keep_alive)  # type: ignore[assignment]
 
-    def _answered(self, state: _Answering, reply: Reply | None, exc: BaseException | None) -> None:
-        state.response_complete = True
+    def _answered(self, reply: Reply | None, exc: BaseException | None) -> None:
+        state = self.answering
+        if state is not None:  # it had to wait
+            self.answering = None
+            state.response_complete = True
+            if state.disconnected:
+                return
+            keep_alive = state.keep_alive
+        else:
+            keep_alive = self.keep_alive
         if exc is not None or reply is None:
             if not isinstance(exc, Exception):  # cancelled: the server is going away
                 self.transport.close()
@@ -230,7 +281,7 @@ class FastHttp(CorkedHttpTools):
             status, body = reply
             content_type = b"application/json"
         transport = self.transport
-        if state.disconnected or transport.is_closing():
+        if transport.is_closing():
             return
         served = FastHttp._served
         if served[0] is not self.server_state.default_headers:  # uvicorn renews it every second
@@ -243,10 +294,51 @@ class FastHttp(CorkedHttpTools):
                 served[1],
                 len(body),
                 content_type,
-                b"" if state.keep_alive else b"connection: close\r\n",
+                b"" if keep_alive else b"connection: close\r\n",
                 body,
             )
         )
-        if not state.keep_alive:
+        if not keep_alive:
             transport.close()
-        self.on_response_complete()  # uvicorn's: counts it, next pipelined request, keep-alive
+        self.on_response_complete()
+
+    # -- keep-alive, lazily ------------------------------------------------------------------
+
+    def on_response_complete(self) -> None:
+        """uvicorn's (count it, start the next pipelined request), with a lazy idle timer."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self.idle_since = self.loop.time()
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
+    def _unset_keepalive_if_required(self) -> None:
+        """uvicorn calls this when data arrives: the connection is busy, not idle."""
+        self.idle_since = None
+
+    def timeout_keep_alive_handler(self) -> None:
+        self.timeout_keep_alive_task = None
+        since = self.idle_since
+        if since is None or self.transport.is_closing():
+            return  # busy: the end of its response arms the timer again
+        left = since + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                left, self.timeout_keep_alive_handler
+            )
+        else:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
