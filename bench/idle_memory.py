@@ -7,7 +7,8 @@
 Starts the server in this process (uvloop, the options of `tidings serve`), snapshots the Python
 heap, lets a child process open ``--n`` subscribers (picows) to ``/ws/t0``, snapshots again and
 prints the difference per connection, largest first. RSS per connection (which also counts what
-C extensions allocate outside Python's allocator) is what fanout.py's ``mem20k`` reports.
+C extensions allocate outside Python's allocator) is what fanout.py's ``mem20k`` reports;
+``--rss`` measures it here instead, without tracemalloc (whose own bookkeeping inflates RSS).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import socket
 import subprocess
 import sys
@@ -43,7 +45,12 @@ async def _clients(port: int, n: int, centrifuge: bool) -> None:
     sys.stdin.readline()  # hold the connections until the parent has its snapshot
 
 
-async def _server(n: int, asgi: bool, top: int, centrifuge: bool) -> None:
+def _rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+
+
+async def _server(n: int, asgi: bool, top: int, centrifuge: bool, rss: bool) -> None:
     import uvicorn
 
     from tidings import Settings, create_app
@@ -67,7 +74,8 @@ async def _server(n: int, asgi: bool, top: int, centrifuge: bool) -> None:
             break
         await asyncio.sleep(0.05)
     gc.collect()
-    before = tracemalloc.take_snapshot()
+    rss_before = _rss_kib()
+    before = None if rss else tracemalloc.take_snapshot()
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.idle_memory", "--client", str(port), "--n", str(n),
         *(["--centrifuge"] if centrifuge else []), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -76,12 +84,19 @@ async def _server(n: int, asgi: bool, top: int, centrifuge: bool) -> None:
     await child.stdout.readline()
     await asyncio.sleep(1.0)
     gc.collect()
-    after = tracemalloc.take_snapshot()
+    rss_after = _rss_kib()
+    after = None if rss else tracemalloc.take_snapshot()
     child.stdin.write(b"\n")
     await child.wait()
+    kind = "asgi" if asgi else "fast"
+    if before is None or after is None:
+        print(f"{kind}: {(rss_after - rss_before) / n:.2f} KiB of RSS per idle connection")
+        server.should_exit = True
+        await task
+        return
     stats = after.compare_to(before, "lineno")
     total = sum(s.size_diff for s in stats)
-    print(f"{'asgi' if asgi else 'fast'}: {total / n:.0f} B of Python heap per idle connection")
+    print(f"{kind}: {total / n:.0f} B of Python heap per idle connection")
     for s in stats[:top]:
         print(f"{s.size_diff / n:8.0f} B  {s.count_diff / n:5.2f} blocks  {s.traceback}")
     server.should_exit = True
@@ -94,6 +109,7 @@ def main() -> None:
     ap.add_argument("--asgi", action="store_true", help="uvicorn's own WebSocket protocol")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--centrifuge", action="store_true", help="/connection/websocket clients")
+    ap.add_argument("--rss", action="store_true", help="RSS per connection, no tracemalloc")
     ap.add_argument("--client", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     import uvloop
@@ -101,8 +117,9 @@ def main() -> None:
     if args.client:
         uvloop.run(_clients(args.client, args.n, args.centrifuge))
         return
-    tracemalloc.start(1)
-    uvloop.run(_server(args.n, args.asgi, args.top, args.centrifuge))
+    if not args.rss:
+        tracemalloc.start(1)
+    uvloop.run(_server(args.n, args.asgi, args.top, args.centrifuge, args.rss))
 
 
 if __name__ == "__main__":

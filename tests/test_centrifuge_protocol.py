@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import httpx
@@ -161,6 +162,31 @@ async def test_unanswered_ping_closes_3012(serve: Serve) -> None:
     assert (code, reason) == (3012, "no pong")
     assert c.pings == 1
     await answered.close()
+
+
+async def test_pings_are_spread_and_closed_clients_leave_the_hub_wheel(serve: Serve) -> None:
+    """Clients connecting together get their pings in different ticks of the hub's one timer;
+    once they are gone the wheel holds nothing of them (sessions, token deadlines)."""
+    srv = await serve(token_hmac_secret=SECRET, allow_anonymous=True)
+    clients = [await Raw.open(srv.ws) for _ in range(30)]
+    await asyncio.gather(
+        *(c.connect(**({"token": token("alice", ttl=600)} if i % 2 else {}))
+          for i, c in enumerate(clients))
+    )  # fmt: skip
+    sessions = list(srv.hub.sessions)
+    assert len(sessions) == 30
+    assert all(s.wheel_bucket is not None for s in sessions)  # a ping ahead, no timer each
+    ticks = Counter(id(s.wheel_bucket) for s in sessions)
+    # 30 first pings over the ~25 one-second ticks of the 25 s interval, not in one tick
+    assert len(ticks) >= 12 and max(ticks.values()) <= 4
+    assert len(srv.hub.wheel) == 30 + 15  # and the 15 token deadlines
+    for c in clients:
+        await c.close()
+    for _ in range(500):
+        if not srv.hub.sessions:
+            break
+        await asyncio.sleep(0.01)
+    assert not srv.hub.sessions and len(srv.hub.wheel) == 0
 
 
 async def test_pong_before_connect_is_a_bad_request(serve: Serve) -> None:

@@ -153,7 +153,7 @@ async def test_sdk_refreshes_expired_and_expiring_tokens(serve: Serve) -> None:
     await client.ready()
     assert len(calls) == 1
     (session,) = srv.hub.sessions
-    conn = session.state["centrifuge"]
+    conn = session.protocol
     short = conn.who.expires
     # the connection's ttl is 2 s: the SDK refreshes with get_token before the server closes it
     for _ in range(500):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections import Counter
 from collections.abc import Callable
 
 import httpx
@@ -15,7 +16,7 @@ from websockets.frames import Opcode
 
 from tidings import Settings, create_app
 from tidings.front import Front
-from tidings.transport.fast import FastWebSocket
+from tidings.transport.fast import FastWebSocket, heartbeat
 from tidings.transport.frames import binary_frame, framed, text_frame
 
 from .conftest import Running, Serve
@@ -162,6 +163,29 @@ async def test_client_that_pongs_stays(serve: Serve, fast: bool) -> None:
         assert len(srv.hub.sessions) == 1
     finally:
         ws.close()
+
+
+async def test_heartbeats_are_spread_and_closed_connections_leave_the_wheel(
+    serve: Serve,
+) -> None:
+    """Connections accepted together get their WebSocket pings in different ticks of the
+    server's one heartbeat timer; once they are gone the wheel holds nothing of them."""
+    srv = await serve(fast=True)
+    clients = await asyncio.gather(*(RawWs.connect(srv.port, "/ws/beat") for _ in range(30)))
+    try:
+        await wait_for(lambda: srv.hub.subscribers("beat") == 30)
+        state = srv.server.server_state
+        conns = [c for c in state.connections if isinstance(c, FastWebSocket)]
+        assert len(conns) == 30 and all(c.wheel_bucket is not None for c in conns)
+        ticks = Counter(id(c.wheel_bucket) for c in conns)
+        # 30 first pings over the ~25 one-second ticks of the 25 s interval, not in one tick
+        assert len(ticks) >= 12 and max(ticks.values()) <= 4
+        wheel = heartbeat(state, srv.server.config)
+        assert len(wheel) == 30
+    finally:
+        for c in clients:
+            c.close()
+    await wait_for(lambda: not srv.hub.sessions and len(wheel) == 0)
 
 
 REQUESTS = [

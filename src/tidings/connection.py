@@ -51,6 +51,7 @@ from .transport import open_transport
 
 if TYPE_CHECKING:
     from .app import Tidings
+    from .config import Settings
     from .hub import Hub
 
 log = logging.getLogger("tidings.connection")
@@ -73,32 +74,11 @@ class _Sub:
     info: ClientInfo
     presence: bool
     join_leave: bool  # pushed join/leave events
-    expiry: asyncio.TimerHandle | None = None
+    closes_at: float | None = None  # loop time: closed 3006 then unless refreshed
 
     @property
     def encoder(self) -> wire.CentrifugeJson:
         return wire.WITH_JOIN_LEAVE if self.join_leave else wire.PLAIN
-
-
-class _Bucket:
-    """Commands allowed per connection: ``rate`` a second with ``burst`` at once (0: off)."""
-
-    __slots__ = ("burst", "last", "rate", "tokens")
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = rate, float(burst)
-        self.tokens, self.last = float(burst), time.monotonic()
-
-    def take(self) -> bool:
-        if not self.rate:
-            return True
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
 
 
 def _channel_name(request: dict[str, Any]) -> str:
@@ -129,25 +109,66 @@ def is_recovered(history: HistoryResult, since: StreamPosition) -> bool:
 
 
 class Client:
-    """One Centrifugo-protocol connection: its credentials, subscriptions and timers."""
+    """One Centrifugo-protocol connection: its credentials, subscriptions and deadlines.
+
+    Kept small, as there is one per idle connection: slots, no timer of its own (its deadlines
+    -- ``connect`` within ``connect_timeout``, token and subscription expiry -- are one entry
+    in the hub's wheel, due at the earliest of them) and no task set until it spawns one."""
+
+    __slots__ = (
+        "_closes_at",
+        "_due",
+        "_last",
+        "_presence_task",
+        "_tasks",
+        "_tokens",
+        "connected",
+        "session",
+        "subs",
+        "tidings",
+        "wheel_bucket",
+        "who",
+    )
 
     def __init__(self, tidings: Tidings, session: Session) -> None:
         self.tidings = tidings
-        self.hub: Hub = tidings.hub
-        self.settings = tidings.settings
         self.session = session
         self.who: Credentials = ANONYMOUS
         self.connected = False
         self.subs: dict[str, _Sub] = {}
-        self._bucket = _Bucket(self.settings.max_commands_per_second, self.settings.command_burst)
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._expiry: asyncio.TimerHandle | None = None
+        # commands allowed: max_commands_per_second, command_burst at once (a token bucket)
+        self._tokens = float(tidings.settings.command_burst)
+        self._last = time.monotonic()
+        self._tasks: set[asyncio.Task[Any]] | None = None
         self._presence_task: asyncio.Task[None] | None = None
-        loop = asyncio.get_running_loop()
-        self._stale: asyncio.TimerHandle | None = loop.call_later(
-            self.settings.connect_timeout, session.close, STALE
-        )
-        session.state["centrifuge"] = self
+        self._closes_at: float | None = None  # loop time: closed 3005 then unless refreshed
+        self._due = 0.0  # the deadline the wheel calls on_tick for
+        self.wheel_bucket: set[Any] | None = None
+        tidings.hub.wheel.schedule(self, tidings.settings.connect_timeout)  # else closed 3502
+        session.protocol = self
+
+    @property
+    def hub(self) -> Hub:
+        return self.tidings.hub
+
+    @property
+    def settings(self) -> Settings:
+        return self.tidings.settings
+
+    def _take(self) -> bool:
+        """One command's token from the bucket; False: too many commands (error 111)."""
+        rate = self.settings.max_commands_per_second
+        if not rate:
+            return True
+        now = time.monotonic()
+        burst = float(self.settings.command_burst)
+        tokens = min(burst, self._tokens + (now - self._last) * rate)
+        self._last = now
+        if tokens < 1.0:
+            self._tokens = tokens
+            return False
+        self._tokens = tokens - 1.0
+        return True
 
     # -- frames ----------------------------------------------------------------------------------
 
@@ -163,7 +184,7 @@ class Client:
                 continue
             if (command.method == "connect") == self.connected:
                 raise Disconnect(3501, "bad request: connect must come first, once")
-            if not self._bucket.take():
+            if not self._take():
                 if command.id:
                     replies.append(wire.error_reply(command.id, TooManyRequests()))
                 continue
@@ -215,9 +236,6 @@ class Client:
             raise Disconnect(3501, "bad request: token required")
         self.who = who
         self.connected = True
-        if self._stale is not None:
-            self._stale.cancel()
-            self._stale = None
         if who.user:
             self.hub.set_user(self.session, who.user)
         self.session.info = who.info
@@ -256,22 +274,46 @@ class Client:
             log.info("closing %s: %s", self.session.client_id, exc.message)
             raise INVALID_TOKEN from None
 
-    def _arm(
-        self, timer: asyncio.TimerHandle | None, expires: float | None, reason: Disconnect
-    ) -> tuple[asyncio.TimerHandle | None, int | None]:
-        """Replace an expiry timer: close with ``reason`` unless refreshed by then; returns the
-        new timer and the ttl the client is told (None: never expires)."""
-        if timer is not None:
-            timer.cancel()
+    def _closing_time(self, expires: float | None) -> tuple[float | None, int | None]:
+        """For a token expiring at ``expires`` (Unix time; None: never): the loop time to close
+        the client at unless it refreshes, and the ttl it is told (it refreshes after that)."""
         if expires is None:
             return None, None
-        ttl = max(1, int(expires - time.time()))  # SDKs refresh after ttl
-        delay = ttl + self.settings.expired_close_delay
-        return asyncio.get_running_loop().call_later(delay, self.session.close, reason), ttl
+        ttl = max(1, int(expires - time.time()))
+        return asyncio.get_running_loop().time() + ttl + self.settings.expired_close_delay, ttl
 
     def _set_expiry(self, expires: float | None) -> int | None:
-        self._expiry, ttl = self._arm(self._expiry, expires, EXPIRED)
+        self._closes_at, ttl = self._closing_time(expires)
+        self._rearm()
         return ttl
+
+    def _rearm(self) -> None:
+        """Put the client in the hub's wheel for its earliest deadline (out of it: none)."""
+        due = self._closes_at
+        for sub in self.subs.values():
+            if sub.closes_at is not None and (due is None or sub.closes_at < due):
+                due = sub.closes_at
+        if due is None:
+            self.hub.wheel.cancel(self)
+            return
+        self._due = due
+        self.hub.wheel.schedule(self, due - asyncio.get_running_loop().time())
+
+    def on_tick(self) -> None:
+        """The hub's wheel: ``connect`` never came, or a token (or several) expired."""
+        session = self.session
+        if not self.connected:
+            session.close(STALE)
+            return
+        due = self._due  # what the wheel was scheduled for: every deadline up to it passed
+        if self._closes_at is not None and self._closes_at <= due:
+            session.close(EXPIRED)
+            return
+        for sub in self.subs.values():
+            if sub.closes_at is not None and sub.closes_at <= due:
+                session.close(SUB_EXPIRED)
+                return
+        self._rearm()  # what was due is gone (unsubscribed): on to the next deadline
 
     async def refresh(self, request: dict[str, Any]) -> dict[str, Any]:
         token = request.get("token")
@@ -306,7 +348,9 @@ class Client:
         return wire.compact({"expires": ttl is not None, "ttl": ttl})
 
     def _sub_expiry(self, sub: _Sub, expires: float | None) -> int | None:
-        sub.expiry, ttl = self._arm(sub.expiry, expires, SUB_EXPIRED)
+        sub.closes_at, ttl = self._closing_time(expires)
+        if sub.closes_at is not None or self.wheel_bucket is not None:
+            self._rearm()
         return ttl
 
     # -- subscriptions ---------------------------------------------------------------------------
@@ -422,8 +466,6 @@ class Client:
         """Forget one subscription: hub, presence, leave event, timers."""
         if self.subs.get(name) is sub:
             del self.subs[name]
-        if sub.expiry is not None:
-            sub.expiry.cancel()
         await self.hub.unsubscribe(self.session, name)
         opts = sub.channel.options
         with contextlib.suppress(Exception):
@@ -551,6 +593,8 @@ class Client:
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
+        if self._tasks is None:
+            self._tasks = set()
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -582,11 +626,9 @@ class Client:
         )
 
     async def close(self) -> None:
-        """After the connection ended: presence, leave events, timers, tasks."""
-        for timer in (self._stale, self._expiry):
-            if timer is not None:
-                timer.cancel()
-        for task in list(self._tasks):
+        """After the connection ended: presence, leave events, deadlines, tasks."""
+        self.hub.wheel.cancel(self)
+        for task in list(self._tasks or ()):
             task.cancel()
         for name, sub in list(self.subs.items()):
             await self._drop(name, sub)
@@ -625,7 +667,7 @@ class CentrifugeEndpoint:
         only = message.get("client")
         found = []
         for session in self.tidings.hub.users.get(user, ()):
-            client = session.state.get("centrifuge")
+            client = session.protocol
             if isinstance(client, Client) and (not only or session.client_id == only):
                 found.append(client)
         return found

@@ -32,6 +32,7 @@ from .channels import Channel, ChannelRules
 from .config import Settings
 from .errors import SHUTDOWN, TOO_MANY, BadRequest, Disconnect
 from .session import Flusher, Frame, Session
+from .wheel import Member, Wheel
 
 log = logging.getLogger("tidings.hub")
 
@@ -90,6 +91,12 @@ def encode_json(data: Any) -> bytes:
         raise BadRequest(f"data is not JSON-serializable: {exc}") from None
 
 
+def wheel_resolution(settings: Settings) -> float:
+    """A quarter of the shortest deadline the hub's wheel serves, at most 1 s."""
+    shortest = min(settings.ping_interval, settings.pong_timeout, settings.connect_timeout)
+    return min(1.0, shortest / 4)
+
+
 class Hub:
     """Node-local routing. Create one per process; ``await start()`` before use."""
 
@@ -99,6 +106,9 @@ class Hub:
         self.rules = ChannelRules(self.settings)
         self.node_id = secrets.token_hex(3)
         self.flusher = Flusher()
+        #: every session's pings and pong deadlines, every Centrifugo client's token and
+        #: connect deadlines, on one loop timer; late by at most its resolution
+        self.wheel: Wheel[Member] = Wheel(wheel_resolution(self.settings))
         self.metrics = Metrics()
         self.sessions: set[Session] = set()
         self.users: dict[str, set[Session]] = {}

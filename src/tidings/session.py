@@ -6,6 +6,12 @@ session dirty; once per event-loop iteration the :class:`Flusher` hands every di
 outbox to its writer, which packs the queued frames into as few writes as its wire format allows.
 A client whose outbox passes ``outbox_limit`` bytes is closed as slow (3008) and its frames are
 dropped: one slow reader never holds up the publisher or the other subscribers.
+
+Application-level pings (the Centrifugo protocol's) run on the hub's :class:`~.wheel.Wheel`, not
+on a loop timer per session: the first ping goes out at a point spread over ``ping_interval``
+(so connections accepted together are not pinged together), each later one ``ping_interval``
+after the pong; no pong within ``pong_timeout`` closes the session 3012. Either may be late by
+the wheel's resolution (``Hub.wheel``: at most 1 s, a quarter of the shortest such setting).
 """
 
 from __future__ import annotations
@@ -114,11 +120,11 @@ class Session:
         "_flusher",
         "_outbox",
         "_pending",
-        "_ping_timer",
-        "_pong_timer",
+        "_pinged",
         "_reader",
         "_receiving",
         "_sending",
+        "_state",
         "_wakeup",
         "_writer",
         "channels",
@@ -130,9 +136,10 @@ class Session:
         "limit",
         "ping_interval",
         "pong_timeout",
-        "state",
+        "protocol",
         "transport",
         "user",
+        "wheel_bucket",
     )
 
     def __init__(
@@ -151,7 +158,9 @@ class Session:
         self.user = ""
         self.info: bytes | None = None
         self.channels: set[str] = set()
-        self.state: dict[str, Any] = {}
+        self._state: dict[str, Any] | None = None
+        #: the protocol's own object for this connection (the Centrifugo ``Client``), if any
+        self.protocol: Any = None
         self.limit = hub.settings.outbox_limit
         self.ping_interval = ping_interval
         self.pong_timeout = pong_timeout
@@ -170,11 +179,18 @@ class Session:
         self._writer: asyncio.Task[None] | None = None
         self._receiving = False
         self._sending = False
-        self._ping_timer: asyncio.TimerHandle | None = None
-        self._pong_timer: asyncio.TimerHandle | None = None
+        self._pinged = False  # a ping is out, its pong not back yet
+        self.wheel_bucket: set[Any] | None = None  # the hub's Wheel: next ping or pong deadline
 
     def __repr__(self) -> str:
         return f"<Session {self.client_id} user={self.user!r} channels={len(self.channels)}>"
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """Free-form per-connection data for the application (created when first used)."""
+        if self._state is None:
+            self._state = {}
+        return self._state
 
     # -- outgoing --------------------------------------------------------------------------------
 
@@ -274,37 +290,43 @@ class Session:
 
     # -- heartbeats ------------------------------------------------------------------------------
 
-    def _schedule_ping(self) -> None:
-        if self.ping_interval and not self._closing:
-            loop = asyncio.get_running_loop()
-            self._ping_timer = loop.call_later(self.ping_interval, self._send_ping)
+    def _schedule_ping(self, first: bool = False) -> None:
+        interval = self.ping_interval
+        if interval and not self._closing:
+            if first:  # somewhere in the interval: clients that came together are pinged apart
+                self.hub.wheel.spread(self, interval)
+            else:
+                self.hub.wheel.schedule(self, interval)
 
-    def _send_ping(self) -> None:
+    def on_tick(self) -> None:
+        """The hub's wheel: a ping is due, or the pong is late."""
+        if self._closing:
+            return
+        if self._pinged:
+            self.close(NO_PONG)
+            return
         frame = self.format.ping()
-        if frame is None or self._closing:
+        if frame is None:
             return
         self.enqueue(frame)
-        loop = asyncio.get_running_loop()
-        self._pong_timer = loop.call_later(self.pong_timeout, self.close, NO_PONG)
+        if not self._closing:  # enqueue closes a slow client
+            self._pinged = True
+            self.hub.wheel.schedule(self, self.pong_timeout)
 
     def start_heartbeats(self, interval: float) -> None:
         """Start pinging now (protocols whose clients must not be pinged before a handshake)."""
         self.ping_interval = interval
-        if self._ping_timer is None and self._pong_timer is None:
-            self._schedule_ping()
+        if self.wheel_bucket is None and not self._pinged:
+            self._schedule_ping(first=True)
 
     def pong(self) -> None:
         """The client answered; the next ping goes out ``ping_interval`` after this one."""
-        if self._pong_timer is not None:
-            self._pong_timer.cancel()
-            self._pong_timer = None
-            self._schedule_ping()
+        if self._pinged:
+            self._pinged = False
+            self._schedule_ping()  # replaces the pong deadline
 
     def _cancel_timers(self) -> None:
-        for timer in (self._ping_timer, self._pong_timer):
-            if timer is not None:
-                timer.cancel()
-        self._ping_timer = self._pong_timer = None
+        self.hub.wheel.cancel(self)
 
     # -- the connection's life -------------------------------------------------------------------
 
@@ -317,7 +339,7 @@ class Session:
         writer = None  # a direct transport is written by flush() and close(), not by a task
         if self._direct is None:
             writer = self._writer = asyncio.get_running_loop().create_task(self._write_loop())
-        self._schedule_ping()
+        self._schedule_ping(first=True)
         try:
             while not self._closing:
                 try:
