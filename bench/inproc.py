@@ -37,6 +37,9 @@ class _Sink:
     def write_frames(self, frames: list[Frame]) -> None:
         return None
 
+    def write_frame(self, frame: Frame) -> None:
+        return None
+
     def finish(self, frames: list[Frame], code: int, reason: str, timeout: float) -> None:
         return None
 

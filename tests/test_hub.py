@@ -230,3 +230,67 @@ async def test_offsets_the_broker_skipped_are_filled_in_from_history() -> None:
         rec.gone.set()
         await task
     await other.close()
+
+
+class Direct(Recorder):
+    """A direct transport (the fast path's shape) that records each write call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_drain = None
+        self.writable = True
+        self.writes: list[list[Frame]] = []
+
+    def write_frames(self, frames: list[Frame]) -> None:
+        self.writes.append(list(frames))
+
+    def write_frame(self, frame: Frame) -> None:
+        self.writes.append([frame])
+
+    def finish(self, frames: list[Frame], code: int, reason: str, timeout: float) -> None:
+        self.closed = (code, reason)
+
+
+async def test_a_lone_publication_is_written_during_the_fan_out(hub: Hub) -> None:
+    """No queue, no second pass, when there is nothing to coalesce; several publications in
+    one loop iteration are queued and leave together, and a busy spell keeps queueing."""
+    transports = [Direct() for _ in range(3)]
+    encoder = CountingEncoder()
+    for transport in transports:
+        session = Session(hub, transport, encoder)
+        hub.connect(session)
+        await hub.subscribe(session, "wt", encoder)
+    await asyncio.sleep(0.01)
+
+    await hub.publish_json("wt", b"1")  # alone: written before the loop runs anything else
+    assert all(t.writes == [[b"1"]] for t in transports)
+    await asyncio.sleep(0.01)
+
+    for data in (b"2", b"3", b"4"):  # one iteration: the first goes through, the rest queue
+        await hub.publish_json("wt", data)
+    assert all(t.writes[-1] == [b"2"] for t in transports)
+    await asyncio.sleep(0.01)
+    assert all(t.writes[-1] == [b"3", b"4"] for t in transports)
+
+    await hub.publish_json("wt", b"5")  # the last iteration had 3: queue, in case more come
+    assert all(t.writes[-1] == [b"3", b"4"] for t in transports)
+    await asyncio.sleep(0.01)
+    assert all(t.writes[-1] == [b"5"] for t in transports)
+
+    await hub.publish_json("wt", b"6")  # quiet again: through
+    assert all(t.writes[-1] == [b"6"] for t in transports)
+    await asyncio.sleep(0.01)
+
+    transports[0].writable = False  # a paused socket queues, in order, until it drains
+    await hub.publish_json("wt", b"7")
+    assert transports[0].writes[-1] == [b"6"] and transports[1].writes[-1] == [b"7"]
+    await asyncio.sleep(0.01)
+    await hub.publish_json("wt", b"8")
+    assert transports[0].writes[-1] == [b"6"]
+    transports[0].writable = True
+    await asyncio.sleep(0.01)
+    for session in list(hub.sessions):
+        session.flush()  # what the transport's on_drain does
+    assert transports[0].writes[-1] == [b"7", b"8"]
+    assert [f for t in transports for w in t.writes for f in w].count(b"8") == 3
+    assert encoder.calls == 8  # still encoded once per publication

@@ -353,12 +353,17 @@ class Hub:
     def _deliver(self, local: _Local, publication: Publication) -> None:
         local.epoch, local.last = publication.epoch, publication.offset
         seen = self._seen(local, publication.offset) if local.floor else None
+        through = self.flusher.write_through()
         delivered = 0
         for encoder, members in local.groups.items():
             frame = encoder.push(publication)
-            if seen is None:  # the hot loop: one call per subscriber, nothing else
-                for session in members:
-                    session.enqueue(frame)
+            if seen is None:  # the hot loops: one call per subscriber, nothing else
+                if through:
+                    for session in members:
+                        session.send(frame)
+                else:
+                    for session in members:
+                        session.enqueue(frame)
             else:
                 for session in members:
                     if session not in seen:

@@ -61,6 +61,9 @@ class DirectTransport(Transport, Protocol):
     def write_frames(self, frames: list[Frame]) -> None:
         """Write ``frames`` now, in one call (the list is reused afterwards: don't keep it)."""
 
+    def write_frame(self, frame: Frame) -> None:
+        """Write one frame now (``write_frames([frame])`` without the list)."""
+
     def finish(self, frames: list[Frame], code: int, reason: str, timeout: float) -> None:
         """Write ``frames`` and a close frame; abort the connection after ``timeout`` seconds
         without the client's close reply. ``receive`` returns None from now on."""
@@ -82,14 +85,34 @@ _ids = itertools.count(1)
 
 
 class Flusher:
-    """Hands dirty sessions to their writers once per loop iteration, not once per message."""
+    """Hands dirty sessions to their writers once per loop iteration, not once per message.
 
-    __slots__ = ("_dirty", "_loop", "_scheduled")
+    It also tells the fan-out when queueing buys nothing (:meth:`write_through`): a publication
+    that is alone in its loop iteration, after an iteration that coalesced nothing, leaves in
+    one write per subscriber either way, and writing it during the fan-out saves a second pass
+    over every subscriber (measured at 10 publications/s to 1,000 subscribers: 10.3-11.0 ms of
+    CPU per fan-out queued, 8.1 written through, 7.6 for the raw ceiling). Under load, when
+    several publications arrive per iteration, they are queued and leave together."""
+
+    __slots__ = ("_dirty", "_loop", "_published", "_scheduled", "busy")
 
     def __init__(self) -> None:
         self._dirty: list[Session] = []
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._published = 0  # publications fanned out in this loop iteration
+        #: the last iteration had several publications: queue, they are likely to coalesce
+        self.busy = False
+
+    def write_through(self) -> bool:
+        """Count a publication in; True if it should be written straight through: it is the
+        first in this iteration (later ones are queued behind it) and the last iteration had
+        at most one."""
+        self._published += 1
+        if self._scheduled or self.busy:
+            return False
+        self.schedule()  # ends the iteration's count; publications after this one are queued
+        return True
 
     def mark(self, session: Session) -> None:
         self._dirty.append(session)
@@ -105,6 +128,8 @@ class Flusher:
     def _flush(self) -> None:
         dirty, self._dirty = self._dirty, []
         self._scheduled = False
+        self.busy = self._published > 1
+        self._published = 0
         for session in dirty:
             session.flush()
 
@@ -212,6 +237,15 @@ class Session:
             flusher._dirty.append(self)
             if not flusher._scheduled:
                 flusher.schedule()
+
+    def send(self, frame: Frame) -> None:
+        """Write ``frame`` at once when nothing is queued before it and the socket takes it (a
+        direct transport); else :meth:`enqueue` it."""
+        direct = self._direct
+        if direct is not None and not self._outbox and direct.writable and not self._closing:
+            direct.write_frame(frame)
+        else:
+            self.enqueue(frame)
 
     def flush(self) -> None:
         """Hand the outbox on: written here on a direct transport, else wake the writer task."""

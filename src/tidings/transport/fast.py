@@ -482,6 +482,10 @@ class FastWebSocket(asyncio.Protocol):
         else:  # inlined type test: this runs once per frame per subscriber
             self.transport.write(b"".join([f if type(f) is WsFrame else framed(f) for f in frames]))
 
+    def write_frame(self, frame: Frame) -> None:
+        if not (self.close_sent or self.disconnected):
+            self.transport.write(frame if type(frame) is WsFrame else framed(frame))
+
     async def send(self, frames: list[Frame]) -> None:
         await self._drained()
         self.write_frames(frames)
