@@ -51,6 +51,9 @@ class Cork:
         self.flush()
         self.transport.close()
 
+    def is_closing(self) -> bool:  # asked twice per response: not through __getattr__
+        return self.transport.is_closing()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.transport, name)
 
