@@ -81,7 +81,8 @@ def _scenario_args(name: str) -> list[str]:
     args = list(SCENARIOS[name])
     if name == "mem20k":
         # server and clients each need one descriptor per connection, plus a few of their own
-        n = min(20000, _fd_limit() - 64)
+        # (`tidings serve` idles with 16: stdio, the listening socket, the event loop's)
+        n = min(20000, _fd_limit() - 24)
         if n < 20000:
             print(
                 f"note: mem20k runs {n} connections: the open-files limit is {_fd_limit()} "
