@@ -43,6 +43,7 @@ class Running:
     tidings: Tidings
     port: int
     server: uvicorn.Server
+    fast: bool = False  # served as `tidings serve` does
 
     @property
     def url(self) -> str:
@@ -129,6 +130,6 @@ async def serve() -> AsyncIterator[Serve]:
             port, server = await stack.enter_async_context(
                 served(asgi, **{**options, **(uvicorn_options or {})})
             )
-            return Running(app.state.tidings, port, server)
+            return Running(app.state.tidings, port, server, fast)
 
         yield start

@@ -9,15 +9,18 @@ from collections import Counter
 from collections.abc import Callable
 
 import httpx
+import orjson
 import pytest
 import websockets
 from websockets.frames import Frame as WsLibFrame
 from websockets.frames import Opcode
 
 from tidings import Settings, create_app
+from tidings.brokers.base import ClientInfo, JoinLeave, Publication
 from tidings.front import Front
+from tidings.protocol import centrifuge as cf
 from tidings.transport.fast import FastWebSocket, heartbeat
-from tidings.transport.frames import binary_frame, framed, text_frame
+from tidings.transport.frames import binary_frame, framed, payload, text_frame
 
 from .conftest import Running, Serve
 from .wsraw import RawWs, close_code
@@ -247,11 +250,106 @@ async def test_publish_many_lets_subscribers_keep_up(serve: Serve, fast: bool) -
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
 def test_hand_built_frames_equal_websockets_frames(size: int) -> None:
-    payload = bytes(i % 251 for i in range(size))
+    data = bytes(i % 251 for i in range(size))
     for opcode, build in ((Opcode.TEXT, text_frame), (Opcode.BINARY, binary_frame)):
-        expected = WsLibFrame(opcode, payload).serialize(mask=False, extensions=[])
-        assert build(payload) == expected
-    assert framed(payload) == binary_frame(payload)  # plain bytes: a binary message
+        expected = WsLibFrame(opcode, data).serialize(mask=False, extensions=[])
+        assert build(data) == expected
+        assert payload(build(data)) == data
+    assert framed(data) == binary_frame(data)  # plain bytes: a binary message
     assert framed("é" * size) == text_frame(("é" * size).encode())
-    built = text_frame(payload)
+    built = text_frame(data)
     assert framed(built) is built  # pre-built frames go out as they are
+
+
+def test_framed_centrifuge_encoders_write_the_text_encoders_bytes() -> None:
+    """Pushes framed once per publication, packed with ``str`` replies, make the bytes the
+    text encoders' frames make once the fast transport frames them."""
+    info = ClientInfo("c1", "ann", b'{"n":"Ann"}')
+    pubs = [
+        Publication("ch", orjson.dumps("é" * n), i, "e", info if i % 2 else None)
+        for i, n in enumerate((1, 120, 70000, 30), 1)
+    ]
+    for pub in pubs:  # built once, shared by both framed encoders
+        assert cf.FRAMED_PLAIN.push(pub) is cf.FRAMED_WITH_JOIN_LEAVE.push(pub)
+    assert type(cf.FRAMED_PLAIN.push(pubs[0])) is not str
+    event = JoinLeave("ch", info, join=False)
+    assert cf.FRAMED_PLAIN.join_leave(event) is None
+    assert framed(cf.FRAMED_WITH_JOIN_LEAVE.join_leave(event) or b"") == framed(
+        cf.WITH_JOIN_LEAVE.join_leave(event) or b""
+    )
+    reply = cf.reply(7, "publish", {})
+    for order in ([0], [0, 1], [1, 0, 2], [0, 1, 2, 3]):
+        text: list[cf.Frame] = [cf.PLAIN.push(pubs[i]) for i in order]
+        built: list[cf.Frame] = [cf.FRAMED_PLAIN.push(pubs[i]) for i in order]
+        for frames in (text, built):
+            frames.insert(len(frames) // 2, reply)
+        for frames in ([reply], text[:1], built[:1], text, built):
+            (packed,) = cf.FRAMED_PLAIN.pack(list(frames))
+            as_text = [f if isinstance(f, str) else payload(f).decode() for f in frames]
+            (expected,) = cf.PLAIN.pack(as_text)
+            assert framed(packed) == framed(expected)
+    # the next subscriber with the same batch gets the same frame; another batch, its own
+    batch: list[cf.Frame] = [cf.FRAMED_PLAIN.push(p) for p in pubs[:3]]
+    (first,) = cf.FRAMED_PLAIN.pack(batch)
+    assert cf.FRAMED_PLAIN.pack(list(batch)) == [first] and cf.FRAMED_PLAIN.pack(batch)[0] is first
+    for other in ([*batch, reply], [reply, *batch], batch[:2], batch[1:]):
+        (packed,) = cf.FRAMED_PLAIN.pack(other)
+        (expected,) = cf.PLAIN.pack(
+            [f if isinstance(f, str) else payload(f).decode() for f in other]
+        )
+        assert framed(packed) == framed(expected)
+
+
+CF_CHAT = {"chat": {"join_leave": True, "allow_publish": True}}
+
+
+async def centrifuge_frames(srv: Running) -> tuple[list[bytes], bytes]:
+    """What a Centrifugo client sees: its publishes' pushes coalesced with their replies in
+    one frame, then another client's join and leave. The payloads, and every byte received."""
+    a = await RawWs.connect(srv.port, "/connection/websocket")
+    a.send(1, b'{"id":1,"connect":{}}\n{"id":2,"subscribe":{"channel":"chat:r","join_leave":true}}')
+    payloads = [(await a.frame())[1]]
+    (session,) = srv.hub.sessions  # pre-built pushes exactly where writes are direct
+    assert session.format is (cf.FRAMED_PLAIN if srv.fast else cf.PLAIN)
+    # three publishes in one frame: the first push may leave alone (written through), the
+    # others are queued, then packed with the four replies into one frame
+    commands = [
+        f'{{"id":{i},"publish":{{"channel":"chat:r","data":{{"n":{i}}}}}}}' for i in (3, 4, 5)
+    ]
+    a.send(1, "\n".join([*commands, '{"id":6,"ping":{}}']).encode())
+    while b'"id":6' not in payloads[-1]:
+        payloads.append((await a.frame())[1])
+    b = await RawWs.connect(srv.port, "/connection/websocket")
+    b.send(1, b'{"id":1,"connect":{}}\n{"id":2,"subscribe":{"channel":"chat:r"}}')
+    await b.frame()
+    payloads.append((await a.frame())[1])  # b's join
+    b.close()
+    payloads.append((await a.frame())[1])  # b's leave
+    a.close()
+    return payloads, bytes(a.raw)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "asgi"])
+async def test_centrifuge_coalesced_pushes_are_the_text_paths_bytes(
+    serve: Serve, fast: bool
+) -> None:
+    payloads, raw = await centrifuge_frames(await serve(namespaces=CF_CHAT, fast=fast))
+    assert raw == b"".join(text_frame(p) for p in payloads)  # text frames, nothing else
+    lines = [orjson.loads(line) for p in payloads for line in p.split(b"\n")]
+    pubs = [x["push"]["pub"]["data"]["n"] for x in lines if "pub" in x.get("push", {})]
+    assert pubs == [3, 4, 5]
+    assert [x["id"] for x in lines if "id" in x] == [1, 2, 3, 4, 5, 6]
+    assert [k for x in lines for k in x.get("push", {}) if k in ("join", "leave")] == [
+        "join",
+        "leave",
+    ]
+    # pushes and replies share a frame: the queued pushes were packed with the replies
+    assert any(b'"pub"' in p and b'"id":3' in p for p in payloads)
+
+
+async def test_centrifuge_fast_and_asgi_paths_send_the_same_messages(serve: Serve) -> None:
+    fast, _ = await centrifuge_frames(await serve(namespaces=CF_CHAT, fast=True))
+    asgi, _ = await centrifuge_frames(await serve(namespaces=CF_CHAT, fast=False))
+    strip = re.compile(rb'"(client|node)":"[^"]*"')  # ids differ between the two servers
+    # frame boundaries may differ (only a direct transport writes through), messages do not
+    assert strip.sub(b"", b"\n".join(fast)) == strip.sub(b"", b"\n".join(asgi))

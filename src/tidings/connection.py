@@ -46,7 +46,7 @@ from .errors import (
     UnrecoverablePosition,
 )
 from .protocol import centrifuge as wire
-from .session import Frame, Session
+from .session import DirectTransport, Frame, Session
 from .transport import open_transport
 
 if TYPE_CHECKING:
@@ -73,12 +73,8 @@ class _Sub:
     channel: Channel
     info: ClientInfo
     presence: bool
-    join_leave: bool  # pushed join/leave events
+    encoder: wire.CentrifugeJson  # with join/leave pushes or not, str or pre-built frames
     closes_at: float | None = None  # loop time: closed 3006 then unless refreshed
-
-    @property
-    def encoder(self) -> wire.CentrifugeJson:
-        return wire.WITH_JOIN_LEAVE if self.join_leave else wire.PLAIN
 
 
 def _channel_name(request: dict[str, Any]) -> str:
@@ -154,6 +150,13 @@ class Client:
     @property
     def settings(self) -> Settings:
         return self.tidings.settings
+
+    @property
+    def format(self) -> wire.CentrifugeJson:
+        """The session's wire format: str pushes, or pre-built frames on a direct transport."""
+        fmt = self.session.format
+        assert isinstance(fmt, wire.CentrifugeJson)
+        return fmt
 
     def _take(self) -> bool:
         """One command's token from the bucket; False: too many commands (error 111)."""
@@ -403,7 +406,7 @@ class Client:
         join_leave = opts.force_push_join_leave or bool(
             opts.join_leave and request.get("join_leave")
         )
-        sub = _Sub(ch, info, opts.presence, join_leave)
+        sub = _Sub(ch, info, opts.presence, self.format.encoder(join_leave))
         keeps = opts.history_size > 0 and opts.history_ttl > 0
         recoverable = keeps and bool(request.get("recoverable") or opts.force_recovery)
         positioned = keeps and bool(request.get("positioned") or recoverable)
@@ -659,7 +662,9 @@ class CentrifugeEndpoint:
         await transport.accept()
         # Pings start once the client has connected: before that any frame, a pong too, is a
         # protocol error (3501), so a ping would only provoke one.
-        session = Session(hub, transport, wire.PLAIN, pong_timeout=settings.pong_timeout)
+        # a direct transport writes pre-built frames: pushes are framed once per publication
+        fmt = wire.wire_format(isinstance(transport, DirectTransport))
+        session = Session(hub, transport, fmt, pong_timeout=settings.pong_timeout)
         return session if await admit(session) else None
 
     def _clients(self, message: dict[str, Any]) -> list[Client]:

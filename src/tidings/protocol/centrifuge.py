@@ -7,7 +7,9 @@ fields (``data``, ``info``) carry raw embedded JSON, so publication bytes are sp
 :class:`orjson.Fragment`, never decoded. Empty fields are omitted.
 
 The encoders here build each push once per publication for every Centrifugo subscriber on the
-node: a push names the channel and the publication and nothing per subscriber.
+node: a push names the channel and the publication and nothing per subscriber. On a direct
+transport (`tidings serve`) the push is built as a complete WebSocket frame, so it is not framed
+again per subscriber either (:class:`CentrifugeFramed`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import orjson
 from ..brokers.base import ClientInfo, JoinLeave, Publication
 from ..errors import BAD_REQUEST, Disconnect, TidingsError
 from ..session import Frame
+from ..transport.frames import payload, text_frame
 
 PING = "{}"
 
@@ -145,29 +148,38 @@ def error_reply(cid: int, exc: TidingsError) -> str:
     return dumps({"id": cid, "error": error})
 
 
-def push(channel: str, kind: str, body: dict[str, Any]) -> str:
-    """A push to the client: ``kind`` is pub, join, leave, subscribe, unsubscribe, refresh..."""
+def push_bytes(channel: str, kind: str, body: dict[str, Any]) -> bytes:
+    """A push to the client as UTF-8 JSON: ``kind`` is pub, join, leave, subscribe, refresh..."""
     inner: dict[str, Any] = {"channel": channel} if channel else {}
     inner[kind] = body
-    return dumps({"push": inner})
+    return orjson.dumps({"push": inner})
+
+
+def push(channel: str, kind: str, body: dict[str, Any]) -> str:
+    """A push to the client as text (the frames a connection queues itself)."""
+    return push_bytes(channel, kind, body).decode()
 
 
 class _LastPush:
-    """The frame of the most recent publication, shared by every Centrifugo encoder."""
+    """The frame of the most recent publication, shared by the encoders of one variant; and
+    (framed variant) the last batch packed with what it packed into."""
 
-    __slots__ = ("frame", "pub")
+    __slots__ = ("batch", "frame", "packed", "pub")
 
     def __init__(self) -> None:
         self.pub: Publication | None = None
-        self.frame = ""
+        self.frame: Frame = ""
+        self.batch: list[Frame] = []
+        self.packed: Frame = ""
 
 
 class CentrifugeJson:
-    """The hub's :class:`~tidings.hub.Encoder` and the session's wire format.
+    """The hub's :class:`~tidings.hub.Encoder` and the session's wire format, for transports
+    that take text (ASGI): pushes are ``str``.
 
-    Two instances exist: one pushes join/leave events, one does not, so the hub's grouping by
-    encoder decides per subscription who gets them. Both share the last encoded publication,
-    so each publication is still encoded once per node."""
+    Two instances exist per variant: one pushes join/leave events, one does not, so the hub's
+    grouping by encoder decides per subscription who gets them. Both share the last encoded
+    publication, so each publication is still encoded once per node and variant."""
 
     __slots__ = ("_last", "with_join_leave")
 
@@ -175,19 +187,26 @@ class CentrifugeJson:
         self.with_join_leave = with_join_leave
         self._last = last
 
+    def encoder(self, join_leave: bool) -> CentrifugeJson:
+        """The encoder of this variant for a subscription with or without join/leave pushes."""
+        return WITH_JOIN_LEAVE if join_leave else PLAIN
+
+    def _frame(self, data: bytes) -> Frame:
+        """A push as this variant queues it (text here)."""
+        return data.decode()
+
     def push(self, pub: Publication) -> Frame:
         last = self._last
         if last.pub is not pub:
-            last.frame = push(pub.channel, "pub", publication(pub))
+            last.frame = self._frame(push_bytes(pub.channel, "pub", publication(pub)))
             last.pub = pub
         return last.frame
 
     def join_leave(self, event: JoinLeave) -> Frame | None:
         if not self.with_join_leave:
             return None
-        return push(
-            event.channel, "join" if event.join else "leave", {"info": client_info(event.info)}
-        )
+        kind = "join" if event.join else "leave"
+        return self._frame(push_bytes(event.channel, kind, {"info": client_info(event.info)}))
 
     def pack(self, frames: list[Frame]) -> list[Frame]:
         """Every queued reply and push in one WebSocket frame, newline-separated."""
@@ -199,6 +218,47 @@ class CentrifugeJson:
         return PING
 
 
-_shared = _LastPush()
-PLAIN = CentrifugeJson(False, _shared)
-WITH_JOIN_LEAVE = CentrifugeJson(True, _shared)
+class CentrifugeFramed(CentrifugeJson):
+    """The variant for direct transports (the fast path of `tidings serve`): a push is a
+    complete WebSocket frame (:class:`~tidings.transport.frames.WsFrame`), built once per
+    publication and written as it is to every subscriber, not framed again per subscriber.
+    Replies and the other frames a connection queues stay ``str``."""
+
+    __slots__ = ()
+
+    def encoder(self, join_leave: bool) -> CentrifugeJson:
+        return FRAMED_WITH_JOIN_LEAVE if join_leave else FRAMED_PLAIN
+
+    def _frame(self, data: bytes) -> Frame:
+        return text_frame(data)
+
+    def pack(self, frames: list[Frame]) -> list[Frame]:
+        """Several queued frames become one text frame, their payloads newline-separated:
+        the bytes the text variant's joined message makes once framed.
+
+        Every subscriber of a channel that got the same publications in one loop iteration
+        queued the same frames: the batch equal to the last one (the same objects, so the
+        comparison is one pointer test per frame) gets the frame packed for it, not a new one.
+        ``bytes`` here are frames built by this variant (``str`` and pre-built frames are all
+        a connection queues), so equal batches always pack alike."""
+        if len(frames) == 1:
+            return frames
+        last = self._last
+        if frames != last.batch:
+            parts = [f.encode() if isinstance(f, str) else payload(f) for f in frames]
+            last.packed = text_frame(b"\n".join(parts))
+            last.batch = frames.copy()  # the session reuses its list
+        return [last.packed]
+
+
+_text, _framed = _LastPush(), _LastPush()
+PLAIN = CentrifugeJson(False, _text)
+WITH_JOIN_LEAVE = CentrifugeJson(True, _text)
+FRAMED_PLAIN = CentrifugeFramed(False, _framed)
+FRAMED_WITH_JOIN_LEAVE = CentrifugeFramed(True, _framed)
+
+
+def wire_format(framed: bool) -> CentrifugeJson:
+    """The session's format (and encoder without join/leave) for a transport that does or
+    does not write pre-built frames."""
+    return FRAMED_PLAIN if framed else PLAIN

@@ -40,6 +40,13 @@ def binary_frame(payload: bytes) -> WsFrame:
     return _frame(_BINARY, payload)
 
 
+def payload(frame: bytes) -> bytes:
+    """The payload of a frame built here (a :class:`WsFrame`): the frame minus its 2, 4 or
+    10-byte header."""
+    n = frame[1]
+    return frame[2 if n < 126 else 4 if n == 126 else 10 :]
+
+
 def framed(frame: str | bytes) -> bytes:
     """``frame`` as bytes to write: a :class:`WsFrame` as it is, ``str`` as a text frame,
     other ``bytes`` as a binary frame (the meanings ASGI gives them)."""
