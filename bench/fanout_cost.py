@@ -1,16 +1,20 @@
-"""Centrifugo fan-out in one process: ``subs`` sessions on FastWebSocket's own write path.
+"""Fan-out in one process: ``subs`` sessions on FastWebSocket's own write path.
 
 No sockets and no client: each session's transport is a real :class:`FastWebSocket` whose
 asyncio transport only counts bytes, so the number is the server's cost from ``hub.publish``
-to ``transport.write`` (encode, frame, queue, pack) per delivery. CPU time of this process,
-not wall time: other processes on the machine inflate it far less. Two shapes:
+to ``transport.write`` (encode, frame, queue, pack) per delivery, for the raw or the Centrifugo
+protocol. CPU time of this process, not wall time: other processes on the machine inflate it
+far less. Shapes:
 
 - ``through``: one publication per loop iteration (written during the fan-out),
-- ``batch``: ``batch`` publications per loop iteration (queued, packed into one frame each).
+- ``batch``: ``batch`` publications per loop iteration (queued, packed into one write each),
+- ``ceiling``: the raw ceiling's loop for comparison: one frame built per publication, then
+  ``transport.write(frame)`` for every subscriber, nothing else.
 
-``python -m bench.cf_fanout [--subs 1000] [--pubs 200] [--batch 10] [--shapes through batch]``;
-for instruction counts, run one shape under ``valgrind --tool=callgrind`` with two ``--pubs``
-values (``--repeats 1``): the difference over the extra deliveries is the cost of one.
+``python -m bench.fanout_cost [--protocol raw|centrifuge] [--subs 1000] [--pubs 200]
+[--batch 10] [--shapes through batch ceiling]``; for instruction counts, run one shape under
+``valgrind --tool=callgrind`` with two ``--pubs`` values (``--repeats 1``): the difference over
+the extra deliveries is the cost of one.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from typing import Any
 from tidings import Hub, Settings
 from tidings.brokers import create_broker
 from tidings.protocol import centrifuge
+from tidings.protocol.raw import RAW_FRAMED
 from tidings.session import Session
 from tidings.transport.fast import FastWebSocket
+from tidings.transport.frames import text_frame
 
 
 class _Socket:
@@ -55,16 +61,28 @@ def _websocket(sock: _Socket) -> FastWebSocket:
     return ws
 
 
+def _ceiling(sockets: list[_Socket], pubs: int, data: str) -> None:
+    """The raw ceiling's fan-out (shared/bench/peers/raw_ceiling.py): frame once, write each."""
+    writes = [s.write for s in sockets]
+    for _ in range(pubs):
+        frame = text_frame(data.encode())
+        for write in writes:
+            write(frame)
+
+
 async def measure(
-    subs: int, pubs: int, batch: int, shapes: tuple[str, ...] = ("through", "batch")
+    subs: int,
+    pubs: int,
+    batch: int,
+    shapes: tuple[str, ...] = ("through", "batch"),
+    protocol: str = "centrifuge",
 ) -> dict[str, Any]:
     hub = Hub(create_broker("memory://"), Settings(max_connections=100_000))
     await hub.start()
     sock = _Socket()
-    # the session's format, as connection.py picks it (before the framed variant: PLAIN)
-    select = getattr(centrifuge, "wire_format", None)
-    wire = select(True) if select else centrifuge.PLAIN
-    encoder = wire.encoder(False) if hasattr(wire, "encoder") else wire
+    # the session's format, as the endpoints pick it for a direct transport
+    wire: Any = RAW_FRAMED if protocol == "raw" else centrifuge.wire_format(True)
+    encoder = RAW_FRAMED if protocol == "raw" else wire.encoder(False)
     try:
         for _ in range(subs):
             session = Session(hub, _websocket(sock), wire)
@@ -74,6 +92,12 @@ async def measure(
         out: dict[str, Any] = {"subs": subs, "pubs": pubs, "batch": batch}
         out["format"] = type(wire).__name__
         for shape in shapes:
+            if shape == "ceiling":
+                t0 = time.process_time()
+                _ceiling([_Socket() for _ in range(subs)], pubs, "x" * 100)
+                cpu = time.process_time() - t0
+                out["ceiling_us_per_delivery"] = round(cpu / (pubs * subs) * 1e6, 3)
+                continue
             per_iteration = batch if shape == "batch" else 1
             await asyncio.sleep(0)
             await asyncio.sleep(0)
@@ -97,11 +121,13 @@ def main() -> None:
     parser.add_argument("--pubs", type=int, default=200)
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--shapes", nargs="+", default=["through", "batch"])
+    parser.add_argument("--shapes", nargs="+", default=["through", "batch", "ceiling"])
+    parser.add_argument("--protocol", choices=["raw", "centrifuge"], default="centrifuge")
     args = parser.parse_args()
     shapes = tuple(args.shapes)
     runs = [
-        asyncio.run(measure(args.subs, args.pubs, args.batch, shapes)) for _ in range(args.repeats)
+        asyncio.run(measure(args.subs, args.pubs, args.batch, shapes, args.protocol))
+        for _ in range(args.repeats)
     ]
     best = dict(runs[0])
     for key in best:
