@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from tidings.front import Front
+from tidings.transport import http as http_module
 from tidings.transport.http import FastHttp
 
 from .conftest import Running, Serve
@@ -196,3 +197,22 @@ async def test_idle_keep_alive_connection_is_closed(serve: Serve) -> None:
         assert reader.at_eof()
     finally:
         writer.close()
+
+
+async def test_an_unfamiliar_uvicorn_gets_its_own_path(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If uvicorn's internals change, publishing still works, through uvicorn's ASGI cycle."""
+    monkeypatch.setattr(http_module, "_checked", [False])
+    through_asgi: list[str] = []
+    answer = Front._answer
+
+    def spy(call: Any, scope: Any, receive: Any, send: Any) -> Any:
+        through_asgi.append(scope["path"])
+        return answer(call, scope, receive, send)
+
+    monkeypatch.setattr(Front, "_answer", staticmethod(spy))
+    srv = await serve(fast=True)
+    got = await responses(srv.port, [request("/publish/u", b"x")], pipelined=False)
+    assert got[0].startswith(b"HTTP/1.1 200 OK") and b'"offset":1' in got[0]
+    assert through_asgi == ["/publish/u"]
