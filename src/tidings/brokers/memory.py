@@ -29,11 +29,18 @@ from .base import (
 SWEEP_INTERVAL = 30.0
 
 
+#: a kept publication: (expires, offset, data, time, info, tags). A plain tuple, not a
+#: Publication: once it survives a collection the garbage collector stops tracking a tuple of
+#: strings and numbers, while 100 kept objects in each of 1,000 channels stayed tracked and
+#: made every full collection scan them (43 ms pauses under publish load).
+_Kept = tuple[float, int, bytes, float, ClientInfo | None, dict[str, str] | None]
+
+
 @dataclass(slots=True)
 class _Stream:
     epoch: str = field(default_factory=new_epoch)
     offset: int = 0
-    items: deque[tuple[float, Publication]] = field(default_factory=deque)
+    items: deque[_Kept] = field(default_factory=deque)
     size: int = 0
     expires: float = 0.0  # monotonic time the whole stream (offset, epoch) is forgotten
 
@@ -107,10 +114,12 @@ class MemoryBroker(Broker):
         now = time.monotonic()
         stream = self._stream(channel, now, history.meta_ttl)
         stream.offset += 1
-        pub = Publication(channel, data, stream.offset, stream.epoch, info, tags, time.time())
+        offset, at = stream.offset, time.time()
+        pub = Publication(channel, data, offset, stream.epoch, info, tags, at)
         if history.size > 0:
             stream.size = history.size
-            stream.items.append((now + history.ttl if history.ttl > 0 else float("inf"), pub))
+            expires = now + history.ttl if history.ttl > 0 else float("inf")
+            stream.items.append((expires, offset, data, at, info, tags))
             self._trim(stream, now)
         for node in tuple(self._store.nodes):
             if channel in node._channels:
@@ -141,9 +150,13 @@ class MemoryBroker(Broker):
         position = StreamPosition(stream.offset, stream.epoch)
         if limit == 0:
             return HistoryResult([], position)
-        pubs = [p for _, p in stream.items]
-        if since is not None:
-            pubs = [p for p in pubs if p.offset > since.offset]
+        after = since.offset if since is not None else 0
+        epoch = stream.epoch
+        pubs = [
+            Publication(channel, data, offset, epoch, info, tags, at)
+            for _, offset, data, at, info, tags in stream.items
+            if offset > after
+        ]
         if reverse:
             pubs.reverse()
         if limit is not None and limit > 0:
