@@ -14,6 +14,7 @@ from typing import Any
 import jwt
 import orjson
 
+from .brokers.base import compact
 from .channels import USER_SEPARATOR, Channel
 from .config import Settings
 from .errors import PermissionDenied, TokenExpired, Unauthorized
@@ -157,7 +158,7 @@ def connection_credentials(claims: dict[str, Any]) -> Credentials:
     return Credentials(
         user=str(claims["sub"]),
         expires=claims.get("exp"),
-        info=orjson.dumps(info) if info is not None else None,
+        info=compact(orjson.dumps(info)) if info is not None else None,
         channels=tuple(channels),
         claims=claims,
     )

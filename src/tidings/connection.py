@@ -26,7 +26,7 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from .auth import ANONYMOUS, Credentials, can_subscribe, check_user_limited
-from .brokers.base import ClientInfo, HistoryResult, JoinLeave, StreamPosition
+from .brokers.base import ClientInfo, HistoryResult, JoinLeave, StreamPosition, compact
 from .channels import PRIVATE_PREFIX, USER_SEPARATOR, Channel
 from .endpoints import admit
 from .errors import (
@@ -401,7 +401,7 @@ class Client:
             self.session.client_id,
             self.who.user,
             self.who.info,
-            orjson.dumps(chan_info) if chan_info is not None else None,
+            compact(orjson.dumps(chan_info)) if chan_info is not None else None,
         )
         join_leave = opts.force_push_join_leave or bool(
             opts.join_leave and request.get("join_leave")

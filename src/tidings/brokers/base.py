@@ -22,6 +22,13 @@ from ..errors import Unavailable
 DEFAULT_META_TTL = 7 * 86400.0
 
 
+def compact(data: bytes) -> bytes:
+    """An exact-size copy of ``data``, for what is kept a long time. orjson's output holds on to
+    its whole working buffer (4 KiB for a 100-byte document, measured with tracemalloc), so
+    history entries or connection info kept as orjson returned them cost 4 KiB each."""
+    return memoryview(data).tobytes()
+
+
 def new_epoch() -> str:
     """A fresh epoch: random, so a stream that is lost and restarted never reuses one."""
     return secrets.token_hex(4)

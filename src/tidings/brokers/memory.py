@@ -23,6 +23,7 @@ from .base import (
     JoinLeave,
     Publication,
     StreamPosition,
+    compact,
     new_epoch,
 )
 
@@ -119,7 +120,7 @@ class MemoryBroker(Broker):
         if history.size > 0:
             stream.size = history.size
             expires = now + history.ttl if history.ttl > 0 else float("inf")
-            stream.items.append((expires, offset, data, at, info, tags))
+            stream.items.append((expires, offset, compact(data), at, info, tags))
             self._trim(stream, now)
         for node in tuple(self._store.nodes):
             if channel in node._channels:
