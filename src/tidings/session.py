@@ -4,6 +4,8 @@ Fan-out calls :meth:`Session.enqueue` for every subscriber of a channel. It neve
 never grows memory without bound: it appends already-encoded frames to the outbox and marks the
 session dirty; once per event-loop iteration the :class:`Flusher` hands every dirty session's
 outbox to its writer, which packs the queued frames into as few writes as its wire format allows.
+On an ASGI transport the Flusher starts that write itself (:meth:`Session.flush`): a socket that
+is not backed up takes it without suspending, so no writer task wakes at all.
 A client whose outbox passes ``outbox_limit`` bytes is closed as slow (3008) and its frames are
 dropped: one slow reader never holds up the publisher or the other subscribers.
 
@@ -17,9 +19,11 @@ the wheel's resolution (``Hub.wheel``: at most 1 s, a quarter of the shortest su
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
-from collections.abc import Awaitable, Callable
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .errors import NO_PONG, SLOW, Disconnect
@@ -83,6 +87,60 @@ Handler = Callable[["Session", Frame], Awaitable[None]]
 
 _ids = itertools.count(1)
 
+try:  # what asyncio's own eager tasks (3.12) do: run a step "as" a task that is not running
+    from asyncio.tasks import _enter_task, _leave_task
+
+    EAGER = True
+except ImportError:  # pragma: no cover - an asyncio without them: the writer task sends
+    EAGER = False
+
+
+class _Handoff:
+    """A send the Flusher started that the writer task must finish (or the error it raised)."""
+
+    __slots__ = ("coro", "error", "size", "step")
+
+    def __init__(
+        self,
+        coro: Coroutine[Any, Any, None] | None,
+        step: Any,
+        size: int,
+        error: BaseException | None = None,
+    ) -> None:
+        self.coro = coro
+        self.step = step  # what the coroutine yielded: the future it waits on
+        self.size = size  # bytes of the batch, counted in Session._pending until it is written
+        self.error = error  # thrown into it first (raised instead when there is no coro)
+
+
+@types.coroutine
+def _resume(
+    coro: Coroutine[Any, Any, None], step: Any, error: BaseException | None
+) -> Generator[Any, Any, None]:
+    """Go on with a coroutine that suspended outside any task, in the task awaiting this.
+
+    What ``await coro`` would do had the task started it: whatever the task sends or throws
+    goes to ``coro``, starting from the future it yielded (``step``)."""
+    while True:
+        if error is not None:
+            thrown, error = error, None
+            try:
+                step = coro.throw(thrown)
+            except StopIteration:
+                return
+        try:
+            value = yield step
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # cancellation included: it is coro's to handle
+            error = exc
+            continue
+        try:
+            step = coro.send(value)
+        except StopIteration:
+            return
+
 
 class Flusher:
     """Hands dirty sessions to their writers once per loop iteration, not once per message.
@@ -140,9 +198,12 @@ class Session:
     __slots__ = (
         "__weakref__",
         "_closing",
+        "_context",
         "_direct",
         "_dirty",
+        "_eager",
         "_flusher",
+        "_handoff",
         "_outbox",
         "_pending",
         "_pinged",
@@ -202,6 +263,10 @@ class Session:
             self._direct.on_drain = self.flush
         self._reader: asyncio.Task[Any] | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._context: contextvars.Context | None = None  # the writer's
+        #: True while the writer task waits with nothing in flight: flush() may send eagerly
+        self._eager = False
+        self._handoff: _Handoff | None = None
         self._receiving = False
         self._sending = False
         self._pinged = False  # a ping is out, its pong not back yet
@@ -248,16 +313,55 @@ class Session:
             self.enqueue(frame)
 
     def flush(self) -> None:
-        """Hand the outbox on: written here on a direct transport, else wake the writer task."""
+        """Hand the outbox on: written here on a direct transport, else started here (see
+        :meth:`_send_eagerly`) or left to the writer task."""
         self._dirty = False
         direct = self._direct
         if direct is None:
-            self._wakeup.set()
+            if self._eager and self._outbox:
+                self._send_eagerly()
+            else:
+                self._wakeup.set()
         elif self._outbox and not self._closing and direct.writable:
             outbox = self._outbox
             self._pending = 0
             direct.write_frames(self.format.pack(outbox))
             outbox.clear()  # written synchronously: the list is reused, not reallocated
+
+    def _send_eagerly(self) -> None:
+        """Start the writer's next send here, as the writer task would: no task switch at all.
+
+        The ASGI ``send`` runs one step in the writer task's name and context (so code in it
+        that needs a current task, e.g. ``asyncio.timeout``, works). Usually it writes to a
+        socket that is not backed up and returns at once; if it suspends instead, the writer
+        task takes the suspended coroutine over and awaits it before anything queued later."""
+        writer, context = self._writer, self._context
+        assert writer is not None and context is not None  # _eager is only set by the writer
+        loop = writer.get_loop()
+        try:
+            _enter_task(loop, writer)
+        except RuntimeError:  # called from inside a task: the writer task sends
+            self._wakeup.set()
+            return
+        batch, self._outbox = self._outbox, []
+        size = self._pending  # nothing is in flight: all that is pending is in this batch
+        try:
+            coro = self.transport.send(self.format.pack(batch))
+            step = context.run(coro.send, None)
+        except StopIteration:
+            self._pending -= size
+            return
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # the writer raises it as if its own send had
+            self._handoff = _Handoff(None, None, size, exc)
+        else:
+            self._handoff = _Handoff(coro, step, size)
+            self._sending = True
+        finally:
+            _leave_task(loop, writer)
+        self._eager = False
+        self._wakeup.set()
 
     @property
     def closing(self) -> bool:
@@ -275,9 +379,13 @@ class Session:
             self._outbox.clear()
             self._pending = 0
         if self._direct is None:
+            self._eager = False
             self._wakeup.set()
-            if unresponsive and self._sending and self._writer is not None:
-                self._writer.cancel()  # stop waiting on its full socket; the writer then closes
+            if unresponsive and self._sending:  # stop waiting on its full socket, then close
+                if self._handoff is not None:  # not yet taken over by the writer
+                    self._handoff.error = asyncio.CancelledError()
+                elif self._writer is not None:
+                    self._writer.cancel()
             return
         batch, self._outbox = self._outbox, []
         self._pending = 0
@@ -285,18 +393,36 @@ class Session:
         self._direct.finish(frames, reason.code, reason.reason, self.hub.settings.close_timeout)
 
     async def _write_loop(self) -> None:
-        """The only writer of an ASGI connection: drains the outbox in batches, then closes."""
+        """The only writer of an ASGI connection: drains the outbox in batches, then closes.
+
+        While it waits with nothing in flight the Flusher starts its sends (``_eager``); it
+        wakes only to finish one of those that suspended, to write what queued up meanwhile,
+        or to close."""
         transport, wire = self.transport, self.format
         try:
             while True:
+                self._eager = EAGER and not self._closing
                 await self._wakeup.wait()
+                self._eager = False
                 self._wakeup.clear()
-                while self._outbox:
-                    batch, self._outbox = self._outbox, []
-                    size = sum(len(f) for f in batch)
+                while True:
+                    sending: Awaitable[None]
+                    handoff = self._handoff
+                    if handoff is not None:  # the Flusher's send: first, it was queued first
+                        self._handoff = None
+                        if handoff.coro is None:  # it failed at once
+                            raise handoff.error or RuntimeError("send failed")
+                        sending = _resume(handoff.coro, handoff.step, handoff.error)
+                        size = handoff.size
+                    elif self._outbox:
+                        batch, self._outbox = self._outbox, []
+                        size = sum(map(len, batch))
+                        sending = transport.send(wire.pack(batch))
+                    else:
+                        break
                     self._sending = True
                     try:
-                        await transport.send(wire.pack(batch))
+                        await sending
                     except asyncio.CancelledError:
                         if not self._closing:  # not our own abort: a real cancellation
                             raise
@@ -312,6 +438,11 @@ class Session:
                 self.closed_with = Disconnect(1006, "gone")
             self._closing = True
             return
+        finally:
+            self._eager = False
+            if self._handoff is not None and self._handoff.coro is not None:
+                self._handoff.coro.close()  # cancelled before it could take the send over
+            self._handoff = None
         reason = self.closed_with or Disconnect(1000, "")
         try:
             async with asyncio.timeout(self.hub.settings.close_timeout):
@@ -372,7 +503,10 @@ class Session:
         self._reader = asyncio.current_task()
         writer = None  # a direct transport is written by flush() and close(), not by a task
         if self._direct is None:
-            writer = self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+            # its own context, which flush() also runs its eager sends in
+            context = self._context = contextvars.copy_context()
+            loop = asyncio.get_running_loop()
+            writer = self._writer = loop.create_task(self._write_loop(), context=context)
         self._schedule_ping(first=True)
         try:
             while not self._closing:
