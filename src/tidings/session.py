@@ -162,6 +162,11 @@ class Flusher:
         #: the last iteration had several publications: queue, they are likely to coalesce
         self.busy = False
 
+    @property
+    def pending(self) -> bool:
+        """A flush is scheduled for the end of this loop iteration."""
+        return self._scheduled
+
     def write_through(self) -> bool:
         """Count a publication in; True if it should be written straight through: it is the
         first in this iteration (later ones are queued behind it) and the last iteration had

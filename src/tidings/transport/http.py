@@ -195,6 +195,7 @@ class FastHttp(CorkedHttpTools):
             front = None
         self.front = front
         self.eager = front is not None and front.http.hub.broker.synchronous
+        self.flusher = front.http.hub.flusher if front is not None else None
         self.max_body = max(front.http.text_limit, front.http.api_limit) if front else 0
         self.answer: Answer | None = None
         self.answering: _Answering | None = None
@@ -206,7 +207,11 @@ class FastHttp(CorkedHttpTools):
 
     def data_received(self, data: bytes) -> None:
         """Answers written while parsing ``data`` (several, if pipelined) leave in one write
-        at the end, with no callback scheduled for it."""
+        at the end: at once, or, when publications are queued for the Flusher, right after it
+        (its callback was scheduled first). A publisher is answered once its publication is in
+        the subscribers' sockets, so it cannot run ahead of the fan-out and pile messages up
+        (measured: p99 at 5,000 subscribers 567 ms answering at once, vs 360 for the raw
+        ceiling, which answers after its writes)."""
         cork: Any = self.transport  # a Cork until a WebSocket upgrade
         if type(cork) is not Cork:
             super().data_received(data)
@@ -216,7 +221,11 @@ class FastHttp(CorkedHttpTools):
             super().data_received(data)
         finally:
             cork.held = False
-            cork.flush()
+            if cork.chunks:
+                if self.flusher is not None and self.flusher.pending:
+                    cork.loop.call_soon(cork.flush)
+                else:
+                    cork.flush()
 
     def on_message_begin(self) -> None:
         if self.front is None:
