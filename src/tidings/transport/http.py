@@ -174,7 +174,8 @@ class FastHttp(CorkedHttpTools):
     dicts, starlette's Request and Response; under publish load that was over half of the CPU
     (bench/RESULTS.md). ``POST /api/{method}`` and ``POST /publish/{channel}`` go here straight
     from httptools' callbacks to :class:`~tidings.api.HttpApi` (the code the FastAPI routes
-    call), run eagerly when the broker never suspends, and the response is written at once. Any
+    call), run eagerly when the broker never suspends, and the response is written in the same
+    loop iteration, right after the publication's frames (see :meth:`data_received`). Any
     request that needs more (``Expect: 100-continue``, a body declared over the limit, one
     pipelined behind a request still being answered, a paused socket) takes uvicorn's path to
     the same code. Anything else is uvicorn's, unchanged.
