@@ -73,7 +73,7 @@ async def stalled_subscriber(srv: Running, channel: str) -> RawWs:
 async def test_a_send_that_suspends_keeps_order(
     serve: Serve, ws_impl: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    handoffs = count_calls(monkeypatch, "_resume")
+    handoffs = count_calls(monkeypatch, "resume")
     eager = count_calls(monkeypatch, "_enter_task")
     srv = await serve(outbox_limit=64 * 2**20, fast=False, uvicorn_options={"ws": ws_impl})
     ws = await stalled_subscriber(srv, "feed")  # reads nothing until everything is queued

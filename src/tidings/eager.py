@@ -26,23 +26,33 @@ Done = Callable[[Any, BaseException | None], None]
 
 
 @types.coroutine
-def _resume(coro: Coroutine[Any, Any, T], suspended_on: Any) -> Generator[Any, Any, T]:
-    """Go on with ``coro`` inside the task that awaits this, from its first suspension: hand
-    the task what ``coro`` yielded, and feed ``coro`` what the task sends or throws back."""
-    yielded = suspended_on
+def resume(
+    coro: Coroutine[Any, Any, T], step: Any, error: BaseException | None = None
+) -> Generator[Any, Any, T]:
+    """Go on with a coroutine that suspended outside any task, in the task awaiting this.
+
+    What ``await coro`` would do had the task started it: the task is handed what ``coro``
+    yielded (``step``: the future it waits on), and whatever the task sends or throws back goes
+    to ``coro``; ``error``, if given, is thrown into it first."""
     while True:
+        if error is not None:
+            thrown, error = error, None
+            try:
+                step = coro.throw(thrown)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
         try:
-            value = yield yielded
-        except BaseException as exc:  # thrown in by the task (its cancellation, mostly)
-            try:
-                yielded = coro.throw(exc)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-        else:
-            try:
-                yielded = coro.send(value)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
+            value = yield step
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # cancellation included: it is coro's to handle
+            error = exc
+            continue
+        try:
+            step = coro.send(value)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
 
 
 async def _await(awaitable: Any) -> Any:
@@ -75,7 +85,7 @@ def run(
         except Exception as exc:
             done(None, exc)
             return True
-        awaitable: Any = _resume(coro, suspended_on)
+        awaitable: Any = resume(coro, suspended_on)
     else:
         awaitable = coro
     task = asyncio.get_running_loop().create_task(_await(awaitable))

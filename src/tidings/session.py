@@ -22,10 +22,10 @@ import asyncio
 import contextvars
 import itertools
 import logging
-import types
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from .eager import resume
 from .errors import NO_PONG, SLOW, Disconnect
 
 if TYPE_CHECKING:
@@ -111,35 +111,6 @@ class _Handoff:
         self.step = step  # what the coroutine yielded: the future it waits on
         self.size = size  # bytes of the batch, counted in Session._pending until it is written
         self.error = error  # thrown into it first (raised instead when there is no coro)
-
-
-@types.coroutine
-def _resume(
-    coro: Coroutine[Any, Any, None], step: Any, error: BaseException | None
-) -> Generator[Any, Any, None]:
-    """Go on with a coroutine that suspended outside any task, in the task awaiting this.
-
-    What ``await coro`` would do had the task started it: whatever the task sends or throws
-    goes to ``coro``, starting from the future it yielded (``step``)."""
-    while True:
-        if error is not None:
-            thrown, error = error, None
-            try:
-                step = coro.throw(thrown)
-            except StopIteration:
-                return
-        try:
-            value = yield step
-        except GeneratorExit:
-            coro.close()
-            raise
-        except BaseException as exc:  # cancellation included: it is coro's to handle
-            error = exc
-            continue
-        try:
-            step = coro.send(value)
-        except StopIteration:
-            return
 
 
 class Flusher:
@@ -417,7 +388,7 @@ class Session:
                         self._handoff = None
                         if handoff.coro is None:  # it failed at once
                             raise handoff.error or RuntimeError("send failed")
-                        sending = _resume(handoff.coro, handoff.step, handoff.error)
+                        sending = resume(handoff.coro, handoff.step, handoff.error)
                         size = handoff.size
                     elif self._outbox:
                         batch, self._outbox = self._outbox, []
