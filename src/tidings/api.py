@@ -120,6 +120,18 @@ class HttpApi:
             return self.open
         return check_api_key(self.settings, headers)
 
+    async def _body(
+        self, headers: Headers, read: ReadBody, limit: int, status: int
+    ) -> bytes | Reply:
+        """The request body, or the answer instead: 401 without the API key, ``status`` past
+        ``limit`` bytes."""
+        if not self.authorized(headers):
+            return self.denied
+        body = await read(limit)
+        if body is None:
+            return error_reply(too_big(limit), status)
+        return body
+
     async def _publish(self, channel: str, data: bytes) -> Reply:
         try:
             position = await self.hub.publish_json(channel, data)
@@ -129,11 +141,9 @@ class HttpApi:
 
     async def server_api(self, method: str, headers: Headers, read: ReadBody) -> Reply:
         """Centrifugo's server API: ``publish``, ``broadcast``, ``history``, ``batch``, ..."""
-        if not self.authorized(headers):
-            return self.denied
-        body = await read(self.api_limit)
-        if body is None:
-            return error_reply(too_big(self.api_limit), 413)
+        body = await self._body(headers, read, self.api_limit, 413)
+        if isinstance(body, tuple):
+            return body
         try:
             params = parse_object(body) if body.strip() else {}
             answer = await self.api.call(method, params)
@@ -153,11 +163,9 @@ class HttpApi:
     async def legacy_api(self, headers: Headers, read: ReadBody) -> Reply:
         """Centrifugo's older single endpoint (cent < 5, gocent < 3): newline-delimited
         ``{"id": n, "method": "publish", "params": {...}}``, one reply line each."""
-        if not self.authorized(headers):
-            return self.denied
-        body = await read(self.api_limit)
-        if body is None:
-            return error_reply(too_big(self.api_limit), 413)
+        body = await self._body(headers, read, self.api_limit, 413)
+        if isinstance(body, tuple):
+            return body
         replies = []
         for line in body.splitlines():
             if not line.strip():
@@ -181,12 +189,10 @@ class HttpApi:
 
     async def push(self, headers: Headers, read: ReadBody) -> Reply:
         """The FastAPI + broadcaster example's shape: ``{"channel": str, "message": str}``."""
-        if not self.authorized(headers):
-            return self.denied
-        body = await read(self.text_limit)
+        body = await self._body(headers, read, self.text_limit, 400)
+        if isinstance(body, tuple):
+            return body
         try:
-            if body is None:
-                raise too_big(self.text_limit)
             payload = parse_object(body)
             channel = _string(payload, "channel")
             message = _string(payload, "message")
@@ -196,11 +202,9 @@ class HttpApi:
 
     async def publish_text(self, channel: str, headers: Headers, read: ReadBody) -> Reply:
         """The tutorial shape: the request body, as text, is the message."""
-        if not self.authorized(headers):
-            return self.denied
-        body = await read(self.text_limit)
-        if body is None:
-            return error_reply(too_big(self.text_limit), 400)
+        body = await self._body(headers, read, self.text_limit, 400)
+        if isinstance(body, tuple):
+            return body
         try:
             text = body.decode()
         except UnicodeDecodeError:
