@@ -57,7 +57,8 @@ def _websocket(sock: _Socket) -> FastWebSocket:
     ws.transport = sock  # type: ignore[assignment]
     ws.close_sent = ws.disconnected = False
     ws.writable = ws.framed = True
-    ws.on_drain = None
+    ws.on_drain = ws.on_sink = None
+    ws.sink = sock
     return ws
 
 

@@ -21,6 +21,8 @@ class _Sink:
     """A direct transport that drops what it is given."""
 
     on_drain: Any = None
+    on_sink: Any = None
+    sink: Any = None
     writable = True
     framed = True
 

@@ -20,7 +20,15 @@ from tidings.brokers.base import ClientInfo, JoinLeave, Publication
 from tidings.front import Front
 from tidings.protocol import centrifuge as cf
 from tidings.transport.fast import FastWebSocket, heartbeat
-from tidings.transport.frames import binary_frame, framed, payload, text_frame
+from tidings.transport.frames import (
+    COPY_BELOW,
+    binary_bytes,
+    binary_frame,
+    framed,
+    payload,
+    text_bytes,
+    text_frame,
+)
 
 from .conftest import Running, Serve
 from .wsraw import RawWs, close_code
@@ -258,7 +266,12 @@ def test_hand_built_frames_equal_websockets_frames(size: int) -> None:
     assert framed(data) == binary_frame(data)  # plain bytes: a binary message
     assert framed("é" * size) == text_frame(("é" * size).encode())
     built = text_frame(data)
-    assert framed(built) is built  # pre-built frames go out as they are
+    assert framed(built) == built  # pre-built frames go out as they are
+    # ... as plain bytes below COPY_BELOW (uvloop takes a subclass through a memoryview),
+    # larger ones uncopied
+    assert type(framed(built)) is bytes if len(built) < COPY_BELOW else framed(built) is built
+    assert type(text_bytes(data)) is bytes and text_bytes(data) == built
+    assert type(binary_bytes(data)) is bytes and binary_bytes(data) == binary_frame(data)
 
 
 def test_framed_centrifuge_encoders_write_the_text_encoders_bytes() -> None:

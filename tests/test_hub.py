@@ -11,8 +11,11 @@ import pytest
 from tidings import Settings
 from tidings.brokers.base import JoinLeave, Publication
 from tidings.brokers.memory import MemoryBroker
+from tidings.errors import Disconnect
 from tidings.hub import Hub
+from tidings.protocol.raw import RAW_FRAMED
 from tidings.session import Frame, Session
+from tidings.transport.frames import text_frame
 
 
 class Recorder:
@@ -239,6 +242,8 @@ class Direct(Recorder):
     def __init__(self) -> None:
         super().__init__()
         self.on_drain = None
+        self.on_sink = None
+        self.sink = None  # no sink: every write goes through write_frame(s)
         self.writable = True
         self.writes: list[list[Frame]] = []
 
@@ -295,6 +300,75 @@ async def test_a_lone_publication_is_written_during_the_fan_out(hub: Hub) -> Non
     assert transports[0].writes[-1] == [b"7", b"8"]
     assert [f for t in transports for w in t.writes for f in w].count(b"8") == 3
     assert encoder.calls == 8  # still encoded once per publication
+
+
+class SinkDirect(Direct):
+    """A direct transport with a sink, kept as FastWebSocket keeps it: the socket's transport
+    while open and writable, None while paused or closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sink = self  # type: ignore[assignment]
+        self.through: list[bytes] = []  # what arrived through the sink
+
+    def write(self, data: bytes) -> None:
+        self.through.append(data)
+
+    def pause(self) -> None:
+        self.writable, self.sink = False, None
+        if self.on_sink is not None:
+            self.on_sink()
+
+    def resume(self) -> None:
+        self.writable, self.sink = True, self  # type: ignore[assignment]
+        if self.on_sink is not None:
+            self.on_sink()
+        if self.on_drain is not None:
+            self.on_drain()
+
+
+async def test_write_through_goes_to_the_sink_only_when_nothing_can_be_overtaken(
+    hub: Hub,
+) -> None:
+    """A lone pre-framed push is written straight to the socket's transport, as plain bytes;
+    while the socket is paused pushes queue, and once it drains they leave in order before
+    the sink is used again; a closing session's sink is gone."""
+    transport = SinkDirect()
+    session = Session(hub, transport, RAW_FRAMED)
+    hub.connect(session)
+    await hub.subscribe(session, "sink", RAW_FRAMED)
+    await asyncio.sleep(0.01)
+
+    await hub.publish_json("sink", b'"1"')
+    assert transport.through == [text_frame(b"1")] and type(transport.through[0]) is bytes
+    assert transport.writes == []
+    await asyncio.sleep(0.01)
+
+    transport.pause()
+    await hub.publish_json("sink", b'"2"')
+    await asyncio.sleep(0.01)
+    await hub.publish_json("sink", b'"3"')
+    await asyncio.sleep(0.01)
+    assert len(transport.through) == 1 and transport.writes == [] and session.sink is None
+
+    transport.resume()  # the queue leaves first, then the sink is back
+    assert transport.writes == [[text_frame(b"2"), text_frame(b"3")]]
+    assert session.sink is transport
+    await hub.publish_json("sink", b'"4"')
+    assert transport.through[-1] == text_frame(b"4")
+    await asyncio.sleep(0.01)
+
+    session.enqueue("reply")  # a queued reply: the push must not overtake it
+    await hub.publish_json("sink", b'"5"')
+    assert transport.through[-1] == text_frame(b"4")
+    await asyncio.sleep(0.01)
+    assert transport.writes[-1] == ["reply", text_frame(b"5")]
+    assert session.sink is transport
+
+    session.close(Disconnect(3000, "bye"))
+    assert session.sink is None
+    await hub.publish_json("sink", b'"6"')
+    assert transport.through[-1] == text_frame(b"4")
 
 
 async def test_history_does_not_keep_orjsons_working_buffers(hub: Hub) -> None:

@@ -61,6 +61,11 @@ class DirectTransport(Transport, Protocol):
     #: False while the socket's buffer is above its high-water mark (an attribute, not a
     #: property: it is read once per subscriber per flush)
     writable: bool
+    #: the socket's own transport while a complete frame (a ``WsFrame``) may be written
+    #: straight to it: open, writable, no close frame sent; else None. ``on_sink`` is called
+    #: when it changes.
+    sink: asyncio.WriteTransport | None
+    on_sink: Callable[[], None] | None
 
     def write_frames(self, frames: list[Frame]) -> None:
         """Write ``frames`` now, in one call (the list is reused afterwards: don't keep it)."""
@@ -199,6 +204,7 @@ class Session:
         "ping_interval",
         "pong_timeout",
         "protocol",
+        "sink",
         "transport",
         "user",
         "wheel_bucket",
@@ -233,10 +239,16 @@ class Session:
         self._dirty = False
         self._closing = False
         self._direct = transport if isinstance(transport, DirectTransport) else None
+        #: the socket's transport while a pre-framed push may bypass the outbox (see
+        #: :meth:`_resink`): the fan-out's write-through writes to it with no Python frame
+        #: between
+        self.sink: asyncio.WriteTransport | None = None
         if self._direct is None:
             self._wakeup = asyncio.Event()
         else:  # no writer task, so no wake-up event (~0.8 KiB per idle connection)
             self._direct.on_drain = self.flush
+            self._direct.on_sink = self._resink
+            self.sink = self._direct.sink
         self._reader: asyncio.Task[Any] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._context: contextvars.Context | None = None  # the writer's
@@ -272,6 +284,7 @@ class Session:
             return
         self._pending = pending
         self._outbox.append(frame)
+        self.sink = None  # queued frames go first
         if not self._dirty:
             self._dirty = True
             flusher = self._flusher  # Flusher.mark, inlined: once per subscriber per flush
@@ -303,6 +316,16 @@ class Session:
             self._pending = 0
             direct.write_frames(self.format.pack(outbox))
             outbox.clear()  # written synchronously: the list is reused, not reallocated
+            self.sink = direct.sink
+
+    def _resink(self) -> None:
+        """``sink`` is the transport's while nothing is queued and the session is open: a
+        frame written there cannot overtake a queued one, nor follow a close. Called by the
+        transport when its own sink changes (paused, drained, closing)."""
+        direct = self._direct
+        self.sink = (
+            direct.sink if direct is not None and not self._outbox and not self._closing else None
+        )
 
     def _send_eagerly(self) -> None:
         """Start the writer's next send here, as the writer task would: no task switch at all.
@@ -348,6 +371,7 @@ class Session:
         if self._closing:
             return
         self._closing = True
+        self.sink = None
         self.closed_with = reason
         self._cancel_timers()
         unresponsive = reason is SLOW or reason is NO_PONG
@@ -492,6 +516,7 @@ class Session:
                     self._receiving = False
                     if message is None:  # the client is gone: nothing more to write
                         self._closing = True
+                        self.sink = None
                         if self.closed_with is None:
                             self.closed_with = Disconnect(1000, "client closed")
                         return
@@ -514,6 +539,7 @@ class Session:
             self._outbox.clear()
             if writer is not None and not writer.done():
                 writer.cancel()
+            self.sink = None
             if self._direct is not None:
-                self._direct.on_drain = None
+                self._direct.on_drain = self._direct.on_sink = None
             await self.hub.forget(self)

@@ -51,7 +51,7 @@ from websockets.server import ServerProtocol
 from ..session import Frame
 from ..wheel import Wheel
 from .asgi import AsgiTransport
-from .frames import WsFrame, binary_frame, framed, text_frame
+from .frames import WsFrame, binary_bytes, framed, text_bytes
 
 log = logging.getLogger("uvicorn.error")
 
@@ -80,11 +80,13 @@ class FastWebSocket(asyncio.Protocol):
         "framed",
         "handshake_complete",
         "on_drain",
+        "on_sink",
         "ping_payload",
         "read_paused",
         "response",
         "scope",
         "server_state",
+        "sink",
         "transport",
         "wheel_bucket",
         "writable",
@@ -116,6 +118,9 @@ class FastWebSocket(asyncio.Protocol):
         self.read_paused = False
         self.framed = True  # tidings sessions may hand us pre-built frames
         self.on_drain: Any = None  # a Session's flush, called when the socket drains
+        #: the socket's transport while frames may go straight to it (session.DirectTransport)
+        self.sink: Any = None
+        self.on_sink: Any = None  # a Session's _resink, called when ``sink`` changes
         self._drain: asyncio.Future[None] | None = None
         self._inbox: list[Any] = []
         self._frag: list[Any] | None = None  # [opcode, bytes] of a fragmented message
@@ -134,6 +139,7 @@ class FastWebSocket(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server_state.connections.discard(self)
         self.disconnected = True
+        self._resink()
         self._cancel_timers()
         self._push(_GONE)
         self._wake_writers()
@@ -143,9 +149,11 @@ class FastWebSocket(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writable = False
+        self._resink()
 
     def resume_writing(self) -> None:
         self.writable = True
+        self._resink()
         self._wake_writers()
         if self.on_drain is not None:
             self.on_drain()
@@ -263,6 +271,7 @@ class FastWebSocket(asyncio.Protocol):
                 self.transport.close()
                 return
             self.close_sent = True  # websockets queued the close reply
+            self._resink()
             self._push(_GONE)
             self.transport.write(b"".join(self.conn.data_to_send()))
             self.transport.close()
@@ -272,6 +281,7 @@ class FastWebSocket(asyncio.Protocol):
         sent = self.conn.close_sent
         self.close_code = sent.code if sent is not None else 1006
         self.close_sent = True
+        self._resink()
         self._push(_GONE)
         out = self.conn.data_to_send()
         if out:
@@ -322,6 +332,7 @@ class FastWebSocket(asyncio.Protocol):
             self.conn.send_response(response)
             self.transport.write(b"".join(self.conn.data_to_send()))
             self.writable = True
+            self._resink()
             self._schedule_ping(first=True)
         assert self.scope is not None
         log.info('%s - "WebSocket %s" [accepted]', _who(self.scope), self.scope["path"])
@@ -345,6 +356,7 @@ class FastWebSocket(asyncio.Protocol):
         if self.close_sent or self.disconnected:
             return
         self.close_sent = True
+        self._resink()
         try:
             self.conn.send_close(code, reason)
         except InvalidState:
@@ -355,6 +367,14 @@ class FastWebSocket(asyncio.Protocol):
             self.transport.resume_reading()
         loop = asyncio.get_running_loop()
         self.close_timer = loop.call_later(timeout, self.transport.abort)
+
+    def _resink(self) -> None:
+        """``sink`` follows ``writable``, ``close_sent`` and ``disconnected``: call after any
+        of them changes."""
+        open_ = self.writable and not (self.close_sent or self.disconnected)
+        self.sink = self.transport if open_ else None
+        if self.on_sink is not None:
+            self.on_sink()
 
     def _wake_writers(self) -> None:
         drain = self._drain
@@ -402,6 +422,7 @@ class FastWebSocket(asyncio.Protocol):
         self.conn.fail(1011, "keepalive ping timeout")
         self.transport.write(b"".join(self.conn.data_to_send()))
         self.close_sent = True
+        self._resink()
         self.close_code = 1011
         self._push(_GONE)
         self.transport.close()
@@ -456,9 +477,9 @@ class FastWebSocket(asyncio.Protocol):
             await self._drained()
             data = message.get("bytes")
             if data is not None:
-                self.transport.write(binary_frame(data))
+                self.transport.write(binary_bytes(data))
             else:
-                self.transport.write(text_frame(message["text"].encode()))
+                self.transport.write(text_bytes(message["text"].encode()))
         elif kind == "websocket.close":
             self._send_close(message.get("code", 1000), message.get("reason") or "", _CLOSE_TIMEOUT)
         else:
@@ -478,13 +499,13 @@ class FastWebSocket(asyncio.Protocol):
             return
         if len(frames) == 1:
             frame = frames[0]
-            self.transport.write(frame if type(frame) is WsFrame else framed(frame))
+            self.transport.write(framed(frame))
         else:  # inlined type test: this runs once per frame per subscriber
             self.transport.write(b"".join([f if type(f) is WsFrame else framed(f) for f in frames]))
 
     def write_frame(self, frame: Frame) -> None:
         if not (self.close_sent or self.disconnected):
-            self.transport.write(frame if type(frame) is WsFrame else framed(frame))
+            self.transport.write(framed(frame))
 
     async def send(self, frames: list[Frame]) -> None:
         await self._drained()
