@@ -131,11 +131,11 @@ async def test_fast_http_answers_with_the_asgi_paths_bytes(
     through_asgi: list[str] = []
     answer = Front._answer
 
-    def spy(call: Any, scope: Any, receive: Any, send: Any) -> Any:
+    def spy(front: Front, call: Any, scope: Any, receive: Any, send: Any) -> Any:
         through_asgi.append(scope["path"])
-        return answer(call, scope, receive, send)
+        return answer(front, call, scope, receive, send)
 
-    monkeypatch.setattr(Front, "_answer", staticmethod(spy))
+    monkeypatch.setattr(Front, "_answer", spy)
     fast = await transcript(fast_srv, api_key)
     # only what FastHttp leaves to uvicorn took the ASGI cycle: a %-escaped path, and a body
     # declared larger than any route takes
@@ -207,11 +207,11 @@ async def test_an_unfamiliar_uvicorn_gets_its_own_path(
     through_asgi: list[str] = []
     answer = Front._answer
 
-    def spy(call: Any, scope: Any, receive: Any, send: Any) -> Any:
+    def spy(front: Front, call: Any, scope: Any, receive: Any, send: Any) -> Any:
         through_asgi.append(scope["path"])
-        return answer(call, scope, receive, send)
+        return answer(front, call, scope, receive, send)
 
-    monkeypatch.setattr(Front, "_answer", staticmethod(spy))
+    monkeypatch.setattr(Front, "_answer", spy)
     srv = await serve(fast=True)
     got = await responses(srv.port, [request("/publish/u", b"x")], pipelined=False)
     assert got[0].startswith(b"HTTP/1.1 200 OK") and b'"offset":1' in got[0]

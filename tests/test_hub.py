@@ -371,6 +371,23 @@ async def test_write_through_goes_to_the_sink_only_when_nothing_can_be_overtaken
     assert transport.through[-1] == text_frame(b"4")
 
 
+async def test_flusher_after_is_done_once_queued_frames_are_written(hub: Hub) -> None:
+    """What an ASGI publish route awaits before answering: the iteration's flush."""
+    transport = Direct()
+    session = Session(hub, transport, RAW_FRAMED)
+    hub.connect(session)
+    await hub.subscribe(session, "after", RAW_FRAMED)
+    await asyncio.sleep(0.01)
+    assert hub.flusher.after() is None  # nothing scheduled: nothing to wait for
+    for data in (b'"1"', b'"2"', b'"3"'):  # one iteration: "1" through, the rest queued
+        await hub.publish_json("after", data)
+    after = hub.flusher.after()
+    assert after is not None and hub.flusher.after() is after
+    assert transport.writes == [[text_frame(b"1")]]
+    await after
+    assert transport.writes == [[text_frame(b"1")], [text_frame(b"2"), text_frame(b"3")]]
+
+
 async def test_history_does_not_keep_orjsons_working_buffers(hub: Hub) -> None:
     """orjson's bytes hold a 4 KiB buffer whatever their length; history keeps exact copies
     (100 kept publications in each of 1,000 channels once took 400 MiB)."""

@@ -132,6 +132,14 @@ class HttpApi:
             return error_reply(too_big(limit), status)
         return body
 
+    async def flushed(self) -> None:
+        """Wait until what this loop iteration published has been handed to the subscribers'
+        sockets. The ASGI routes answer after it: a publisher that is answered at once runs
+        ahead of the fan-out, and under load every outbox fills up (bench/RESULTS.md)."""
+        after = self.hub.flusher.after()
+        if after is not None:
+            await after
+
     async def _publish(self, channel: str, data: bytes) -> Reply:
         try:
             position = await self.hub.publish_json(channel, data)
@@ -223,23 +231,31 @@ def build_router(tidings: Tidings) -> APIRouter:
     @router.post("/api/{method}", tags=["api"])
     async def server_api(method: str, request: Request) -> Response:
         """Centrifugo's server API: ``publish``, ``broadcast``, ``history``, ``batch``, ..."""
-        return as_response(await http.server_api(method, request.headers, reader(request)))
+        reply = await http.server_api(method, request.headers, reader(request))
+        await http.flushed()
+        return as_response(reply)
 
     @router.post("/api", tags=["api"])
     async def legacy_api(request: Request) -> Response:
         """Centrifugo's older single endpoint (cent < 5, gocent < 3): newline-delimited
         ``{"id": n, "method": "publish", "params": {...}}``, one reply line each."""
-        return as_response(await http.legacy_api(request.headers, reader(request)))
+        reply = await http.legacy_api(request.headers, reader(request))
+        await http.flushed()
+        return as_response(reply)
 
     @router.post("/push", tags=["seed"])
     async def push(request: Request) -> Response:
         """The FastAPI + broadcaster example's shape: ``{"channel": str, "message": str}``."""
-        return as_response(await http.push(request.headers, reader(request)))
+        reply = await http.push(request.headers, reader(request))
+        await http.flushed()
+        return as_response(reply)
 
     @router.post("/publish/{channel}", tags=["seed"])
     async def publish_text(channel: str, request: Request) -> Response:
         """The tutorial shape: the request body, as text, is the message."""
-        return as_response(await http.publish_text(channel, request.headers, reader(request)))
+        reply = await http.publish_text(channel, request.headers, reader(request))
+        await http.flushed()
+        return as_response(reply)
 
     @router.get("/health", tags=["ops"])
     async def health() -> Response:

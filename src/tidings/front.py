@@ -105,12 +105,12 @@ class Front:
                 return self._answer(answer, scope, receive, send)
         return self.app(scope, receive, send)
 
-    @staticmethod
-    async def _answer(answer: Answer, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _answer(self, answer: Answer, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         content_type = b"application/json"
         try:
             status, body = await answer(request.headers, lambda n: read_limited(request, n))
+            await self.http.flushed()
         except Exception:
             log.exception("error in %s %s", scope["method"], scope["path"])
             status, body, content_type = INTERNAL_ERROR

@@ -128,11 +128,12 @@ class Flusher:
     CPU per fan-out queued, 8.1 written through, 7.6 for the raw ceiling). Under load, when
     several publications arrive per iteration, they are queued and leave together."""
 
-    __slots__ = ("_dirty", "_loop", "_published", "_scheduled", "busy")
+    __slots__ = ("_after", "_dirty", "_loop", "_published", "_scheduled", "busy")
 
     def __init__(self) -> None:
         self._dirty: list[Session] = []
         self._scheduled = False
+        self._after: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._published = 0  # publications fanned out in this loop iteration
         #: the last iteration had several publications: queue, they are likely to coalesce
@@ -142,6 +143,18 @@ class Flusher:
     def pending(self) -> bool:
         """A flush is scheduled for the end of this loop iteration."""
         return self._scheduled
+
+    def after(self) -> asyncio.Future[None] | None:
+        """Done once the flush scheduled for this loop iteration has run; None if none is.
+
+        A publisher answered over ASGI awaits it, so it cannot run ahead of the fan-out and
+        pile messages up in every outbox (`tidings serve`'s own HTTP path defers its write
+        instead, see transport/http.py)."""
+        if not self._scheduled:
+            return None
+        if self._after is None:
+            self._after = asyncio.get_running_loop().create_future()
+        return self._after
 
     def write_through(self) -> bool:
         """Count a publication in; True if it should be written straight through: it is the
@@ -171,6 +184,9 @@ class Flusher:
         self._published = 0
         for session in dirty:
             session.flush()
+        after, self._after = self._after, None
+        if after is not None and not after.done():
+            after.set_result(None)
 
 
 class Session:
