@@ -120,14 +120,8 @@ async def transcript(srv: Running, api_key: str | None) -> list[bytes]:
     return [normalized(r) for r in got]
 
 
-@pytest.mark.parametrize("api_key", [None, "sekret"])
-async def test_fast_http_answers_with_the_asgi_paths_bytes(
-    serve: Serve, api_key: str | None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    limits = {"api_key": api_key, "max_message_size": 1000, "api_max_body_size": 4096}
-    asgi = await transcript(await serve(fast=False, **limits), api_key)
-    fast_srv = await serve(fast=True, **limits)
-    assert fast_srv.server.config.http_protocol_class is FastHttp
+def spy_on_asgi_answers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths of the requests answered through the ASGI cycle (Front._answer) from now on."""
     through_asgi: list[str] = []
     answer = Front._answer
 
@@ -136,6 +130,18 @@ async def test_fast_http_answers_with_the_asgi_paths_bytes(
         return answer(front, call, scope, receive, send)
 
     monkeypatch.setattr(Front, "_answer", spy)
+    return through_asgi
+
+
+@pytest.mark.parametrize("api_key", [None, "sekret"])
+async def test_fast_http_answers_with_the_asgi_paths_bytes(
+    serve: Serve, api_key: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limits = {"api_key": api_key, "max_message_size": 1000, "api_max_body_size": 4096}
+    asgi = await transcript(await serve(fast=False, **limits), api_key)
+    fast_srv = await serve(fast=True, **limits)
+    assert fast_srv.server.config.http_protocol_class is FastHttp
+    through_asgi = spy_on_asgi_answers(monkeypatch)
     fast = await transcript(fast_srv, api_key)
     # only what FastHttp leaves to uvicorn took the ASGI cycle: a %-escaped path, and a body
     # declared larger than any route takes
@@ -204,14 +210,7 @@ async def test_an_unfamiliar_uvicorn_gets_its_own_path(
 ) -> None:
     """If uvicorn's internals change, publishing still works, through uvicorn's ASGI cycle."""
     monkeypatch.setattr(http_module, "_checked", [False])
-    through_asgi: list[str] = []
-    answer = Front._answer
-
-    def spy(front: Front, call: Any, scope: Any, receive: Any, send: Any) -> Any:
-        through_asgi.append(scope["path"])
-        return answer(front, call, scope, receive, send)
-
-    monkeypatch.setattr(Front, "_answer", spy)
+    through_asgi = spy_on_asgi_answers(monkeypatch)
     srv = await serve(fast=True)
     got = await responses(srv.port, [request("/publish/u", b"x")], pipelined=False)
     assert got[0].startswith(b"HTTP/1.1 200 OK") and b'"offset":1' in got[0]

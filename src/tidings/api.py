@@ -228,34 +228,32 @@ def build_router(tidings: Tidings) -> APIRouter:
     def reader(request: Request) -> ReadBody:
         return lambda limit: read_limited(request, limit)
 
+    async def answered(reply: Awaitable[Reply]) -> Response:
+        """The reply, sent once this iteration's publications are flushed (HttpApi.flushed)."""
+        done = await reply
+        await http.flushed()
+        return as_response(done)
+
     @router.post("/api/{method}", tags=["api"])
     async def server_api(method: str, request: Request) -> Response:
         """Centrifugo's server API: ``publish``, ``broadcast``, ``history``, ``batch``, ..."""
-        reply = await http.server_api(method, request.headers, reader(request))
-        await http.flushed()
-        return as_response(reply)
+        return await answered(http.server_api(method, request.headers, reader(request)))
 
     @router.post("/api", tags=["api"])
     async def legacy_api(request: Request) -> Response:
         """Centrifugo's older single endpoint (cent < 5, gocent < 3): newline-delimited
         ``{"id": n, "method": "publish", "params": {...}}``, one reply line each."""
-        reply = await http.legacy_api(request.headers, reader(request))
-        await http.flushed()
-        return as_response(reply)
+        return await answered(http.legacy_api(request.headers, reader(request)))
 
     @router.post("/push", tags=["seed"])
     async def push(request: Request) -> Response:
         """The FastAPI + broadcaster example's shape: ``{"channel": str, "message": str}``."""
-        reply = await http.push(request.headers, reader(request))
-        await http.flushed()
-        return as_response(reply)
+        return await answered(http.push(request.headers, reader(request)))
 
     @router.post("/publish/{channel}", tags=["seed"])
     async def publish_text(channel: str, request: Request) -> Response:
         """The tutorial shape: the request body, as text, is the message."""
-        reply = await http.publish_text(channel, request.headers, reader(request))
-        await http.flushed()
-        return as_response(reply)
+        return await answered(http.publish_text(channel, request.headers, reader(request)))
 
     @router.get("/health", tags=["ops"])
     async def health() -> Response:
