@@ -67,6 +67,16 @@ SCENARIOS: dict[str, list[str]] = {
     # latency of the path itself: few subscribers, so the fan-out does not dominate
     "n10_rate10": ["-n", "10", "-m", "200", "--rate", "10"],
 }
+#: TIDINGS_BENCH_BASE=DIR (another checkout's ``src``, e.g. of the commit before a change)
+#: adds ``tidings_fast_base`` and ``tidings_asgi_base``: the same servers importing tidings from
+#: DIR, so a change and its parent are measured in one run, interleaved
+BASE = os.environ.get("TIDINGS_BENCH_BASE", "")
+for _table in (SERVERS, CENTRIFUGE):
+    for _name in ("tidings_fast", "tidings_asgi"):
+        _table[f"{_name}_base"] = {
+            **_table[_name],
+            "env": [*_table[_name]["env"], f"PYTHONPATH={BASE}"],
+        }
 DEFAULT_SERVERS = ["tidings_fast", "tidings_asgi", "raw_ceiling", "seed1_naive"]
 DEFAULT_SCENARIOS = ["n1000", "n5000", "n1000_rate10", "topics1000"]
 
@@ -375,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--table", metavar="DIR", help="only print the table of an earlier run")
     ap.add_argument("extra", nargs="*", help="extra fanout.py options, after --")
     args = ap.parse_args(argv)
+    if not BASE and any(name.endswith("_base") for name in args.servers):
+        ap.error("the *_base servers need TIDINGS_BENCH_BASE=DIR (the src/ of another checkout)")
     if args.table:
         table(Path(args.table))
         return 0
