@@ -28,6 +28,7 @@ from starlette.types import Receive, Scope, Send
 from .auth import ANONYMOUS, Credentials, can_subscribe, check_user_limited
 from .brokers.base import ClientInfo, HistoryResult, JoinLeave, StreamPosition, compact
 from .channels import PRIVATE_PREFIX, USER_SEPARATOR, Channel
+from .control import ControlMessage, RefreshUser, SubscribeUser, UnsubscribeUser
 from .endpoints import admit
 from .errors import (
     BAD_REQUEST,
@@ -619,7 +620,7 @@ class Client:
             await self._drop(name, sub)
             self.session.enqueue(wire.push(name, "unsubscribe", SERVER_UNSUBSCRIBE))
 
-    def server_refresh(self, expire_at: Any, expired: bool) -> None:
+    def server_refresh(self, expire_at: float | None, expired: bool) -> None:
         if expired:
             self.session.close(EXPIRED)
             return
@@ -667,29 +668,22 @@ class CentrifugeEndpoint:
         session = Session(hub, transport, fmt, pong_timeout=settings.pong_timeout)
         return session if await admit(session) else None
 
-    def _clients(self, message: dict[str, Any]) -> list[Client]:
-        user = str(message.get("user", ""))
-        only = message.get("client")
+    def _clients(self, message: ControlMessage) -> list[Client]:
         found = []
-        for session in self.tidings.hub.users.get(user, ()):
+        for session in self.tidings.hub.local_sessions(message.user, message.client):
             client = session.protocol
-            if isinstance(client, Client) and (not only or session.client_id == only):
+            if isinstance(client, Client):
                 found.append(client)
         return found
 
-    def _on_control(self, message: dict[str, Any]) -> None:
-        op = message.get("op")
-        if op not in ("subscribe", "unsubscribe", "refresh"):
-            return
-        for client in self._clients(message):
-            if op == "refresh":
-                client.server_refresh(message.get("expire_at"), bool(message.get("expired")))
-                continue
-            channel = message.get("channel")
-            if not isinstance(channel, str) or not channel:
-                log.warning("ignoring a %s control message without a channel", op)
-                return
-            if op == "subscribe":
-                client.spawn(client.server_subscribe(channel))
-            else:
-                client.spawn(client.server_unsubscribe(channel))
+    def _on_control(self, message: ControlMessage) -> None:
+        """Server-side subscribe, unsubscribe and refresh of this node's Centrifugo clients."""
+        if isinstance(message, RefreshUser):
+            for client in self._clients(message):
+                client.server_refresh(message.expire_at, message.expired)
+        elif isinstance(message, SubscribeUser):
+            for client in self._clients(message):
+                client.spawn(client.server_subscribe(message.channel))
+        elif isinstance(message, UnsubscribeUser):
+            for client in self._clients(message):
+                client.spawn(client.server_unsubscribe(message.channel))
