@@ -643,6 +643,8 @@ class CentrifugeEndpoint:
 
     def __init__(self, tidings: Tidings) -> None:
         self.tidings = tidings
+        #: this hub's encoders: their caches are shared by its clients, by no other hub's
+        self.encoders = wire.CentrifugeEncoders()
         tidings.hub.on_control_message(self._on_control)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -664,7 +666,7 @@ class CentrifugeEndpoint:
         # Pings start once the client has connected: before that any frame, a pong too, is a
         # protocol error (3501), so a ping would only provoke one.
         # a direct transport writes pre-built frames: pushes are framed once per publication
-        fmt = wire.wire_format(isinstance(transport, DirectTransport))
+        fmt = self.encoders.wire_format(isinstance(transport, DirectTransport))
         session = Session(hub, transport, fmt, pong_timeout=settings.pong_timeout)
         return session if await admit(session) else None
 
