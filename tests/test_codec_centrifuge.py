@@ -10,6 +10,7 @@ import orjson
 
 from tidings import Tidings
 from tidings.brokers.base import ClientInfo, Publication
+from tidings.connection import COMMANDS
 from tidings.protocol import centrifuge as cf
 from tidings.transport.frames import payload
 
@@ -64,3 +65,7 @@ async def test_every_tidings_has_its_own_encoders_and_its_clients_use_them(serve
         await c.close()
     assert formats[0] is not formats[1]
     assert Tidings().centrifuge_endpoint.encoders is not Tidings().centrifuge_endpoint.encoders
+
+
+def test_every_method_the_codec_accepts_has_a_command_handler() -> None:
+    assert list(COMMANDS) == list(cf.METHODS)

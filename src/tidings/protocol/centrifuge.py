@@ -15,16 +15,23 @@ again per subscriber either (:class:`CentrifugeFramed`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any
 
 import orjson
 
 from ..brokers.base import ClientInfo, JoinLeave, Publication
-from ..errors import BAD_REQUEST, Disconnect, TidingsError
+from ..errors import BAD_REQUEST, BadRequest, Disconnect, TidingsError
 from ..session import Frame
 from ..transport.frames import payload, text_frame
 
 PING = "{}"
+
+try:
+    #: the server version ``connect`` and ``refresh`` replies report
+    VERSION = metadata.version("tidings")
+except metadata.PackageNotFoundError:  # running from a source tree
+    VERSION = "0"
 
 #: every method a client may send, with the name of its reply field
 METHODS = (
@@ -92,6 +99,26 @@ def _command(obj: dict[str, Any]) -> Command:
                 raise Disconnect(3501, "bad request: command id required")
             return Command(cid, method, request)
     raise Disconnect(3501, "bad request: unknown method")
+
+
+# -- fields of a request -------------------------------------------------------------------------
+
+
+def channel_name(request: dict[str, Any]) -> str:
+    """The request's ``channel``; a missing or empty one closes the connection (3501)."""
+    name = request.get("channel")
+    if not isinstance(name, str) or not name:
+        raise Disconnect(3501, "bad request: channel required")
+    return name
+
+
+def non_negative(value: Any, name: str) -> int:
+    """An optional non-negative integer field (missing: 0); BadRequest (107) otherwise."""
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise BadRequest(f"{name} must be a non-negative integer")
+    return value
 
 
 # -- outgoing ------------------------------------------------------------------------------------
