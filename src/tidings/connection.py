@@ -55,8 +55,12 @@ NO_SEND_HANDLER = Disconnect(3508, "not available")
 
 #: a command's request object
 Request = dict[str, Any]
-#: ``handler(client, request, activations)``: a command's reply result (None: no reply)
-Handler = Callable[["Client", Request, dict[str, int]], Awaitable[dict[str, Any] | None]]
+#: the subscriptions the commands of one frame made: channel -> the offset their replies bring
+#: the client to (see :meth:`~tidings.subscriptions.Subscriptions.activate`)
+Activations = dict[str, int]
+#: ``handler(client, request, activations)``: a command's reply result (None: no reply). One
+#: signature for every command, so the table dispatches with one call and no wrapper.
+Handler = Callable[["Client", Request, Activations], Awaitable[dict[str, Any] | None]]
 
 
 class Client:
@@ -112,7 +116,7 @@ class Client:
     async def handle(self, session: Session, frame: Frame) -> None:
         """Run every command of one frame, then queue their replies together."""
         replies: list[str] = []
-        activations: dict[str, int] = {}
+        activations: Activations = {}
         for command in wire.decode(frame):
             if command is None:  # a pong
                 if not self.creds.connected:
@@ -130,14 +134,14 @@ class Client:
                 replies.append(answer)
         self._flush(replies, activations)
 
-    async def _run(self, command: wire.Command, activations: dict[str, int]) -> str | None:
+    async def _run(self, command: wire.Command, activations: Activations) -> str | None:
         try:
             result = await COMMANDS[command.method](self, command.request, activations)
         except TidingsError as exc:
             return wire.error_reply(command.id, exc)
         return None if result is None else wire.reply(command.id, command.method, result)
 
-    def _flush(self, replies: list[str], activations: dict[str, int]) -> None:
+    def _flush(self, replies: list[str], activations: Activations) -> None:
         """Replies first, then what each new subscription got meanwhile past its offset."""
         session = self.session
         for answer in replies:
@@ -146,7 +150,7 @@ class Client:
 
     # -- commands (see COMMANDS) -----------------------------------------------------------------
 
-    async def connect(self, request: Request, activations: dict[str, int]) -> dict[str, Any]:
+    async def connect(self, request: Request, activations: Activations) -> dict[str, Any]:
         ttl = await self.creds.connect(request.get("token"))
         subs: dict[str, Any] = {}
         given = request.get("subs")
@@ -171,22 +175,22 @@ class Client:
             }
         )
 
-    async def subscribe(self, request: Request, activations: dict[str, int]) -> dict[str, Any]:
+    async def subscribe(self, request: Request, activations: Activations) -> dict[str, Any]:
         return await self.subs.subscribe(request, activations)
 
-    async def unsubscribe(self, request: Request) -> dict[str, Any]:
+    async def unsubscribe(self, request: Request, activations: Activations) -> dict[str, Any]:
         return await self.subs.unsubscribe(request)
 
-    async def refresh(self, request: Request) -> dict[str, Any]:
+    async def refresh(self, request: Request, activations: Activations) -> dict[str, Any]:
         return await self.creds.refresh(request)
 
-    async def sub_refresh(self, request: Request) -> dict[str, Any]:
+    async def sub_refresh(self, request: Request, activations: Activations) -> dict[str, Any]:
         return await self.creds.sub_refresh(request)
 
-    async def ping(self, request: Request) -> dict[str, Any]:
+    async def ping(self, request: Request, activations: Activations) -> dict[str, Any]:
         return {}
 
-    async def publish(self, request: Request) -> dict[str, Any]:
+    async def publish(self, request: Request, activations: Activations) -> dict[str, Any]:
         ch = self.hub.channel(wire.channel_name(request))
         if "data" not in request:
             raise BadRequest("data required")
@@ -202,7 +206,7 @@ class Client:
         await self.hub.publish_json(ch.name, orjson.dumps(request["data"]), info=info)
         return {}
 
-    async def history(self, request: Request) -> dict[str, Any]:
+    async def history(self, request: Request, activations: Activations) -> dict[str, Any]:
         ch = self.subs.readable(request)
         if not ch.options.allow_history:
             raise PermissionDenied("history is not allowed in this channel")
@@ -231,12 +235,12 @@ class Client:
             }
         )
 
-    async def presence(self, request: Request) -> dict[str, Any]:
+    async def presence(self, request: Request, activations: Activations) -> dict[str, Any]:
         ch = self._presence_channel(request)
         clients = await self.hub.presence(ch.name)
         return {"presence": {cid: wire.client_info(info) for cid, info in clients.items()}}
 
-    async def presence_stats(self, request: Request) -> dict[str, Any]:
+    async def presence_stats(self, request: Request, activations: Activations) -> dict[str, Any]:
         ch = self._presence_channel(request)
         stats = await self.hub.presence_stats(ch.name)
         return {"num_clients": stats.num_clients, "num_users": stats.num_users}
@@ -249,7 +253,7 @@ class Client:
             raise NotAvailable("this channel does not track presence")
         return ch
 
-    async def rpc(self, request: Request) -> dict[str, Any]:
+    async def rpc(self, request: Request, activations: Activations) -> dict[str, Any]:
         method = request.get("method") or ""
         handler = self.hub.rpc_handlers.get(str(method))
         if handler is None:
@@ -264,7 +268,7 @@ class Client:
             raise TidingsError() from None  # 100, temporary
         return {"data": orjson.Fragment(data)} if data is not None else {}
 
-    async def send(self, request: Request) -> None:
+    async def send(self, request: Request, activations: Activations) -> None:
         """An asynchronous message: no reply; without a handler the connection closes (3508)."""
         handlers = self.hub.send_handlers
         if not handlers:
@@ -288,7 +292,7 @@ class Client:
     async def server_subscribe(self, name: str) -> None:
         if not self.creds.connected or name in self.subs.by_name or self.session.closing:
             return
-        activations: dict[str, int] = {}
+        activations: Activations = {}
         try:
             result = await self.subs.add(self.hub.channel(name), {}, None, activations)
         except TidingsError as exc:
@@ -313,30 +317,20 @@ class Client:
         await self.subs.close()
 
 
-def _without_activations(
-    method: Callable[[Client, Request], Awaitable[dict[str, Any] | None]],
-) -> Handler:
-    async def handler(client: Client, request: Request, activations: dict[str, int]) -> Any:
-        return await method(client, request)
-
-    handler.__name__ = method.__name__
-    return handler
-
-
 #: every command a client may send (:data:`tidings.protocol.centrifuge.METHODS`) and its handler
 COMMANDS: dict[str, Handler] = {
     "connect": Client.connect,
     "subscribe": Client.subscribe,
-    "unsubscribe": _without_activations(Client.unsubscribe),
-    "publish": _without_activations(Client.publish),
-    "presence": _without_activations(Client.presence),
-    "presence_stats": _without_activations(Client.presence_stats),
-    "history": _without_activations(Client.history),
-    "ping": _without_activations(Client.ping),
-    "send": _without_activations(Client.send),
-    "rpc": _without_activations(Client.rpc),
-    "refresh": _without_activations(Client.refresh),
-    "sub_refresh": _without_activations(Client.sub_refresh),
+    "unsubscribe": Client.unsubscribe,
+    "publish": Client.publish,
+    "presence": Client.presence,
+    "presence_stats": Client.presence_stats,
+    "history": Client.history,
+    "ping": Client.ping,
+    "send": Client.send,
+    "rpc": Client.rpc,
+    "refresh": Client.refresh,
+    "sub_refresh": Client.sub_refresh,
 }
 
 
