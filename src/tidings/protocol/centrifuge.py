@@ -9,7 +9,8 @@ fields (``data``, ``info``) carry raw embedded JSON, so publication bytes are sp
 The encoders here build each push once per publication for every Centrifugo subscriber on the
 node: a push names the channel and the publication and nothing per subscriber. On a direct
 transport (`tidings serve`) the push is built as a complete WebSocket frame, so it is not framed
-again per subscriber either (:class:`CentrifugeFramed`).
+again per subscriber either (:class:`CentrifugeFramed`). The encoders cache the last push they
+built, so each hub has its own (:class:`CentrifugeEncoders`): none is shared across a process.
 """
 
 from __future__ import annotations
