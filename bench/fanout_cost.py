@@ -82,7 +82,9 @@ async def measure(
     await hub.start()
     sock = _Socket()
     # the session's format, as the endpoints pick it for a direct transport
-    wire: Any = RAW_FRAMED if protocol == "raw" else centrifuge.wire_format(True)
+    wire: Any = (
+        RAW_FRAMED if protocol == "raw" else centrifuge.CentrifugeEncoders().wire_format(True)
+    )
     encoder = RAW_FRAMED if protocol == "raw" else wire.encoder(False)
     try:
         for _ in range(subs):

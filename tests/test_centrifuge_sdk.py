@@ -154,13 +154,13 @@ async def test_sdk_refreshes_expired_and_expiring_tokens(serve: Serve) -> None:
     assert len(calls) == 1
     (session,) = srv.hub.sessions
     conn = session.protocol
-    short = conn.who.expires
+    short = conn.creds.who.expires
     # the connection's ttl is 2 s: the SDK refreshes with get_token before the server closes it
     for _ in range(500):
-        if conn.who.expires != short:
+        if conn.creds.who.expires != short:
             break
         await asyncio.sleep(0.02)
-    assert len(calls) == 2 and conn.who.expires > short + 3000
+    assert len(calls) == 2 and conn.creds.who.expires > short + 3000
     events = SubEvents()
     sub = client.new_subscription("chat:after", events)
     await sub.subscribe()

@@ -277,39 +277,40 @@ def test_hand_built_frames_equal_websockets_frames(size: int) -> None:
 def test_framed_centrifuge_encoders_write_the_text_encoders_bytes() -> None:
     """Pushes framed once per publication, packed with ``str`` replies, make the bytes the
     text encoders' frames make once the fast transport frames them."""
+    encoders = cf.CentrifugeEncoders()
+    plain, framed_plain = encoders.text, encoders.framed
+    with_join_leave, framed_with_join_leave = plain.encoder(True), framed_plain.encoder(True)
     info = ClientInfo("c1", "ann", b'{"n":"Ann"}')
     pubs = [
         Publication("ch", orjson.dumps("é" * n), i, "e", info if i % 2 else None)
         for i, n in enumerate((1, 120, 70000, 30), 1)
     ]
     for pub in pubs:  # built once, shared by both framed encoders
-        assert cf.FRAMED_PLAIN.push(pub) is cf.FRAMED_WITH_JOIN_LEAVE.push(pub)
-    assert type(cf.FRAMED_PLAIN.push(pubs[0])) is not str
+        assert framed_plain.push(pub) is framed_with_join_leave.push(pub)
+    assert type(framed_plain.push(pubs[0])) is not str
     event = JoinLeave("ch", info, join=False)
-    assert cf.FRAMED_PLAIN.join_leave(event) is None
-    assert framed(cf.FRAMED_WITH_JOIN_LEAVE.join_leave(event) or b"") == framed(
-        cf.WITH_JOIN_LEAVE.join_leave(event) or b""
+    assert framed_plain.join_leave(event) is None
+    assert framed(framed_with_join_leave.join_leave(event) or b"") == framed(
+        with_join_leave.join_leave(event) or b""
     )
     reply = cf.reply(7, "publish", {})
     for order in ([0], [0, 1], [1, 0, 2], [0, 1, 2, 3]):
-        text: list[cf.Frame] = [cf.PLAIN.push(pubs[i]) for i in order]
-        built: list[cf.Frame] = [cf.FRAMED_PLAIN.push(pubs[i]) for i in order]
+        text: list[cf.Frame] = [plain.push(pubs[i]) for i in order]
+        built: list[cf.Frame] = [framed_plain.push(pubs[i]) for i in order]
         for frames in (text, built):
             frames.insert(len(frames) // 2, reply)
         for frames in ([reply], text[:1], built[:1], text, built):
-            (packed,) = cf.FRAMED_PLAIN.pack(list(frames))
+            (packed,) = framed_plain.pack(list(frames))
             as_text = [f if isinstance(f, str) else payload(f).decode() for f in frames]
-            (expected,) = cf.PLAIN.pack(as_text)
+            (expected,) = plain.pack(as_text)
             assert framed(packed) == framed(expected)
     # the next subscriber with the same batch gets the same frame; another batch, its own
-    batch: list[cf.Frame] = [cf.FRAMED_PLAIN.push(p) for p in pubs[:3]]
-    (first,) = cf.FRAMED_PLAIN.pack(batch)
-    assert cf.FRAMED_PLAIN.pack(list(batch)) == [first] and cf.FRAMED_PLAIN.pack(batch)[0] is first
+    batch: list[cf.Frame] = [framed_plain.push(p) for p in pubs[:3]]
+    (first,) = framed_plain.pack(batch)
+    assert framed_plain.pack(list(batch)) == [first] and framed_plain.pack(batch)[0] is first
     for other in ([*batch, reply], [reply, *batch], batch[:2], batch[1:]):
-        (packed,) = cf.FRAMED_PLAIN.pack(other)
-        (expected,) = cf.PLAIN.pack(
-            [f if isinstance(f, str) else payload(f).decode() for f in other]
-        )
+        (packed,) = framed_plain.pack(other)
+        (expected,) = plain.pack([f if isinstance(f, str) else payload(f).decode() for f in other])
         assert framed(packed) == framed(expected)
 
 
@@ -323,7 +324,7 @@ async def centrifuge_frames(srv: Running) -> tuple[list[bytes], bytes]:
     a.send(1, b'{"id":1,"connect":{}}\n{"id":2,"subscribe":{"channel":"chat:r","join_leave":true}}')
     payloads = [(await a.frame())[1]]
     (session,) = srv.hub.sessions  # pre-built pushes exactly where writes are direct
-    assert session.format is (cf.FRAMED_PLAIN if srv.fast else cf.PLAIN)
+    assert session.format is srv.tidings.centrifuge_endpoint.encoders.wire_format(srv.fast)
     # three publishes in one frame: the first push may leave alone (written through), the
     # others are queued, then packed with the four replies into one frame
     commands = [

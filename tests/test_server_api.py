@@ -28,7 +28,7 @@ from cent import (
     StreamPosition,
 )
 
-from tidings import ChannelOptions, Settings
+from tidings import ChannelOptions, Settings, control
 from tidings import StreamPosition as PositionResult
 from tidings.server_api import IdempotencyCache
 
@@ -340,20 +340,35 @@ async def test_disconnect_and_unsubscribe_reach_users_on_another_node(serve: Ser
 
 async def test_control_messages_have_the_fixed_schema(serve: Serve) -> None:
     srv = await serve(settings())
-    seen: list[dict[str, object]] = []
+    seen: list[control.ControlMessage] = []
+    sent: list[bytes] = []
     srv.hub.on_control_message(seen.append)
+    publish_control = srv.hub.broker.publish_control
+
+    async def spy(data: bytes) -> None:
+        sent.append(data)
+        await publish_control(data)
+
+    srv.hub.broker.publish_control = spy  # type: ignore[method-assign]
     async with httpx.AsyncClient(base_url=srv.url, headers={"X-API-Key": KEY}) as http:
         await http.post("/api/subscribe", json={"user": "u", "channel": "room:1"})
         await http.post("/api/unsubscribe", json={"user": "u", "channel": "room:1", "client": "c"})
         await http.post("/api/disconnect", json={"user": "u"})
         await http.post("/api/refresh", json={"user": "u", "expire_at": 2000000000})
         await http.post("/api/refresh", json={"user": "u", "client": "c", "expired": True})
-    assert seen == [
+    assert [orjson.loads(data) for data in sent] == [
         {"op": "subscribe", "user": "u", "client": "", "channel": "room:1"},
         {"op": "unsubscribe", "user": "u", "client": "c", "channel": "room:1"},
         {"op": "disconnect", "user": "u", "client": "", "code": 3503, "reason": "force disconnect"},
         {"op": "refresh", "user": "u", "client": "", "expire_at": 2000000000, "expired": False},
         {"op": "refresh", "user": "u", "client": "c", "expire_at": None, "expired": True},
+    ]
+    assert seen == [
+        control.SubscribeUser(user="u", channel="room:1"),
+        control.UnsubscribeUser(user="u", client="c", channel="room:1"),
+        control.DisconnectUser(user="u"),
+        control.RefreshUser(user="u", expire_at=2000000000),
+        control.RefreshUser(user="u", client="c", expired=True),
     ]
 
 

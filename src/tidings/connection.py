@@ -1,10 +1,10 @@
 """``/connection/websocket``: Centrifugo's client protocol v2 (JSON), so its SDKs connect as-is.
 
 :class:`CentrifugeEndpoint` is the ASGI app; each connection gets a :class:`Client`, which runs
-the commands of one frame in order and queues all their replies together, so they leave in one
-WebSocket frame. Subscriptions start *buffered* in the hub: the reply (with any recovered
-publications) is queued first, then whatever arrived meanwhile that the client has not seen
-(by offset), then live publications — no gap, no duplicate.
+the commands of one frame in order, each through the :data:`COMMANDS` table, and queues all
+their replies together, so they leave in one WebSocket frame. A client's credentials and
+deadlines are its :class:`~tidings.credentials.ConnectionCredentials`; its subscriptions (with
+recovery and rollback) its :class:`~tidings.subscriptions.Subscriptions`.
 
 Errors follow Centrifugo: a reply ``error`` (102 unknown channel, 103 permission denied, 105
 already subscribed, 106 channel limit, 107 bad channel, 109 token expired, 111 too many
@@ -15,38 +15,33 @@ commands) keeps the connection; malformed protocol closes it with 3501, an inval
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from dataclasses import dataclass
-from importlib import metadata
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from .auth import ANONYMOUS, Credentials, can_subscribe, check_user_limited
-from .brokers.base import ClientInfo, HistoryResult, JoinLeave, StreamPosition, compact
-from .channels import PRIVATE_PREFIX, USER_SEPARATOR, Channel
+from .brokers.base import ClientInfo, StreamPosition
+from .channels import Channel
+from .control import ControlMessage, RefreshUser, SubscribeUser, UnsubscribeUser
+from .credentials import ConnectionCredentials
 from .endpoints import admit
 from .errors import (
     BAD_REQUEST,
-    INVALID_TOKEN,
-    AlreadySubscribed,
     BadRequest,
     Disconnect,
-    LimitExceeded,
     MethodNotFound,
     NotAvailable,
     PermissionDenied,
     TidingsError,
-    TokenExpired,
     TooManyRequests,
-    Unauthorized,
     UnrecoverablePosition,
 )
 from .protocol import centrifuge as wire
 from .session import DirectTransport, Frame, Session
+from .subscriptions import SERVER_UNSUBSCRIBE, Subscription, Subscriptions
 from .transport import open_transport
 
 if TYPE_CHECKING:
@@ -56,91 +51,37 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tidings.connection")
 
-try:
-    VERSION = metadata.version("tidings")
-except metadata.PackageNotFoundError:  # running from a source tree
-    VERSION = "0"
-
-EXPIRED = Disconnect(3005, "connection expired")
-SUB_EXPIRED = Disconnect(3006, "subscription expired")
-STALE = Disconnect(3502, "stale")
 NO_SEND_HANDLER = Disconnect(3508, "not available")
-SERVER_UNSUBSCRIBE = {"code": 2000, "reason": "server unsubscribe"}
 
-
-@dataclass(slots=True, eq=False)
-class _Sub:
-    channel: Channel
-    info: ClientInfo
-    presence: bool
-    encoder: wire.CentrifugeJson  # with join/leave pushes or not, str or pre-built frames
-    closes_at: float | None = None  # loop time: closed 3006 then unless refreshed
-
-
-def _channel_name(request: dict[str, Any]) -> str:
-    name = request.get("channel")
-    if not isinstance(name, str) or not name:
-        raise Disconnect(3501, "bad request: channel required")
-    return name
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if value is None:
-        return 0
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise BadRequest(f"{name} must be a non-negative integer")
-    return value
-
-
-def is_recovered(history: HistoryResult, since: StreamPosition) -> bool:
-    """Whether ``history`` (read after ``since``) makes a client at ``since`` whole: same epoch
-    and nothing trimmed between ``since`` and the oldest publication kept."""
-    position = history.position
-    if since.epoch != position.epoch or since.offset > position.offset:
-        return False
-    pubs = history.publications
-    if not pubs:
-        return since.offset == position.offset
-    return pubs[0].offset == since.offset + 1
+#: a command's request object
+Request = dict[str, Any]
+#: the subscriptions the commands of one frame made: channel -> the offset their replies bring
+#: the client to (see :meth:`~tidings.subscriptions.Subscriptions.activate`)
+Activations = dict[str, int]
+#: ``handler(client, request, activations)``: a command's reply result (None: no reply). One
+#: signature for every command, so the table dispatches with one call and no wrapper.
+Handler = Callable[["Client", Request, Activations], Awaitable[dict[str, Any] | None]]
 
 
 class Client:
-    """One Centrifugo-protocol connection: its credentials, subscriptions and deadlines.
+    """One Centrifugo-protocol connection: runs its commands, rate-limits them, queues replies.
 
     Kept small, as there is one per idle connection: slots, no timer of its own (its deadlines
-    -- ``connect`` within ``connect_timeout``, token and subscription expiry -- are one entry
-    in the hub's wheel, due at the earliest of them) and no task set until it spawns one."""
+    are one entry in the hub's wheel, kept by ``creds``) and no task set until it spawns one."""
 
-    __slots__ = (
-        "_closes_at",
-        "_due",
-        "_last",
-        "_presence_task",
-        "_tasks",
-        "_tokens",
-        "connected",
-        "session",
-        "subs",
-        "tidings",
-        "wheel_bucket",
-        "who",
-    )
+    __slots__ = ("_last", "_tasks", "_tokens", "creds", "session", "subs", "tidings")
 
     def __init__(self, tidings: Tidings, session: Session) -> None:
         self.tidings = tidings
         self.session = session
-        self.who: Credentials = ANONYMOUS
-        self.connected = False
-        self.subs: dict[str, _Sub] = {}
+        hub, settings = tidings.hub, tidings.settings
+        by_name: dict[str, Subscription] = {}
+        self.creds = ConnectionCredentials(hub, settings, tidings.tokens, session, by_name)
+        self.subs = Subscriptions(hub, settings, session, self.creds)
         # commands allowed: max_commands_per_second, command_burst at once (a token bucket)
-        self._tokens = float(tidings.settings.command_burst)
+        self._tokens = float(settings.command_burst)
         self._last = time.monotonic()
         self._tasks: set[asyncio.Task[Any]] | None = None
-        self._presence_task: asyncio.Task[None] | None = None
-        self._closes_at: float | None = None  # loop time: closed 3005 then unless refreshed
-        self._due = 0.0  # the deadline the wheel calls on_tick for
-        self.wheel_bucket: set[Any] | None = None
-        tidings.hub.wheel.schedule(self, tidings.settings.connect_timeout)  # else closed 3502
         session.protocol = self
 
     @property
@@ -152,11 +93,8 @@ class Client:
         return self.tidings.settings
 
     @property
-    def format(self) -> wire.CentrifugeJson:
-        """The session's wire format: str pushes, or pre-built frames on a direct transport."""
-        fmt = self.session.format
-        assert isinstance(fmt, wire.CentrifugeJson)
-        return fmt
+    def connected(self) -> bool:
+        return self.creds.connected
 
     def _take(self) -> bool:
         """One command's token from the bucket; False: too many commands (error 111)."""
@@ -178,14 +116,14 @@ class Client:
     async def handle(self, session: Session, frame: Frame) -> None:
         """Run every command of one frame, then queue their replies together."""
         replies: list[str] = []
-        activations: dict[str, int] = {}
+        activations: Activations = {}
         for command in wire.decode(frame):
             if command is None:  # a pong
-                if not self.connected:
+                if not self.creds.connected:
                     raise BAD_REQUEST
                 session.pong()
                 continue
-            if (command.method == "connect") == self.connected:
+            if (command.method == "connect") == self.creds.connected:
                 raise Disconnect(3501, "bad request: connect must come first, once")
             if not self._take():
                 if command.id:
@@ -196,68 +134,38 @@ class Client:
                 replies.append(answer)
         self._flush(replies, activations)
 
-    async def _run(self, command: wire.Command, activations: dict[str, int]) -> str | None:
-        request = command.request
+    async def _run(self, command: wire.Command, activations: Activations) -> str | None:
         try:
-            if command.method == "send":
-                await self.send(request)
-                return None
-            if command.method == "ping":
-                result: dict[str, Any] = {}
-            elif command.method in ("subscribe", "connect"):
-                result = await getattr(self, command.method)(request, activations)
-            else:
-                result = await getattr(self, command.method)(request)
+            result = await COMMANDS[command.method](self, command.request, activations)
         except TidingsError as exc:
             return wire.error_reply(command.id, exc)
-        return wire.reply(command.id, command.method, result)
+        return None if result is None else wire.reply(command.id, command.method, result)
 
-    def _flush(self, replies: list[str], activations: dict[str, int]) -> None:
+    def _flush(self, replies: list[str], activations: Activations) -> None:
         """Replies first, then what each new subscription got meanwhile past its offset."""
         session = self.session
         for answer in replies:
             session.enqueue(answer)
-        for name, after in activations.items():
-            sub = self.subs.get(name)
-            if sub is None:
-                continue
-            encoder = sub.encoder
-            for pub in self.hub.activate(session, name, encoder, after):
-                if pub.offset > after or not pub.offset:
-                    session.enqueue(encoder.push(pub))
+        self.subs.activate(activations)
 
-    # -- connect and tokens ----------------------------------------------------------------------
+    # -- commands (see COMMANDS) -----------------------------------------------------------------
 
-    async def connect(self, request: dict[str, Any], activations: dict[str, int]) -> dict[str, Any]:
-        token = request.get("token")
-        if token:
-            who = await self._verify(self.tidings.tokens.aconnection(str(token)))
-        elif self.settings.anonymous_allowed:
-            who = ANONYMOUS
-        else:
-            log.info("refusing a connection without a token (anonymous not allowed)")
-            raise Disconnect(3501, "bad request: token required")
-        self.who = who
-        self.connected = True
-        if who.user:
-            self.hub.set_user(self.session, who.user)
-        self.session.info = who.info
-        self.session.start_heartbeats(self.settings.ping_interval)
-        ttl = self._set_expiry(who.expires)
+    async def connect(self, request: Request, activations: Activations) -> dict[str, Any]:
+        ttl = await self.creds.connect(request.get("token"))
         subs: dict[str, Any] = {}
         given = request.get("subs")
         wanted: dict[str, Any] = given if isinstance(given, dict) else {}
-        for name in who.channels:  # server-side subscriptions from the token
+        for name in self.creds.who.channels:  # server-side subscriptions from the token
             try:
                 ch = self.hub.channel(name)
                 asked = wanted.get(name) if isinstance(wanted.get(name), dict) else {}
-                subs[name] = await self._subscribe(ch, asked or {}, None, activations)
+                subs[name] = await self.subs.add(ch, asked or {}, None, activations)
             except TidingsError as exc:
                 log.warning("server-side subscription to %r failed: %s", name, exc.message)
         return wire.compact(
             {
                 "client": self.session.client_id,
-                "version": VERSION,
+                "version": wire.VERSION,
                 "ping": max(1, round(self.settings.ping_interval)),
                 "pong": True,
                 "expires": ttl is not None,
@@ -267,260 +175,39 @@ class Client:
             }
         )
 
-    async def _verify(self, pending: Any) -> Any:
-        """Await a token check: expired -> error 109 (SDKs refresh), invalid -> close 3500."""
-        try:
-            return await pending
-        except TokenExpired:
-            raise
-        except Unauthorized as exc:
-            log.info("closing %s: %s", self.session.client_id, exc.message)
-            raise INVALID_TOKEN from None
+    async def subscribe(self, request: Request, activations: Activations) -> dict[str, Any]:
+        return await self.subs.subscribe(request, activations)
 
-    def _closing_time(self, expires: float | None) -> tuple[float | None, int | None]:
-        """For a token expiring at ``expires`` (Unix time; None: never): the loop time to close
-        the client at unless it refreshes, and the ttl it is told (it refreshes after that)."""
-        if expires is None:
-            return None, None
-        ttl = max(1, int(expires - time.time()))
-        return asyncio.get_running_loop().time() + ttl + self.settings.expired_close_delay, ttl
+    async def unsubscribe(self, request: Request, activations: Activations) -> dict[str, Any]:
+        return await self.subs.unsubscribe(request)
 
-    def _set_expiry(self, expires: float | None) -> int | None:
-        self._closes_at, ttl = self._closing_time(expires)
-        self._rearm()
-        return ttl
+    async def refresh(self, request: Request, activations: Activations) -> dict[str, Any]:
+        return await self.creds.refresh(request)
 
-    def _rearm(self) -> None:
-        """Put the client in the hub's wheel for its earliest deadline (out of it: none)."""
-        due = self._closes_at
-        for sub in self.subs.values():
-            if sub.closes_at is not None and (due is None or sub.closes_at < due):
-                due = sub.closes_at
-        if due is None:
-            self.hub.wheel.cancel(self)
-            return
-        self._due = due
-        self.hub.wheel.schedule(self, due - asyncio.get_running_loop().time())
+    async def sub_refresh(self, request: Request, activations: Activations) -> dict[str, Any]:
+        return await self.creds.sub_refresh(request)
 
-    def on_tick(self) -> None:
-        """The hub's wheel: ``connect`` never came, or a token (or several) expired."""
-        session = self.session
-        if not self.connected:
-            session.close(STALE)
-            return
-        due = self._due  # what the wheel was scheduled for: every deadline up to it passed
-        if self._closes_at is not None and self._closes_at <= due:
-            session.close(EXPIRED)
-            return
-        for sub in self.subs.values():
-            if sub.closes_at is not None and sub.closes_at <= due:
-                session.close(SUB_EXPIRED)
-                return
-        self._rearm()  # what was due is gone (unsubscribed): on to the next deadline
-
-    async def refresh(self, request: dict[str, Any]) -> dict[str, Any]:
-        token = request.get("token")
-        if not token:
-            raise Disconnect(3501, "bad request: token required")
-        who = await self._verify(self.tidings.tokens.aconnection(str(token)))
-        if who.user != self.who.user:
-            raise INVALID_TOKEN
-        self.who = who
-        ttl = self._set_expiry(who.expires)
-        return wire.compact(
-            {
-                "client": self.session.client_id,
-                "version": VERSION,
-                "expires": ttl is not None,
-                "ttl": ttl,
-            }
-        )
-
-    async def sub_refresh(self, request: dict[str, Any]) -> dict[str, Any]:
-        name = _channel_name(request)
-        sub = self.subs.get(name)
-        if sub is None:
-            raise PermissionDenied("not subscribed")
-        token = request.get("token")
-        if not token:
-            raise Disconnect(3501, "bad request: token required")
-        claims = await self._verify(
-            self.tidings.tokens.asubscription(str(token), name, self.who.user)
-        )
-        ttl = self._sub_expiry(sub, claims.get("exp"))
-        return wire.compact({"expires": ttl is not None, "ttl": ttl})
-
-    def _sub_expiry(self, sub: _Sub, expires: float | None) -> int | None:
-        sub.closes_at, ttl = self._closing_time(expires)
-        if sub.closes_at is not None or self.wheel_bucket is not None:
-            self._rearm()
-        return ttl
-
-    # -- subscriptions ---------------------------------------------------------------------------
-
-    async def subscribe(
-        self, request: dict[str, Any], activations: dict[str, int]
-    ) -> dict[str, Any]:
-        name = _channel_name(request)
-        if name in self.subs:
-            raise AlreadySubscribed()
-        ch = self.hub.channel(name)
-        token = request.get("token")
-        claims: dict[str, Any] | None = None
-        if token:
-            claims = await self._verify(
-                self.tidings.tokens.asubscription(str(token), name, self.who.user)
-            )
-        else:
-            self._check_readable(ch)
-        return await self._subscribe(ch, request, claims, activations)
-
-    def _check_readable(self, ch: Channel) -> None:
-        """What a client needs to see a channel without a subscription token."""
-        if ch.name.startswith(PRIVATE_PREFIX):
-            raise PermissionDenied("private channel: a subscription token is required")
-        if USER_SEPARATOR in ch.name:
-            check_user_limited(ch.name, self.who.user)
-        can_subscribe(self.settings, ch, self.who, token=False)
-
-    async def _subscribe(
-        self,
-        ch: Channel,
-        request: dict[str, Any],
-        claims: dict[str, Any] | None,
-        activations: dict[str, int],
-    ) -> dict[str, Any]:
-        """Subscribe buffered, read the position (and recover); ``activations`` gets the offset
-        after which buffered publications are still news to the client."""
-        if len(self.subs) >= self.settings.max_channels_per_connection:
-            raise LimitExceeded("too many channels on this connection")
-        opts = ch.options
-        name = ch.name
-        chan_info = claims.get("info") if claims else None
-        info = ClientInfo(
-            self.session.client_id,
-            self.who.user,
-            self.who.info,
-            compact(orjson.dumps(chan_info)) if chan_info is not None else None,
-        )
-        join_leave = opts.force_push_join_leave or bool(
-            opts.join_leave and request.get("join_leave")
-        )
-        sub = _Sub(ch, info, opts.presence, self.format.encoder(join_leave))
-        keeps = opts.history_size > 0 and opts.history_ttl > 0
-        recoverable = keeps and bool(request.get("recoverable") or opts.force_recovery)
-        positioned = keeps and bool(request.get("positioned") or recoverable)
-        self.subs[name] = sub
-        result: dict[str, Any] = {}
-        after = 0
-        try:
-            await self.hub.subscribe(self.session, name, sub.encoder, buffer=True)
-            if positioned:
-                history = await self._position(name, request, recoverable, result)
-                after = history.position.offset
-                result.update(
-                    recoverable=recoverable,
-                    positioned=positioned,
-                    epoch=history.position.epoch,
-                    offset=history.position.offset,
-                )
-            if opts.presence:
-                await self.hub.broker.add_presence(name, info, opts.presence_ttl)
-                self._ensure_presence_refresh()
-            if opts.join_leave:
-                await self.hub.broker.publish_join_leave(JoinLeave(name, info, True))
-            ttl = self._sub_expiry(sub, claims.get("exp") if claims else None)
-        except BaseException:
-            await self._drop(name, sub)
-            raise
-        if ttl is not None:
-            result.update(expires=True, ttl=ttl)
-        activations[name] = after
-        return wire.compact(result)
-
-    async def _position(
-        self, name: str, request: dict[str, Any], recoverable: bool, result: dict[str, Any]
-    ) -> HistoryResult:
-        if recoverable and request.get("recover"):
-            since = StreamPosition(
-                _positive_int(request.get("offset"), "offset"), str(request.get("epoch") or "")
-            )
-            cap = self.settings.recovery_max_publications
-            history = await self.hub.history(name, since=since, limit=cap + 1)
-            # Past the cap the client is better off reloading its state than replaying.
-            recovered = len(history.publications) <= cap and is_recovered(history, since)
-            result["was_recovering"] = True
-            result["recovered"] = recovered
-            if recovered:
-                result["publications"] = [wire.publication(p) for p in history.publications]
-            else:
-                log.info("client %s could not recover %r", self.session.client_id, name)
-            return history
-        return await self.hub.history(name, limit=0)
-
-    async def unsubscribe(self, request: dict[str, Any]) -> dict[str, Any]:
-        name = _channel_name(request)
-        sub = self.subs.get(name)
-        if sub is not None:
-            await self._drop(name, sub)
+    async def ping(self, request: Request, activations: Activations) -> dict[str, Any]:
         return {}
 
-    async def _drop(self, name: str, sub: _Sub) -> None:
-        """Forget one subscription: hub, presence, leave event, timers."""
-        if self.subs.get(name) is sub:
-            del self.subs[name]
-        await self.hub.unsubscribe(self.session, name)
-        opts = sub.channel.options
-        with contextlib.suppress(Exception):
-            if sub.presence:
-                await self.hub.broker.remove_presence(name, sub.info.client)
-            if opts.join_leave:
-                await self.hub.broker.publish_join_leave(JoinLeave(name, sub.info, False))
-
-    def _ensure_presence_refresh(self) -> None:
-        if self._presence_task is None:
-            self._presence_task = self.spawn(self._refresh_presence())
-
-    async def _refresh_presence(self) -> None:
-        """Keep presence entries alive while subscribed (a third of their ttl)."""
-        while True:
-            subs = [s for s in self.subs.values() if s.presence]
-            ttl = min((s.channel.options.presence_ttl for s in subs), default=60.0)
-            await asyncio.sleep(ttl / 3)
-            for sub in [s for s in self.subs.values() if s.presence]:
-                opts = sub.channel.options
-                try:
-                    await self.hub.broker.add_presence(
-                        sub.channel.name, sub.info, opts.presence_ttl
-                    )
-                except Exception:
-                    log.exception("refreshing presence in %r failed", sub.channel.name)
-
-    # -- channel reads and writes ----------------------------------------------------------------
-
-    def _readable(self, request: dict[str, Any]) -> Channel:
-        ch = self.hub.channel(_channel_name(request))
-        if ch.name not in self.subs:
-            self._check_readable(ch)
-        return ch
-
-    async def publish(self, request: dict[str, Any]) -> dict[str, Any]:
-        ch = self.hub.channel(_channel_name(request))
+    async def publish(self, request: Request, activations: Activations) -> dict[str, Any]:
+        ch = self.hub.channel(wire.channel_name(request))
         if "data" not in request:
             raise BadRequest("data required")
         if not self.settings.allows_client_publish(ch.options):
             raise PermissionDenied("clients may not publish in this channel")
-        sub = self.subs.get(ch.name)
+        sub = self.subs.by_name.get(ch.name)
         if sub is None:
-            self._check_readable(ch)
-            info = ClientInfo(self.session.client_id, self.who.user, self.who.info)
+            self.subs.check_readable(ch)
+            who = self.creds.who
+            info = ClientInfo(self.session.client_id, who.user, who.info)
         else:
             info = sub.info
         await self.hub.publish_json(ch.name, orjson.dumps(request["data"]), info=info)
         return {}
 
-    async def history(self, request: dict[str, Any]) -> dict[str, Any]:
-        ch = self._readable(request)
+    async def history(self, request: Request, activations: Activations) -> dict[str, Any]:
+        ch = self.subs.readable(request)
         if not ch.options.allow_history:
             raise PermissionDenied("history is not allowed in this channel")
         if ch.options.history_size <= 0:
@@ -533,7 +220,8 @@ class Client:
         given = request.get("since")
         if isinstance(given, dict):
             since = StreamPosition(
-                _positive_int(given.get("offset"), "since.offset"), str(given.get("epoch") or "")
+                wire.non_negative(given.get("offset"), "since.offset"),
+                str(given.get("epoch") or ""),
             )
         reverse = bool(request.get("reverse"))
         result = await self.hub.history(ch.name, since=since, limit=limit, reverse=reverse)
@@ -547,27 +235,25 @@ class Client:
             }
         )
 
-    async def presence(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def presence(self, request: Request, activations: Activations) -> dict[str, Any]:
         ch = self._presence_channel(request)
         clients = await self.hub.presence(ch.name)
         return {"presence": {cid: wire.client_info(info) for cid, info in clients.items()}}
 
-    async def presence_stats(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def presence_stats(self, request: Request, activations: Activations) -> dict[str, Any]:
         ch = self._presence_channel(request)
         stats = await self.hub.presence_stats(ch.name)
         return {"num_clients": stats.num_clients, "num_users": stats.num_users}
 
-    def _presence_channel(self, request: dict[str, Any]) -> Channel:
-        ch = self._readable(request)
+    def _presence_channel(self, request: Request) -> Channel:
+        ch = self.subs.readable(request)
         if not ch.options.allow_presence:
             raise PermissionDenied("presence is not allowed in this channel")
         if not ch.options.presence:
             raise NotAvailable("this channel does not track presence")
         return ch
 
-    # -- application handlers --------------------------------------------------------------------
-
-    async def rpc(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def rpc(self, request: Request, activations: Activations) -> dict[str, Any]:
         method = request.get("method") or ""
         handler = self.hub.rpc_handlers.get(str(method))
         if handler is None:
@@ -582,7 +268,8 @@ class Client:
             raise TidingsError() from None  # 100, temporary
         return {"data": orjson.Fragment(data)} if data is not None else {}
 
-    async def send(self, request: dict[str, Any]) -> None:
+    async def send(self, request: Request, activations: Activations) -> None:
+        """An asynchronous message: no reply; without a handler the connection closes (3508)."""
         handlers = self.hub.send_handlers
         if not handlers:
             raise NO_SEND_HANDLER
@@ -603,38 +290,48 @@ class Client:
         return task
 
     async def server_subscribe(self, name: str) -> None:
-        if not self.connected or name in self.subs or self.session.closing:
+        if not self.creds.connected or name in self.subs.by_name or self.session.closing:
             return
-        activations: dict[str, int] = {}
+        activations: Activations = {}
         try:
-            result = await self._subscribe(self.hub.channel(name), {}, None, activations)
+            result = await self.subs.add(self.hub.channel(name), {}, None, activations)
         except TidingsError as exc:
             log.warning("server-side subscribe to %r failed: %s", name, exc.message)
             return
         self._flush([wire.push(name, "subscribe", result)], activations)
 
     async def server_unsubscribe(self, name: str) -> None:
-        sub = self.subs.get(name)
+        sub = self.subs.by_name.get(name)
         if sub is not None:
-            await self._drop(name, sub)
+            await self.subs.drop(name, sub)
             self.session.enqueue(wire.push(name, "unsubscribe", SERVER_UNSUBSCRIBE))
 
-    def server_refresh(self, expire_at: Any, expired: bool) -> None:
-        if expired:
-            self.session.close(EXPIRED)
-            return
-        ttl = self._set_expiry(float(expire_at) if expire_at is not None else None)
-        self.session.enqueue(
-            wire.push("", "refresh", wire.compact({"expires": ttl is not None, "ttl": ttl}))
-        )
+    def server_refresh(self, expire_at: float | None, expired: bool) -> None:
+        self.creds.server_refresh(expire_at, expired)
 
     async def close(self) -> None:
-        """After the connection ended: presence, leave events, deadlines, tasks."""
-        self.hub.wheel.cancel(self)
+        """After the connection ended: deadlines, tasks, presence, leave events."""
+        self.creds.close()
         for task in list(self._tasks or ()):
             task.cancel()
-        for name, sub in list(self.subs.items()):
-            await self._drop(name, sub)
+        await self.subs.close()
+
+
+#: every command a client may send (:data:`tidings.protocol.centrifuge.METHODS`) and its handler
+COMMANDS: dict[str, Handler] = {
+    "connect": Client.connect,
+    "subscribe": Client.subscribe,
+    "unsubscribe": Client.unsubscribe,
+    "publish": Client.publish,
+    "presence": Client.presence,
+    "presence_stats": Client.presence_stats,
+    "history": Client.history,
+    "ping": Client.ping,
+    "send": Client.send,
+    "rpc": Client.rpc,
+    "refresh": Client.refresh,
+    "sub_refresh": Client.sub_refresh,
+}
 
 
 class CentrifugeEndpoint:
@@ -642,6 +339,8 @@ class CentrifugeEndpoint:
 
     def __init__(self, tidings: Tidings) -> None:
         self.tidings = tidings
+        #: this hub's encoders: their caches are shared by its clients, by no other hub's
+        self.encoders = wire.CentrifugeEncoders()
         tidings.hub.on_control_message(self._on_control)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -663,33 +362,26 @@ class CentrifugeEndpoint:
         # Pings start once the client has connected: before that any frame, a pong too, is a
         # protocol error (3501), so a ping would only provoke one.
         # a direct transport writes pre-built frames: pushes are framed once per publication
-        fmt = wire.wire_format(isinstance(transport, DirectTransport))
+        fmt = self.encoders.wire_format(isinstance(transport, DirectTransport))
         session = Session(hub, transport, fmt, pong_timeout=settings.pong_timeout)
         return session if await admit(session) else None
 
-    def _clients(self, message: dict[str, Any]) -> list[Client]:
-        user = str(message.get("user", ""))
-        only = message.get("client")
+    def _clients(self, message: ControlMessage) -> list[Client]:
         found = []
-        for session in self.tidings.hub.users.get(user, ()):
+        for session in self.tidings.hub.local_sessions(message.user, message.client):
             client = session.protocol
-            if isinstance(client, Client) and (not only or session.client_id == only):
+            if isinstance(client, Client):
                 found.append(client)
         return found
 
-    def _on_control(self, message: dict[str, Any]) -> None:
-        op = message.get("op")
-        if op not in ("subscribe", "unsubscribe", "refresh"):
-            return
-        for client in self._clients(message):
-            if op == "refresh":
-                client.server_refresh(message.get("expire_at"), bool(message.get("expired")))
-                continue
-            channel = message.get("channel")
-            if not isinstance(channel, str) or not channel:
-                log.warning("ignoring a %s control message without a channel", op)
-                return
-            if op == "subscribe":
-                client.spawn(client.server_subscribe(channel))
-            else:
-                client.spawn(client.server_unsubscribe(channel))
+    def _on_control(self, message: ControlMessage) -> None:
+        """Server-side subscribe, unsubscribe and refresh of this node's Centrifugo clients."""
+        if isinstance(message, RefreshUser):
+            for client in self._clients(message):
+                client.server_refresh(message.expire_at, message.expired)
+        elif isinstance(message, SubscribeUser):
+            for client in self._clients(message):
+                client.spawn(client.server_subscribe(message.channel))
+        elif isinstance(message, UnsubscribeUser):
+            for client in self._clients(message):
+                client.spawn(client.server_unsubscribe(message.channel))

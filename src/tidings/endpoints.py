@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 import orjson
@@ -11,6 +11,7 @@ from starlette.types import Receive, Scope, Send
 
 from .auth import ANONYMOUS, Credentials, can_subscribe
 from .brokers.base import ClientInfo
+from .control import ControlMessage, UnsubscribeUser
 from .errors import UNAVAILABLE, BadRequest, Disconnect, TidingsError, Unavailable
 from .protocol.raw import RawText, raw_format
 from .session import Frame, Session
@@ -86,14 +87,12 @@ class RawEndpoint:
         self.tidings = tidings
         tidings.hub.on_control_message(self._on_control)
 
-    def _on_control(self, message: dict[str, Any]) -> None:
+    def _on_control(self, message: ControlMessage) -> None:
         """A server-side ``unsubscribe`` ends a raw connection: it has no other channel."""
-        if message.get("op") != "unsubscribe":
+        if not isinstance(message, UnsubscribeUser):
             return
-        channel = message.get("channel")
-        user, client = str(message.get("user", "")), str(message.get("client") or "")
-        for session in self.tidings.hub.local_sessions(user, client):
-            if isinstance(session.format, RawText) and channel in session.channels:
+        for session in self.tidings.hub.local_sessions(message.user, message.client):
+            if isinstance(session.format, RawText) and message.channel in session.channels:
                 session.close(UNSUBSCRIBED)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from . import control
 from .brokers.base import (
     Broker,
     ClientInfo,
@@ -116,7 +117,8 @@ class Hub:
         self.users: dict[str, set[Session]] = {}
         self._local: dict[str, _Local] = {}
         self._kept: dict[int, tuple[object, HistoryOptions]] = {}
-        self._control_handlers: list[Callable[[dict[str, Any]], None]] = []
+        self._control_handlers: list[Callable[[control.ControlMessage], None]] = []
+        self._control_faults: set[str] = set()  # kinds of invalid control message seen
         self._tasks: set[asyncio.Task[None]] = set()
         self.rpc_handlers: dict[str, RpcHandler] = {}
         self.send_handlers: list[SendHandler] = []
@@ -444,14 +446,16 @@ class Hub:
                 session.enqueue(frame)
 
     def on_control(self, data: bytes) -> None:
+        """A control message from the broker: decoded once, acted on, handed to each receiver.
+
+        One that is not valid (or has an op this node does not know) is logged and ignored:
+        it must not stop the broker's receiving task, nor reach the receivers."""
         try:
-            message = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            message = None
-        if not isinstance(message, dict):
-            log.warning("ignoring a malformed control message")
+            message = control.decode(data)
+        except control.ControlError as exc:
+            self._ignore(exc)
             return
-        if message.get("op") == "disconnect":
+        if isinstance(message, control.DisconnectUser):
             self._disconnect_local(message)
         for handler in self._control_handlers:
             try:
@@ -459,8 +463,17 @@ class Hub:
             except Exception:  # one bad handler must not stop the broker's receiving task
                 log.exception("control handler %r failed", handler)
 
-    def on_control_message(self, handler: Callable[[dict[str, Any]], None]) -> None:
-        """Register a handler for control messages that every node receives."""
+    def _ignore(self, exc: control.ControlError) -> None:
+        """Log an invalid control message: a warning the first time for each kind of fault
+        (an unknown op is the same fault on every message a newer node sends), then debug."""
+        kind = f"op {exc.op!r}" if isinstance(exc, control.UnknownOp) else str(exc)
+        level = logging.DEBUG if kind in self._control_faults else logging.WARNING
+        self._control_faults.add(kind)
+        log.log(level, "ignoring a control message: %s", exc)
+
+    def on_control_message(self, handler: Callable[[control.ControlMessage], None]) -> None:
+        """Register ``handler(message)`` for the control messages every node receives; it gets
+        each valid message, typed (:mod:`tidings.control`), and must not block."""
         self._control_handlers.append(handler)
 
     # -- application handlers for client RPC and send -------------------------------------------
@@ -481,58 +494,51 @@ class Hub:
 
     # -- users (on every node, through the broker's control messages) ----------------------------
 
-    async def _control(self, message: dict[str, Any]) -> None:
-        await self.broker.publish_control(orjson.dumps(message))
+    async def send_control(self, message: control.ControlMessage) -> None:
+        """Send ``message`` to every node (this one too), through the broker."""
+        await self.broker.publish_control(control.encode(message))
 
     async def disconnect(
         self, user: str, code: int = 3503, reason: str = "force disconnect", *, client: str = ""
     ) -> None:
         """Close every connection of ``user`` (only ``client``'s, if given) on every node.
 
-        The default code 3503 tells Centrifugo SDKs not to reconnect."""
-        await self._control(
-            {"op": "disconnect", "user": user, "client": client, "code": code, "reason": reason}
+        The default code 3503 tells Centrifugo SDKs not to reconnect. ``code`` 1000-4999 and
+        ``reason`` up to 123 bytes, else :class:`~tidings.control.ControlError` (a ValueError)."""
+        await self.send_control(
+            control.DisconnectUser(user=user, client=client, code=code, reason=reason)
         )
 
     async def subscribe_user(self, user: str, channel: str, *, client: str = "") -> None:
         """Subscribe ``user``'s connections (``client``'s only, if given) to ``channel``.
 
         Only protocols with server-side subscriptions act on it (Centrifugo's); raw
-        ``/ws/{channel}`` connections have one channel for life and ignore it."""
+        ``/ws/{channel}`` connections have one channel for life and ignore it. BadRequest or
+        UnknownChannel if ``channel`` is not allowed."""
         name = self.channel(channel).name
-        await self._control({"op": "subscribe", "user": user, "client": client, "channel": name})
+        await self.send_control(control.SubscribeUser(user=user, client=client, channel=name))
 
     async def unsubscribe_user(self, user: str, channel: str, *, client: str = "") -> None:
-        """Unsubscribe ``user``'s connections from ``channel`` on every node."""
+        """Unsubscribe ``user``'s connections from ``channel`` on every node (a raw connection
+        to that channel is closed with 1008)."""
         name = self.channel(channel).name
-        await self._control({"op": "unsubscribe", "user": user, "client": client, "channel": name})
+        await self.send_control(control.UnsubscribeUser(user=user, client=client, channel=name))
 
     async def refresh_user(
         self, user: str, *, client: str = "", expire_at: int | None = None, expired: bool = False
     ) -> None:
         """Extend (``expire_at``, unix seconds; None: never) or end (``expired``) connections."""
-        await self._control(
-            {
-                "op": "refresh",
-                "user": user,
-                "client": client,
-                "expire_at": expire_at,
-                "expired": expired,
-            }
+        await self.send_control(
+            control.RefreshUser(user=user, client=client, expire_at=expire_at, expired=expired)
         )
 
     def local_sessions(self, user: str, client: str = "") -> list[Session]:
         """This node's sessions of ``user``, or only the one with id ``client`` if given."""
         return [s for s in self.users.get(user, ()) if not client or s.client_id == client]
 
-    def _disconnect_local(self, message: dict[str, Any]) -> None:
-        try:
-            code = int(message.get("code", 3503))
-        except (TypeError, ValueError):
-            code = 3503
-        reason = Disconnect(code, str(message.get("reason", "")))
-        user, client = str(message.get("user", "")), str(message.get("client") or "")
-        for session in self.local_sessions(user, client):
+    def _disconnect_local(self, message: control.DisconnectUser) -> None:
+        reason = Disconnect(message.code, message.reason)
+        for session in self.local_sessions(message.user, message.client):
             session.close(reason)
 
     # -- history and presence --------------------------------------------------------------------

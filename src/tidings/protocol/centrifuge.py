@@ -9,22 +9,30 @@ fields (``data``, ``info``) carry raw embedded JSON, so publication bytes are sp
 The encoders here build each push once per publication for every Centrifugo subscriber on the
 node: a push names the channel and the publication and nothing per subscriber. On a direct
 transport (`tidings serve`) the push is built as a complete WebSocket frame, so it is not framed
-again per subscriber either (:class:`CentrifugeFramed`).
+again per subscriber either (:class:`CentrifugeFramed`). The encoders cache the last push they
+built, so each hub has its own (:class:`CentrifugeEncoders`): none is shared across a process.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any
 
 import orjson
 
 from ..brokers.base import ClientInfo, JoinLeave, Publication
-from ..errors import BAD_REQUEST, Disconnect, TidingsError
+from ..errors import BAD_REQUEST, BadRequest, Disconnect, TidingsError
 from ..session import Frame
 from ..transport.frames import payload, text_frame
 
 PING = "{}"
+
+try:
+    #: the server version ``connect`` and ``refresh`` replies report
+    VERSION = metadata.version("tidings")
+except metadata.PackageNotFoundError:  # running from a source tree
+    VERSION = "0"
 
 #: every method a client may send, with the name of its reply field
 METHODS = (
@@ -94,6 +102,26 @@ def _command(obj: dict[str, Any]) -> Command:
     raise Disconnect(3501, "bad request: unknown method")
 
 
+# -- fields of a request -------------------------------------------------------------------------
+
+
+def channel_name(request: dict[str, Any]) -> str:
+    """The request's ``channel``; a missing or empty one closes the connection (3501)."""
+    name = request.get("channel")
+    if not isinstance(name, str) or not name:
+        raise Disconnect(3501, "bad request: channel required")
+    return name
+
+
+def non_negative(value: Any, name: str) -> int:
+    """An optional non-negative integer field (missing: 0); BadRequest (107) otherwise."""
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise BadRequest(f"{name} must be a non-negative integer")
+    return value
+
+
 # -- outgoing ------------------------------------------------------------------------------------
 
 
@@ -161,8 +189,9 @@ def push(channel: str, kind: str, body: dict[str, Any]) -> str:
 
 
 class _LastPush:
-    """The frame of the most recent publication, shared by the encoders of one variant; and
-    (framed variant) the last batch packed with what it packed into."""
+    """The frame of the most recent publication, shared by the two encoders of one variant of
+    one :class:`CentrifugeEncoders`; and (framed variant) the last batch packed with what it
+    packed into. Mutable: never shared between hubs (they may run on different threads)."""
 
     __slots__ = ("batch", "frame", "packed", "pub")
 
@@ -177,19 +206,30 @@ class CentrifugeJson:
     """The hub's :class:`~tidings.hub.Encoder` and the session's wire format, for transports
     that take text (ASGI): pushes are ``str``.
 
-    Two instances exist per variant: one pushes join/leave events, one does not, so the hub's
-    grouping by encoder decides per subscription who gets them. Both share the last encoded
-    publication, so each publication is still encoded once per node and variant."""
+    Made in pairs by :class:`CentrifugeEncoders`, one pair per variant and hub: one pushes
+    join/leave events, one does not, so the hub's grouping by encoder decides per subscription
+    who gets them. Both share the last encoded publication, so each publication is still
+    encoded once per node and variant."""
 
-    __slots__ = ("_last", "with_join_leave")
+    __slots__ = ("_last", "_pair", "with_join_leave")
 
     def __init__(self, with_join_leave: bool, last: _LastPush) -> None:
         self.with_join_leave = with_join_leave
         self._last = last
+        self._pair: tuple[CentrifugeJson, CentrifugeJson] = (self, self)
+
+    @classmethod
+    def pair(cls) -> CentrifugeJson:
+        """A new pair sharing one cache: the encoder without join/leave (its sibling with them
+        is ``.encoder(True)``)."""
+        last = _LastPush()
+        plain, with_join_leave = cls(False, last), cls(True, last)
+        plain._pair = with_join_leave._pair = (plain, with_join_leave)
+        return plain
 
     def encoder(self, join_leave: bool) -> CentrifugeJson:
-        """The encoder of this variant for a subscription with or without join/leave pushes."""
-        return WITH_JOIN_LEAVE if join_leave else PLAIN
+        """The encoder of this pair for a subscription with or without join/leave pushes."""
+        return self._pair[join_leave]
 
     def _frame(self, data: bytes) -> Frame:
         """A push as this variant queues it (text here)."""
@@ -226,9 +266,6 @@ class CentrifugeFramed(CentrifugeJson):
 
     __slots__ = ()
 
-    def encoder(self, join_leave: bool) -> CentrifugeJson:
-        return FRAMED_WITH_JOIN_LEAVE if join_leave else FRAMED_PLAIN
-
     def _frame(self, data: bytes) -> Frame:
         return text_frame(data)
 
@@ -251,14 +288,23 @@ class CentrifugeFramed(CentrifugeJson):
         return [last.packed]
 
 
-_text, _framed = _LastPush(), _LastPush()
-PLAIN = CentrifugeJson(False, _text)
-WITH_JOIN_LEAVE = CentrifugeJson(True, _text)
-FRAMED_PLAIN = CentrifugeFramed(False, _framed)
-FRAMED_WITH_JOIN_LEAVE = CentrifugeFramed(True, _framed)
+class CentrifugeEncoders:
+    """The Centrifugo encoders (and session wire formats) of one hub: a text pair for ASGI
+    transports and a framed pair for direct ones.
 
+    Each pair caches the last publication it encoded and the last batch it packed, so one is
+    made per hub (the Centrifugo endpoint of a :class:`~tidings.app.Tidings` makes it), never
+    per process: two hubs in one process, on one thread or several, share no encoder state."""
 
-def wire_format(framed: bool) -> CentrifugeJson:
-    """The session's format (and encoder without join/leave) for a transport that does or
-    does not write pre-built frames."""
-    return FRAMED_PLAIN if framed else PLAIN
+    __slots__ = ("framed", "text")
+
+    def __init__(self) -> None:
+        #: for transports that take text (ASGI): pushes are ``str``
+        self.text: CentrifugeJson = CentrifugeJson.pair()
+        #: for direct transports (`tidings serve`): pushes are complete WebSocket frames
+        self.framed: CentrifugeJson = CentrifugeFramed.pair()
+
+    def wire_format(self, framed: bool) -> CentrifugeJson:
+        """The session's format (and encoder without join/leave) for a transport that does or
+        does not write pre-built frames."""
+        return self.framed if framed else self.text

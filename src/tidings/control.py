@@ -1,0 +1,213 @@
+"""The control plane: typed messages every node receives through the broker, and their codec.
+
+Server-side operations on users' connections (the server API's ``subscribe``, ``unsubscribe``,
+``refresh`` and ``disconnect``, as in Centrifugo) must reach the node each connection is on, so
+they travel as control messages (:meth:`~tidings.brokers.base.Broker.publish_control`) that every
+node receives. This module is the only place their bytes are built and read: senders (the hub's
+``subscribe_user`` & co.) build one of the dataclasses below and :func:`encode` it; the hub
+:func:`decode`\\s what the broker delivers once, drops what is not a valid message, and hands the
+typed message to each receiver (the Centrifugo and raw endpoints).
+
+The wire format is a JSON object with ``op`` first, then ``user`` and ``client`` (``""``: every
+connection of the user), then the fields of the op, as the README documents::
+
+    {"op": "subscribe", "user": "u", "client": "", "channel": "news"}
+    {"op": "unsubscribe", "user": "u", "client": "c1", "channel": "news"}
+    {"op": "refresh", "user": "u", "client": "", "expire_at": 1700000000, "expired": false}
+    {"op": "disconnect", "user": "u", "client": "", "code": 3503, "reason": "force disconnect"}
+
+Decoding is lenient where the documented form is: ``client`` may be missing or null, and so may
+the optional fields (their defaults apply); keys it does not know are ignored, so a node can read
+what a newer node adds. Anything else raises :class:`ControlError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import orjson
+
+__all__ = [
+    "ControlError",
+    "ControlMessage",
+    "DisconnectUser",
+    "RefreshUser",
+    "SubscribeUser",
+    "UnknownOp",
+    "UnsubscribeUser",
+    "decode",
+    "encode",
+]
+
+#: close codes a WebSocket endpoint may not send (RFC 6455 section 7.4.1)
+_RESERVED_CODES = frozenset({1004, 1005, 1006, 1015})
+#: a close frame's reason is at most 123 bytes of UTF-8 (RFC 6455 section 5.5)
+MAX_REASON = 123
+
+
+class ControlError(ValueError):
+    """Bytes that are not a valid control message (malformed JSON, a missing or mistyped field)."""
+
+
+class UnknownOp(ControlError):
+    """A control message whose ``op`` this node does not know (e.g. from a newer node)."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__(f"unknown control op {op!r}")
+        self.op = op
+
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise ControlError(f"{name} must be a string")
+    return value
+
+
+def _whole(value: Any, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ControlError(f"{name} must be an integer")
+    return value
+
+
+def _common(obj: dict[str, Any]) -> dict[str, Any]:
+    """The fields every message has, from a decoded object, as constructor arguments."""
+    return {"user": obj.get("user"), "client": obj.get("client") or ""}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Message:
+    """Fields every control message has: whose connections it is about."""
+
+    op: ClassVar[str]
+
+    #: the user whose connections the message is about (``""`` matches no connection)
+    user: str
+    #: only this connection id (``""``: every connection of ``user``)
+    client: str = ""
+
+    def __post_init__(self) -> None:
+        _text(self.user, "user")
+        _text(self.client, "client")
+
+    @classmethod
+    def from_object(cls, obj: dict[str, Any]) -> Any:
+        """The message in a decoded JSON object (its ``op`` already matched)."""
+        return cls(**_common(obj))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _ChannelMessage(_Message):
+    #: the resolved channel name (non-empty)
+    channel: str
+
+    def __post_init__(self) -> None:
+        _Message.__post_init__(self)
+        if not _text(self.channel, "channel"):
+            raise ControlError("channel must not be empty")
+
+    @classmethod
+    def from_object(cls, obj: dict[str, Any]) -> Any:
+        channel: Any = obj.get("channel")  # checked by the constructor
+        return cls(**_common(obj), channel=channel)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubscribeUser(_ChannelMessage):
+    """Subscribe the user's connections to ``channel`` (Centrifugo-protocol connections get a
+    subscribe push; raw ``/ws/{channel}`` connections have one channel for life and ignore it)."""
+
+    op: ClassVar[str] = "subscribe"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnsubscribeUser(_ChannelMessage):
+    """Unsubscribe the user's connections from ``channel`` (Centrifugo: an unsubscribe push,
+    code 2000; raw: the connection closes with 1008, it has no other channel)."""
+
+    op: ClassVar[str] = "unsubscribe"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RefreshUser(_Message):
+    """Extend the user's connections to ``expire_at`` (Unix time, seconds; None: never expire),
+    or end them at once (``expired``: closed with 3005). Centrifugo-protocol connections only."""
+
+    op: ClassVar[str] = "refresh"
+    expire_at: int | float | None = None
+    expired: bool = False
+
+    def __post_init__(self) -> None:
+        _Message.__post_init__(self)
+        at = self.expire_at
+        if at is not None and (not isinstance(at, int | float) or isinstance(at, bool)):
+            raise ControlError("expire_at must be a number of seconds or null")
+        if not isinstance(self.expired, bool):
+            raise ControlError("expired must be true or false")
+
+    @classmethod
+    def from_object(cls, obj: dict[str, Any]) -> Any:
+        return cls(
+            **_common(obj), expire_at=obj.get("expire_at"), expired=obj.get("expired", False)
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DisconnectUser(_Message):
+    """Close the user's connections (every protocol) with WebSocket close ``code``/``reason``.
+
+    ``code``: 1000-4999 except the codes RFC 6455 section 7.4.1 reserves (1004-1006, 1015);
+    3503 (the default) tells Centrifugo SDKs not to reconnect. ``reason``: at most 123 bytes of
+    UTF-8 (RFC 6455 section 5.5). Invalid values raise :class:`ControlError`."""
+
+    op: ClassVar[str] = "disconnect"
+    code: int = 3503
+    reason: str = "force disconnect"
+
+    def __post_init__(self) -> None:
+        _Message.__post_init__(self)
+        code = _whole(self.code, "code")
+        if not 1000 <= code <= 4999 or code in _RESERVED_CODES:
+            raise ControlError(f"code {code} is not a close code a server may send")
+        if len(_text(self.reason, "reason").encode()) > MAX_REASON:
+            raise ControlError(f"reason is longer than {MAX_REASON} bytes")
+
+    @classmethod
+    def from_object(cls, obj: dict[str, Any]) -> Any:
+        # without them: 3503 and no reason, as nodes have always read such a message
+        return cls(**_common(obj), code=obj.get("code", 3503), reason=obj.get("reason", ""))
+
+
+ControlMessage = SubscribeUser | UnsubscribeUser | RefreshUser | DisconnectUser
+
+#: every message type by its ``op``
+OPS: dict[str, type[ControlMessage]] = {
+    cls.op: cls for cls in (SubscribeUser, UnsubscribeUser, RefreshUser, DisconnectUser)
+}
+
+
+def encode(message: ControlMessage) -> bytes:
+    """The JSON bytes of ``message``: ``op``, then its fields in declaration order."""
+    body: dict[str, Any] = {"op": message.op}
+    for f in fields(message):
+        body[f.name] = getattr(message, f.name)
+    return orjson.dumps(body)
+
+
+def decode(data: bytes) -> ControlMessage:
+    """The message in ``data``; :class:`UnknownOp` for an op this node does not know,
+    :class:`ControlError` for anything else that is not a valid message."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise ControlError("not JSON") from None
+    if not isinstance(obj, dict):
+        raise ControlError("not a JSON object")
+    op = obj.get("op")
+    if not isinstance(op, str):
+        raise ControlError("op must be a string")
+    cls = OPS.get(op)
+    if cls is None:
+        raise UnknownOp(op)
+    message: ControlMessage = cls.from_object(obj)
+    return message
