@@ -435,6 +435,16 @@ class NatsBroker(Broker):
             "nats reconnected to %s; resubscribed %d channels", self._where(), len(self._subs)
         )
         self._heads.clear()
+        self._spawn(self._resync())
+
+    async def _resync(self) -> None:
+        nc = self._nc
+        if nc is None:
+            return
+        try:  # the server may have come back without its JetStream store
+            await self._provision(nc)
+        except Exception as exc:  # the next call that needs the streams tries again
+            log.warning("nats: checking streams after reconnecting failed: %s", exc)
         try:
             self.handler.on_resync()
         except Exception:
@@ -548,8 +558,12 @@ class NatsBroker(Broker):
         """A JetStream direct get on ``$JS.API.DIRECT.GET.<suffix>``; None when not found."""
         try:
             msg = await nc.request(f"$JS.API.DIRECT.GET.{suffix}", request, timeout=self.timeout)
-        except nats.errors.NoRespondersError:
-            await self._provision(nc)  # the stream is gone (storage lost): start over
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            # With JetStream on, a direct get for a stream that does not exist goes unanswered
+            # (no 503 either): check the stream, and start over if it is gone (storage lost)
+            if await self._stream_exists(nc):
+                raise
+            await self._provision(nc)
             return None
         status = (msg.headers or {}).get("Status")
         if status == "404":
@@ -561,6 +575,13 @@ class NatsBroker(Broker):
         except (KeyError, ValueError):
             log.warning("ignoring a foreign record %r in stream %s", msg.headers, self.stream)
             return None
+
+    async def _stream_exists(self, nc: Client) -> bool:
+        try:
+            await nc.jetstream(timeout=self.timeout).stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
 
     async def _store(
         self, nc: Client, channel: str, head: _Head | None, headers: dict[str, str], body: bytes
