@@ -266,7 +266,12 @@ class PrivateNats:
             while True:
                 with contextlib.suppress(Exception):
                     nc = await nats.connect(
-                        self.url, allow_reconnect=False, connect_timeout=1, error_cb=_quiet
+                        self.url,
+                        allow_reconnect=False,
+                        max_reconnect_attempts=1,  # one more attempt, not 60 every 2 s
+                        reconnect_time_wait=0,
+                        connect_timeout=1,
+                        error_cb=_quiet,
                     )
                     try:
                         await nc.request("$JS.API.INFO", b"", timeout=1)
