@@ -30,6 +30,7 @@ from tidings.brokers import (
     StreamPosition,
     create_broker,
 )
+from tidings.brokers import nats as nats_engine
 from tidings.brokers.nats import NatsBroker, channel_token, token_channel
 from tidings.hub import Hub
 from tidings.session import Session
@@ -186,6 +187,46 @@ async def test_history_size_per_namespace_is_trimmed_in_jetstream(cluster: Clust
         position = await a.publish("unkept", b"x", none)
     assert position.offset == 3
     assert (await a.history("unkept")).publications == []
+
+
+async def test_history_reads_agree_whether_one_by_one_or_through_a_consumer(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Short reads follow links with direct gets, long ones use a consumer: same answers,
+    across an epoch change, a size change, meta records and expired publications."""
+    a, _ = await cluster.node()
+    brief = HistoryOptions(size=50, ttl=60, meta_ttl=0.3)
+    await a.publish("both", b"old epoch", brief)
+    await asyncio.sleep(0.5)
+    assert (await a.history("both", meta_ttl=0.3)).position.offset == 0  # a new epoch
+    for i in range(10):
+        await a.publish("both", b"%d" % i, HistoryOptions(size=50, ttl=0.2))
+    await asyncio.sleep(0.3)  # those ten expire
+    for i in range(10, 40):
+        await a.publish("both", b"%d" % i, HistoryOptions(size=25 if i > 30 else 50, ttl=60))
+    await a.history("both", limit=0)
+    epoch = (await a.history("both", limit=0)).position.epoch
+    queries: list[dict[str, object]] = [
+        {},
+        {"limit": 3},
+        {"limit": 30},
+        {"reverse": True},
+        {"reverse": True, "limit": 12},
+        {"since": StreamPosition(20, epoch)},
+        {"since": StreamPosition(20, epoch), "limit": 4},
+        {"since": StreamPosition(35, epoch), "reverse": True},
+        {"since": StreamPosition(2, epoch)},
+    ]
+    answers = {}
+    for direct_reads in (10**6, 0):
+        monkeypatch.setattr(nats_engine, "DIRECT_READS", direct_reads)
+        answers[direct_reads] = [
+            [(p.offset, p.data) for p in (await a.history("both", **q)).publications]  # type: ignore[arg-type]
+            for q in queries
+        ]
+    assert answers[0] == answers[10**6]
+    assert answers[0][0] == [(o, b"%d" % (o - 1)) for o in range(16, 41)]
+    assert answers[0][4] == [(o, b"%d" % (o - 1)) for o in range(40, 28, -1)]
 
 
 async def test_remove_history_purges_jetstream(cluster: Cluster) -> None:

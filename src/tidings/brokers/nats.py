@@ -102,6 +102,10 @@ HEADS_CACHED = 10_000
 #: attempts at storing a record when other nodes keep storing first
 CAS_ATTEMPTS = 50
 WRONG_LAST_SEQUENCE = 10071
+#: history reads of at most this many publications use direct gets, longer ones a consumer
+DIRECT_READS = 8
+#: seconds an abandoned history consumer lives on the server
+SCAN_IDLE = 30.0
 
 # headers of a stored record
 KIND, OFFSET, EPOCH, PREV, WHEN = (
@@ -229,11 +233,43 @@ class _Record:
     body: bytes
 
 
-def _record(msg: Msg) -> _Record:
-    """A stored record from a direct get; ValueError if it is not one of ours."""
-    h = msg.headers or {}
+class _Window:
+    """Picks what history returns from a channel's records, fed newest first along their
+    links: publications of the head's epoch after ``after``, not expired, within the newest
+    publication's ``history_size``, at most ``limit``; the first record that fails ends it."""
+
+    def __init__(self, head: _Head, after: int, limit: int | None) -> None:
+        self.epoch = head.epoch
+        self.floor = after
+        self.limit = limit if limit is not None and limit > 0 else None
+        self.now = time.time()
+        self.found: list[_Record] = []
+        self.wanted = head.seq  # the next record to take (0: none)
+
+    def take(self, record: _Record) -> bool:
+        """Whether older records may still be wanted (``wanted`` says which)."""
+        if record.seq != self.wanted or record.epoch != self.epoch:
+            return False
+        if record.offset <= self.floor:
+            return False
+        if record.kind == "P":
+            if record.expires < 0 or 0 < record.expires <= self.now:
+                return False
+            if not self.found:  # the newest publication's history_size bounds the window
+                self.floor = max(self.floor, record.offset - record.size)
+                if record.offset <= self.floor:
+                    return False
+            self.found.append(record)
+            if self.limit is not None and len(self.found) >= self.limit:
+                return False
+        self.wanted = record.prev
+        return bool(self.wanted)
+
+
+def _record(h: dict[str, str], data: bytes, seq: int) -> _Record:
+    """A stored record from its headers; KeyError/ValueError if it is not one of ours."""
     return _Record(
-        int(h["Nats-Sequence"]),
+        seq,
         int(h.get(PREV, "0")),
         h.get(KIND, ""),
         int(h[OFFSET]),
@@ -241,7 +277,7 @@ def _record(msg: Msg) -> _Record:
         float(h[WHEN]),
         float(h.get(EXPIRES, "-1")),
         int(h.get(SIZE, "0")),
-        msg.data,
+        data,
     )
 
 
@@ -571,7 +607,8 @@ class NatsBroker(Broker):
         if status is not None:
             raise BrokerUnavailable(f"nats: direct get answered {status}: {msg.headers}")
         try:
-            return _record(msg)
+            headers = msg.headers or {}
+            return _record(headers, msg.data, int(headers["Nats-Sequence"]))
         except (KeyError, ValueError):
             log.warning("ignoring a foreign record %r in stream %s", msg.headers, self.stream)
             return None
@@ -736,27 +773,74 @@ class NatsBroker(Broker):
         self, nc: Client, channel: str, head: _Head, after: int, limit: int | None
     ) -> list[_Record]:
         """Kept publications of ``head``'s epoch after offset ``after``, newest first, at most
-        ``limit`` (None or negative: no limit): one direct get per record, following each
-        record's link to the one before, until a record that is missing, of another epoch,
-        expired or outside the newest ``history_size``."""
-        found: list[_Record] = []
-        now = time.time()
-        floor = after
-        seq = head.seq
-        while seq and (limit is None or limit < 0 or len(found) < limit):
-            record = await self._get(nc, self.stream, orjson.dumps({"seq": seq}))
-            if record is None or record.epoch != head.epoch or record.offset <= floor:
-                break
-            if record.kind == "P":
-                if record.expires < 0 or 0 < record.expires <= now:
+        ``limit`` (None or negative: no limit). A short read follows each record's link to the
+        one before, one direct get each; a longer one reads all the channel's records at once
+        through a short-lived consumer (JetStream before 2.11 has no batched get)."""
+        window = _Window(head, after, limit)
+        wanted = head.offset - after
+        if limit is not None and limit > 0:
+            wanted = min(wanted, limit)
+        if wanted <= DIRECT_READS:
+            while (seq := window.wanted) and (
+                record := await self._get(nc, self.stream, orjson.dumps({"seq": seq}))
+            ):
+                if not window.take(record):
                     break
-                if not found:  # the newest publication's history_size bounds the window
-                    floor = max(floor, record.offset - record.size)
-                    if record.offset <= floor:
-                        break
-                found.append(record)
-            seq = record.prev
-        return found
+            return window.found
+        records = await self._scan(nc, channel, head)
+        while (seq := window.wanted) and (record := records.get(seq)):
+            if not window.take(record):
+                break
+        return window.found
+
+    async def _scan(self, nc: Client, channel: str, head: _Head) -> dict[int, _Record]:
+        """Every record of ``channel`` up to ``head``, by stream sequence, through an ephemeral
+        push consumer filtered on the channel's subject (deleted afterwards)."""
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        name = ""
+        try:
+            config = {
+                "deliver_subject": inbox,
+                "filter_subject": self._stored(channel),
+                "deliver_policy": "all",
+                "ack_policy": "none",
+                "replay_policy": "instant",
+                "mem_storage": True,
+                "inactive_threshold": int(SCAN_IDLE * 1e9),
+            }
+            reply = await nc.request(
+                f"$JS.API.CONSUMER.CREATE.{self.stream}",
+                orjson.dumps({"stream_name": self.stream, "config": config}),
+                timeout=self.timeout,
+            )
+            info = orjson.loads(reply.data)
+            if "error" in info:
+                raise BrokerUnavailable(f"nats: reading history failed: {info['error']}")
+            name = info["name"]
+            records: dict[int, _Record] = {}
+            pending = int(info.get("num_pending", 0))
+            while pending > 0:
+                msg = await sub.next_msg(timeout=self.timeout)
+                meta = msg.metadata
+                pending = meta.num_pending
+                seq = meta.sequence.stream
+                with contextlib.suppress(KeyError, ValueError):
+                    records[seq] = _record(msg.headers or {}, msg.data, seq)
+                if seq >= head.seq:
+                    break
+            return records
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            if name:
+                self._spawn(self._delete_consumer(nc, name))
+
+    async def _delete_consumer(self, nc: Client, name: str) -> None:
+        with contextlib.suppress(Exception):
+            await nc.request(
+                f"$JS.API.CONSUMER.DELETE.{self.stream}.{name}", b"", timeout=self.timeout
+            )
 
     @_reachable
     async def remove_history(self, channel: str) -> None:
