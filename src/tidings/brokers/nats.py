@@ -317,6 +317,7 @@ class NatsBroker(Broker):
         self._closed = False
         self._started = False
         self._subs: dict[str, Subscription] = {}
+        self._wanted: set[str] = set()  # channels subscribed (or being subscribed) here
         self._subscribing: dict[str, asyncio.Task[None]] = {}
         self._control_sub: Subscription | None = None
         self._heads: OrderedDict[str, _Head] = OrderedDict()
@@ -442,6 +443,7 @@ class NatsBroker(Broker):
         for task in [*self._subscribing.values(), *self._background]:
             task.cancel()
         self._subs.clear()
+        self._wanted.clear()
         nc, self._nc = self._nc, None
         if nc is not None:
             with contextlib.suppress(Exception):
@@ -493,8 +495,8 @@ class NatsBroker(Broker):
 
     def _receiver(self, channel: str) -> Callable[[Msg], Awaitable[None]]:
         async def receive(msg: Msg) -> None:
-            if self._subs.get(channel) is None:
-                return
+            if channel not in self._wanted:
+                return  # unsubscribed meanwhile
             try:
                 headers = msg.headers
                 if headers is not None and "Nats-Stream" in headers:  # a stored record
@@ -534,12 +536,14 @@ class NatsBroker(Broker):
     async def _subscribe(self, channel: str) -> None:
         nc = await self._connection()
         if channel not in self._subs:
+            self._wanted.add(channel)
             self._subs[channel] = await nc.subscribe(
                 self._live(channel), cb=self._receiver(channel)
             )
         try:
             await self._flush(nc)
         except BaseException:
+            self._wanted.discard(channel)
             sub = self._subs.pop(channel, None)
             if sub is not None:
                 with contextlib.suppress(Exception):
@@ -551,6 +555,7 @@ class NatsBroker(Broker):
         if task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(task)
+        self._wanted.discard(channel)
         sub = self._subs.pop(channel, None)
         if sub is not None:
             # removed locally at once: nothing more is handed over for it, connected or not
@@ -597,7 +602,7 @@ class NatsBroker(Broker):
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
             # With JetStream on, a direct get for a stream that does not exist goes unanswered
             # (no 503 either): check the stream, and start over if it is gone (storage lost)
-            if await self._stream_exists(nc):
+            if not nc.is_connected or await self._stream_exists(nc):
                 raise
             await self._provision(nc)
             return None
