@@ -393,7 +393,7 @@ async def test_a_hub_catches_up_what_was_published_while_its_link_was_down(
     port = await proxy.start()
     prefix = "cut"
     publisher = create_broker(f"{private.url}?prefix={prefix}")
-    broker = create_broker(f"nats://127.0.0.1:{port}?prefix={prefix}&timeout=2")
+    broker = create_broker(f"nats://127.0.0.1:{port}?prefix={prefix}")
     try:
         async with Hub(broker, Settings()) as hub:
             transport = FrameRecorder()
@@ -435,7 +435,7 @@ async def test_server_restart_keeps_streams_and_outage_is_a_prompt_error(
 ) -> None:
     """A restarted server with its store: /health says 503 meanwhile, publishing fails at once,
     then the same epoch carries on and live delivery resumes."""
-    url = f"{private.url}?prefix=rs&timeout=2"
+    url = f"{private.url}?prefix=rs"
     srv = await serve(broker_url=url)
     sub = await Raw.open(srv.ws)
     await sub.connect()
@@ -469,7 +469,7 @@ async def test_lost_storage_starts_a_new_epoch_and_recovery_says_so(
     """The server comes back without its JetStream store: streams are created again, the
     channel starts over with a new epoch, and a client recovering from the old position is
     told it was not recovered."""
-    url = f"{private.url}?prefix=lost&timeout=2"
+    url = f"{private.url}?prefix=lost"
     srv = await serve(broker_url=url)
     hub = srv.hub
     old = [await hub.publish("news", i) for i in range(3)]

@@ -314,6 +314,7 @@ class NatsBroker(Broker):
         self.presence_stream = f"{self.prefix}-presence"
         self._nc: Client | None = None
         self._connecting: asyncio.Lock | None = None
+        self._checking: asyncio.Task[None] | None = None  # streams checked after reconnecting
         self._closed = False
         self._started = False
         self._subs: dict[str, Subscription] = {}
@@ -351,6 +352,10 @@ class NatsBroker(Broker):
         if nc is not None:
             if not nc.is_connected:
                 raise BrokerUnavailable(f"nats: not connected to {self._where()} (reconnecting)")
+            checking = self._checking
+            if checking is not None and not checking.done():
+                # just reconnected: the streams may be gone (storage lost) until checked
+                await asyncio.shield(checking)
             return nc
         if self._connecting is None:
             self._connecting = asyncio.Lock()
@@ -442,6 +447,8 @@ class NatsBroker(Broker):
         self._closed = True
         for task in [*self._subscribing.values(), *self._background]:
             task.cancel()
+        if self._checking is not None:
+            self._checking.cancel()
         self._subs.clear()
         self._wanted.clear()
         nc, self._nc = self._nc, None
@@ -473,16 +480,20 @@ class NatsBroker(Broker):
             "nats reconnected to %s; resubscribed %d channels", self._where(), len(self._subs)
         )
         self._heads.clear()
-        self._spawn(self._resync())
-
-    async def _resync(self) -> None:
         nc = self._nc
-        if nc is None:
-            return
-        try:  # the server may have come back without its JetStream store
+        if nc is not None:
+            # before anything else uses the link: the server may be back without its store
+            self._checking = asyncio.get_running_loop().create_task(self._check_streams(nc))
+            self._spawn(self._resync(self._checking))
+
+    async def _check_streams(self, nc: Client) -> None:
+        try:
             await self._provision(nc)
-        except Exception as exc:  # the next call that needs the streams tries again
+        except Exception as exc:  # a call that finds a stream missing creates it again
             log.warning("nats: checking streams after reconnecting failed: %s", exc)
+
+    async def _resync(self, checking: asyncio.Task[None]) -> None:
+        await checking
         try:
             self.handler.on_resync()
         except Exception:
@@ -602,10 +613,13 @@ class NatsBroker(Broker):
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
             # With JetStream on, a direct get for a stream that does not exist goes unanswered
             # (no 503 either): check the stream, and start over if it is gone (storage lost)
-            if not nc.is_connected or await self._stream_exists(nc):
+            if not nc.is_connected:
                 raise
-            await self._provision(nc)
-            return None
+            if not await self._stream_exists(nc):
+                await self._provision(nc)
+                return None
+            # it exists: created meanwhile (by another node), or the server was slow
+            msg = await nc.request(f"$JS.API.DIRECT.GET.{suffix}", request, timeout=self.timeout)
         status = (msg.headers or {}).get("Status")
         if status == "404":
             return None
