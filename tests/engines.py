@@ -58,7 +58,7 @@ async def _nats_cleanup(url: str, prefix: str) -> None:
     nc = await nats.connect(url.partition("?")[0], allow_reconnect=False)
     try:
         js = nc.jetstream()
-        for stream in (f"{prefix}-channels", f"{prefix}-presence"):
+        for stream in (f"{prefix}-channels", f"KV_{prefix}-presence"):
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 await js.delete_stream(stream)
     finally:

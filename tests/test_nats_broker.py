@@ -114,7 +114,7 @@ def test_url_options() -> None:
     )
     assert isinstance(default, NatsBroker) and isinstance(tuned, NatsBroker)
     assert (default.prefix, default.timeout, default.max_age) == ("tidings", 5.0, 604800.0)
-    assert (default.stream, default.presence_stream) == ("tidings-channels", "tidings-presence")
+    assert (default.stream, default.presence_stream) == ("tidings-channels", "KV_tidings-presence")
     assert (tuned.prefix, tuned.timeout, tuned.max_age, tuned.presence_max_age) == (
         "app_1",
         2.5,

@@ -73,7 +73,7 @@ import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import RePublish, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, RePublish, StorageType, StreamConfig
 
 from .base import (
     DEFAULT_META_TTL,
@@ -311,7 +311,9 @@ class NatsBroker(Broker):
             raise ValueError(f"nats URL option storage={storage!r}: expected file or memory")
         self.storage = StorageType.FILE if storage == "file" else StorageType.MEMORY
         self.stream = f"{self.prefix}-channels"
-        self.presence_stream = f"{self.prefix}-presence"
+        #: a JetStream key/value bucket (``nats kv ls <bucket>`` lists it)
+        self.presence_bucket = f"{self.prefix}-presence"
+        self.presence_stream = f"KV_{self.presence_bucket}"
         self._nc: Client | None = None
         self._connecting: asyncio.Lock | None = None
         self._checking: asyncio.Task[None] | None = None  # streams checked after reconnecting
@@ -335,7 +337,7 @@ class NatsBroker(Broker):
         return f"{self.prefix}.ch.{channel_token(channel)}"
 
     def _present(self, channel: str, client: str = "") -> str:
-        base = f"{self.prefix}.p.{channel_token(channel)}"
+        base = f"$KV.{self.presence_bucket}.{channel_token(channel)}"
         return f"{base}.{channel_token(client)}" if client else base
 
     @property
@@ -410,12 +412,17 @@ class NatsBroker(Broker):
                 republish=RePublish(src=f"{self.prefix}.s.>", dest=f"{self.prefix}.ch.>"),
             ),
             StreamConfig(
+                # a key/value bucket as nats.go makes one (history 1, ttl), keys
+                # <channel token>.<client token>; entries also carry their own expiry
                 name=self.presence_stream,
-                subjects=[f"{self.prefix}.p.>"],
+                subjects=[f"$KV.{self.presence_bucket}.>"],
                 storage=self.storage,
                 num_replicas=self.replicas,
                 max_age=self.presence_max_age,
                 max_msgs_per_subject=1,
+                discard=DiscardPolicy.NEW,
+                allow_rollup_hdrs=True,
+                deny_delete=True,
                 allow_direct=True,
             ),
         )
