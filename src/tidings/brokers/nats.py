@@ -11,8 +11,9 @@ What lives where, for a deployment named by ``prefix`` (default ``tidings``):
   NATS subject ``<prefix>.ch.<token>``, where nodes subscribe: delivery order is the order
   JetStream stored the records in, i.e. offset order, on every node. Join/leave events go to the
   same subject (plain core messages); control messages to ``<prefix>.control``.
-* JetStream stream ``<prefix>-presence`` (subjects ``<prefix>.p.<token>.<client token>``, one
-  message per subject: a key/value bucket): presence entries, each carrying its own expiry.
+* JetStream key/value bucket ``<prefix>-presence`` (stream ``KV_<prefix>-presence``), keys
+  ``<token>.<client token>``: presence entries, each carrying its own expiry time (per-key TTL
+  needs nats-server 2.11), the bucket's ttl (``presence_max_age``) removing forgotten ones.
 
 **Offsets.** A publication is stored with ``Nats-Expected-Last-Subject-Sequence`` set to the
 stream sequence of the channel's last record, and its offset is that record's offset + 1: if
@@ -28,7 +29,10 @@ expiry time and the ``history_size`` it was published with, reads return only th
 ``history_size`` publications that have not expired (a contiguous run: the first expired or
 missing one ends it), and every few publications a channel is purged down to its last
 ``history_size`` + 4 records. The stream's ``max_age`` (URL option ``max_age``, default 7 days,
-the default ``history_meta_ttl``) bounds how long an idle channel's records stay at all.
+the default ``history_meta_ttl``) bounds how long an idle channel's records stay at all. A
+read of up to 8 publications follows each record's link to the one before (a direct get each);
+a longer one reads the channel's records through a short-lived consumer (JetStream has no
+batched get before 2.11).
 
 **Epochs.** A stream's epoch is random and changes only when its position is lost: no record
 left for the channel (never used, dropped by ``max_age``, or the JetStream storage itself lost,
@@ -40,7 +44,8 @@ older than half of ``meta_ttl``. Times are the writing node's clock.
 +-25% jitter) and subscribes every subject again; once it is back the handler's ``on_resync``
 makes the hub fill in what was missed from history. Calls made while the connection is down
 raise :class:`BrokerUnavailable` at once, calls that get no answer within ``timeout`` raise it
-then; a stream found missing (server storage lost) is created again.
+then. After a reconnection the streams are checked before anything else uses the link, and
+a stream found missing (the server lost its storage) is created again.
 
 URL options: ``prefix`` (letters, digits, ``_``, ``-``; default ``tidings``), ``timeout``
 (seconds to wait for any answer from the server, default 5), ``max_age`` (seconds an idle
@@ -291,6 +296,11 @@ def _publication(channel: str, offset: int, epoch: str, body: bytes) -> Publicat
 
 
 class NatsBroker(Broker):
+    """The ``nats://`` engine; see the module documentation for what it stores and how it
+    behaves. Constructing it raises ValueError for a bad URL option; every call that needs the
+    server raises :class:`BrokerUnavailable` when it cannot be reached or does not answer
+    within ``timeout`` seconds."""
+
     schemes = ("nats",)
 
     def __init__(self, url: str = "nats://127.0.0.1:4222") -> None:
