@@ -37,7 +37,7 @@ from tidings.session import Session
 
 from .cfutil import Raw
 from .conftest import IN_CI, Serve, free_port
-from .engines import ENGINES, NATS_URL, WAIT, Cluster, namespace, with_prefix
+from .engines import ENGINES, NATS_URL, WAIT, Cluster, Recorder, namespace, with_prefix
 from .test_broker_contract import KEEP, sentinel
 from .test_hub import CountingEncoder as PassThrough
 from .test_hub import Recorder as FrameRecorder
@@ -123,8 +123,19 @@ def test_url_options() -> None:
     )
     assert tuned.replicas == 3 and tuned.storage.value == "memory"
     assert tuned.server == "nats://u:p@127.0.0.1:4333"
+    pinging = create_broker(f"{NATS_URL}?ping_interval=0.5")
+    assert isinstance(pinging, NatsBroker)
+    assert (default.ping_interval, pinging.ping_interval) == (10.0, 0.5)
     assert with_prefix("nats://h:1", "p") == "nats://h:1?prefix=p"
-    for bad in ("timeout=soon", "max_age=0", "replicas=-1", "storage=disk", "prefix=a.b", "x=1"):
+    for bad in (
+        "timeout=soon",
+        "ping_interval=0",
+        "max_age=0",
+        "replicas=-1",
+        "storage=disk",
+        "prefix=a.b",
+        "x=1",
+    ):
         with pytest.raises(ValueError, match=bad.partition("=")[0]):
             create_broker(f"nats://127.0.0.1?{bad}")
 
@@ -349,6 +360,7 @@ class Cutter:
         self.target = port
         self.links: list[asyncio.StreamWriter] = []
         self.refusing = False
+        self.dead: set[asyncio.StreamWriter] = set()  # links that swallow every byte
         self.server: asyncio.Server | None = None
 
     async def start(self) -> int:
@@ -361,6 +373,10 @@ class Cutter:
             writer.transport.abort()
         self.links.clear()
 
+    def swallow(self) -> None:
+        """Existing links go silent without closing: a peer gone without a FIN or RST."""
+        self.dead.update(self.links)
+
     async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.refusing:
             writer.transport.abort()
@@ -370,8 +386,9 @@ class Cutter:
 
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
+                if writer not in self.dead:
+                    dst.write(data)
+                    await dst.drain()
 
         with contextlib.suppress(OSError):
             await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
@@ -426,6 +443,31 @@ async def test_a_hub_catches_up_what_was_published_while_its_link_was_down(
             transport.gone.set()
             await serving
     finally:
+        await publisher.close()
+        await proxy.close()
+
+
+async def test_a_silently_dead_link_is_noticed_and_replaced(
+    private: PrivateNats, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = Cutter(private.port)
+    port = await proxy.start()
+    publisher = create_broker(f"{private.url}?prefix=quiet")
+    listener = create_broker(f"nats://127.0.0.1:{port}?prefix=quiet&ping_interval=0.5")
+    got = Recorder()
+    try:
+        await listener.start(got)
+        await listener.subscribe("quiet")
+        with caplog.at_level(logging.WARNING, logger="tidings.brokers.nats"):
+            proxy.swallow()
+            await until(lambda: "reconnected" in caplog.text)
+        assert "lost; reconnecting" in caplog.text
+        for i in range(10):
+            await publisher.publish("quiet", b"%d" % i, KEEP)
+        pubs = await got.wait_publications("quiet", 10)
+        assert [p.data for p in pubs] == [b"%d" % i for i in range(10)]
+    finally:
+        await listener.close()
         await publisher.close()
         await proxy.close()
 

@@ -48,7 +48,8 @@ then. After a reconnection the streams are checked before anything else uses the
 a stream found missing (the server lost its storage) is created again.
 
 URL options: ``prefix`` (letters, digits, ``_``, ``-``; default ``tidings``), ``timeout``
-(seconds to wait for any answer from the server, default 5), ``max_age`` (seconds an idle
+(seconds to wait for any answer from the server, default 5), ``ping_interval`` (seconds between
+pings; a link silent for three is replaced, default 10), ``max_age`` (seconds an idle
 channel's records are kept at most, default 604800), ``presence_max_age`` (seconds a presence
 entry is kept at most when it is never removed, default 3600; entries still expire at their
 own ``ttl``), ``replicas`` (JetStream replicas of both streams, default 1), ``storage``
@@ -97,7 +98,15 @@ from .redis_scripts import decode_info, encode_info
 
 log = logging.getLogger("tidings.brokers.nats")
 
-OPTIONS = ("prefix", "timeout", "max_age", "presence_max_age", "replicas", "storage")
+OPTIONS = (
+    "prefix",
+    "timeout",
+    "ping_interval",
+    "max_age",
+    "presence_max_age",
+    "replicas",
+    "storage",
+)
 RECONNECT_MIN = 0.05  # seconds before the first reconnection attempt, doubled up to:
 RECONNECT_MAX = 5.0
 #: records kept per channel beyond its history_size (meta records among the publications)
@@ -313,6 +322,7 @@ class NatsBroker(Broker):
                 f"nats URL option prefix={self.prefix!r}: use letters, digits, '_' and '-'"
             )
         self.timeout = _positive(options, "timeout", 5.0)
+        self.ping_interval = _positive(options, "ping_interval", 10.0)
         self.max_age = _positive(options, "max_age", DEFAULT_META_TTL)
         self.presence_max_age = _positive(options, "presence_max_age", 3600.0)
         self.replicas = int(_positive(options, "replicas", 1))
@@ -395,6 +405,9 @@ class NatsBroker(Broker):
                 disconnected_cb=self._on_disconnected,
                 reconnected_cb=self._on_reconnected,
                 reconnect_to_server_handler=_backoff,
+                # a link that died without a FIN or RST (no reply to two pings) is replaced
+                ping_interval=self.ping_interval,  # float seconds work (asyncio.sleep)
+                max_outstanding_pings=2,
             )
         except _FAILURES as exc:
             raise BrokerUnavailable(f"nats: cannot connect to {self._where()}: {exc!r}") from exc
