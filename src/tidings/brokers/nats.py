@@ -67,7 +67,7 @@ import random
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -113,8 +113,6 @@ RECONNECT_MAX = 5.0
 PURGE_SLACK = 4
 #: a node remembers the last record of this many channels it published to
 HEADS_CACHED = 10_000
-#: attempts at storing a record when other nodes keep storing first
-CAS_ATTEMPTS = 50
 WRONG_LAST_SEQUENCE = 10071
 #: history reads of at most this many publications use direct gets, longer ones a consumer
 DIRECT_READS = 8
@@ -708,7 +706,7 @@ class NatsBroker(Broker):
         body = orjson.dumps(meta) + b"\n" + data
         async with self._serialised(channel):
             head = self._heads.get(channel)
-            for _ in range(CAS_ATTEMPTS):
+            async for _ in self._attempts(channel):
                 if head is None:
                     head = await self._head(nc, channel)
                 now = time.time()
@@ -731,7 +729,24 @@ class NatsBroker(Broker):
                     self._maybe_purge(nc, channel, offset, history.size)
                     return StreamPosition(offset, epoch)
                 head = None  # another node stored first: read where the stream is now
-        raise BrokerUnavailable(f"nats: channel {channel!r} too contended to publish")
+        raise AssertionError("unreachable: _attempts ends by raising")
+
+    async def _attempts(self, channel: str) -> AsyncIterator[int]:
+        """Tries at storing a record while other nodes keep storing first: each conflict means
+        another node made progress, so keep going, for ``timeout`` seconds at most (then
+        BrokerUnavailable); after a few conflicts in a row, wait a jittered moment so racing
+        nodes spread out."""
+        deadline = time.monotonic() + self.timeout
+        attempt = 0
+        while True:
+            yield attempt
+            attempt += 1
+            if time.monotonic() > deadline:
+                raise BrokerUnavailable(
+                    f"nats: channel {channel!r}: {attempt} conflicting writes in a row"
+                )
+            if attempt >= 3:
+                await asyncio.sleep(random.uniform(0, 0.001 * min(attempt, 20)))
 
     def _maybe_purge(self, nc: Client, channel: str, offset: int, size: int) -> None:
         """Every few publications, drop a channel's records beyond what history may return."""
@@ -775,7 +790,7 @@ class NatsBroker(Broker):
         """The stream's current head, starting a new life for a lost one and keeping an idle
         one alive (a meta record once the last record is older than half of ``meta_ttl``)."""
         async with self._serialised(channel):
-            for _ in range(CAS_ATTEMPTS):
+            async for _ in self._attempts(channel):
                 head = await self._head(nc, channel)
                 now = time.time()
                 if head is not None and head.written + meta_ttl / 2 > now:
@@ -792,7 +807,7 @@ class NatsBroker(Broker):
                     head = _Head(seq, offset, epoch, now)
                     self._remember(channel, head)
                     return head
-        raise BrokerUnavailable(f"nats: channel {channel!r} too contended to read")
+        raise AssertionError("unreachable: _attempts ends by raising")
 
     @_reachable
     async def history(
