@@ -789,12 +789,14 @@ class NatsBroker(Broker):
     async def _position(self, nc: Client, channel: str, meta_ttl: float) -> _Head:
         """The stream's current head, starting a new life for a lost one and keeping an idle
         one alive (a meta record once the last record is older than half of ``meta_ttl``)."""
+        head = await self._head(nc, channel)
+        if head is not None and head.written + meta_ttl / 2 > time.time():
+            return head  # the usual case: no write, so no need to wait for this node's others
         async with self._serialised(channel):
             async for _ in self._attempts(channel):
                 head = await self._head(nc, channel)
                 now = time.time()
                 if head is not None and head.written + meta_ttl / 2 > now:
-                    self._remember(channel, head)
                     return head
                 if self._alive(head, now, meta_ttl):
                     assert head is not None
