@@ -30,7 +30,7 @@ def with_prefix(url: str, prefix: str) -> str:
     return f"{url}{'&' if '?' in url else '?'}prefix={prefix}"
 
 
-async def _ping_check(url: str) -> None:
+async def _redis_check(url: str) -> None:
     broker = create_broker(url)
     try:
         await broker.ping()
@@ -91,14 +91,14 @@ ENGINES: dict[str, Engine] = {
     "redis": Engine(
         "redis",
         lambda prefix: with_prefix(REDIS_URL, prefix),
-        _ping_check,
+        _redis_check,
         lambda url, prefix: _redis_cleanup(REDIS_URL, prefix),
         lambda: f"redis://127.0.0.1:{free_port()}/0",
     ),
     "nats": Engine(
         "nats",
         lambda prefix: with_prefix(NATS_URL, prefix),
-        _ping_check,
+        _redis_check,  # nothing Redis-specific: a ping through the engine itself
         lambda url, prefix: _nats_cleanup(NATS_URL, prefix),
         lambda: f"nats://127.0.0.1:{free_port()}",
     ),
