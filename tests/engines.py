@@ -7,6 +7,7 @@ and a URL that cannot be reached). Under CI=true an unreachable service fails th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +23,7 @@ from .conftest import IN_CI, free_port
 
 WAIT = 10.0  # seconds a test waits for an event before failing
 REDIS_URL = os.environ.get("TIDINGS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+NATS_URL = os.environ.get("TIDINGS_TEST_NATS_URL", "nats://127.0.0.1:4222")
 
 
 def with_prefix(url: str, prefix: str) -> str:
@@ -46,6 +48,21 @@ async def _redis_cleanup(url: str, prefix: str) -> None:
             await client.delete(*keys)
     finally:
         await client.aclose()
+
+
+async def _nats_cleanup(url: str, prefix: str) -> None:
+    """Delete the namespace's JetStream streams (records and presence)."""
+    import nats
+    import nats.js.errors
+
+    nc = await nats.connect(url.partition("?")[0], allow_reconnect=False)
+    try:
+        js = nc.jetstream()
+        for stream in (f"{prefix}-channels", f"KV_{prefix}-presence"):
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await js.delete_stream(stream)
+    finally:
+        await nc.close()
 
 
 async def _memory_cleanup(url: str, prefix: str) -> None:
@@ -77,6 +94,13 @@ ENGINES: dict[str, Engine] = {
         _redis_check,
         lambda url, prefix: _redis_cleanup(REDIS_URL, prefix),
         lambda: f"redis://127.0.0.1:{free_port()}/0",
+    ),
+    "nats": Engine(
+        "nats",
+        lambda prefix: with_prefix(NATS_URL, prefix),
+        _redis_check,  # nothing Redis-specific: a ping through the engine itself
+        lambda url, prefix: _nats_cleanup(NATS_URL, prefix),
+        lambda: f"nats://127.0.0.1:{free_port()}",
     ),
 }
 
