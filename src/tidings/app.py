@@ -83,12 +83,12 @@ class Tidings:
         Starting a started node does nothing (`tidings serve` starts it before the lifespan)."""
         if self.hub.started:
             return
+        await self.hub.start()
         if self.settings.dev_mode:
             log.warning(
                 "tidings is in DEV MODE: no api_key or token secret is set, so anyone who can "
                 "reach it may subscribe and publish"
             )
-        await self.hub.start()
 
     async def stop(self) -> None:
         await self.hub.stop()

@@ -1,7 +1,7 @@
 """What the client commands (`tidings publish`, `subscribe`, `token`) do, without a web framework.
 
 These run in a user's shell, so each imports only what it uses: no FastAPI, no uvicorn, no
-pydantic (``tests/test_cli_ux.py`` checks the imports, ``bench/cli_startup.py`` measures the
+pydantic-settings, no httpx (``tests/test_cli_ux.py`` checks the imports, ``bench/cli_startup.py`` measures the
 start-up time). ``tidings subscribe`` speaks Centrifugo's client protocol (JSON) on
 ``/connection/websocket``, so it learns each publication's offset and can catch up after a
 reconnection: a gap it cannot fill is reported on stderr, never skipped in silence.
@@ -316,7 +316,7 @@ class Subscriber:
         """Announce the subscription (now the server has accepted it); when recovery failed,
         ask for what history still holds. Returns the id of that history command, if sent."""
         epoch, offset = reply.get("epoch"), reply.get("offset")
-        where = f" (offset {offset}, epoch {epoch})" if epoch is not None else ""
+        where = f" (offset {offset or 0}, epoch {epoch})" if epoch is not None else ""
         say("[green]subscribed[/] to {}{}", self.channel, where)
         if self.position is None or not reply.get("was_recovering"):
             if self.position is not None and epoch is None:

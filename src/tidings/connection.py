@@ -28,7 +28,7 @@ from starlette.types import Receive, Scope, Send
 from .auth import ANONYMOUS, Credentials, can_subscribe, check_user_limited
 from .brokers.base import ClientInfo, HistoryResult, JoinLeave, StreamPosition, compact
 from .channels import PRIVATE_PREFIX, USER_SEPARATOR, Channel
-from .endpoints import admit
+from .endpoints import admit, log_closed, log_connected, log_refused
 from .errors import (
     BAD_REQUEST,
     INVALID_TOKEN,
@@ -55,6 +55,9 @@ if TYPE_CHECKING:
     from .hub import Hub
 
 log = logging.getLogger("tidings.connection")
+
+#: the endpoint's path, for log lines
+PATH = "/connection/websocket"
 
 try:
     VERSION = metadata.version("tidings")
@@ -235,12 +238,12 @@ class Client:
         elif self.settings.anonymous_allowed:
             who = ANONYMOUS
         else:
-            log.info("refusing a connection without a token (anonymous not allowed)")
             raise Disconnect(3501, "bad request: token required")
         self.who = who
         self.connected = True
         if who.user:
             self.hub.set_user(self.session, who.user)
+        log_connected(PATH, self.session, log)
         self.session.info = who.info
         self.session.start_heartbeats(self.settings.ping_interval)
         ttl = self._set_expiry(who.expires)
@@ -274,7 +277,7 @@ class Client:
         except TokenExpired:
             raise
         except Unauthorized as exc:
-            log.info("closing %s: %s", self.session.client_id, exc.message)
+            log.info("invalid token from %s: %s", self.session.client_id, exc.message)
             raise INVALID_TOKEN from None
 
     def _closing_time(self, expires: float | None) -> tuple[float | None, int | None]:
@@ -655,6 +658,12 @@ class CentrifugeEndpoint:
             await session.serve(client.handle)
         finally:
             await client.close()
+            if client.connected:
+                log_closed(PATH, session, log)
+            else:  # never got past connect: a refusal, with its reason
+                reason = session.closed_with
+                if reason is not None:
+                    log_refused(PATH, reason.code, reason.reason, log)
 
     async def _open(self, scope: Scope, receive: Receive, send: Send) -> Session | None:
         hub, settings = self.tidings.hub, self.tidings.settings

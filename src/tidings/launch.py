@@ -92,7 +92,8 @@ class Server(uvicorn.Server):
 
             broker = redact(self.tidings.settings.broker_url)
             self.failure = StartupError(
-                f"cannot reach the broker {broker}: {exc}. Start it, or point --broker or "
+                f"cannot reach the broker {broker}: {str(exc).rstrip('. ')}. Start it, or point "
+                "--broker or "
                 "TIDINGS_BROKER_URL at one that runs"
             )
             self.should_exit = True
