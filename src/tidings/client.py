@@ -1,10 +1,11 @@
 """What the client commands (`tidings publish`, `subscribe`, `token`) do, without a web framework.
 
 These run in a user's shell, so each imports only what it uses: no FastAPI, no uvicorn, no
-pydantic-settings, no httpx (``tests/test_cli_ux.py`` checks the imports, ``bench/cli_startup.py`` measures the
-start-up time). ``tidings subscribe`` speaks Centrifugo's client protocol (JSON) on
-``/connection/websocket``, so it learns each publication's offset and can catch up after a
-reconnection: a gap it cannot fill is reported on stderr, never skipped in silence.
+pydantic-settings, no httpx (``tests/test_cli_ux.py`` checks the imports,
+``bench/cli_startup.py`` measures the start-up time). ``tidings subscribe`` speaks
+Centrifugo's client protocol (JSON) on ``/connection/websocket``, so it learns each
+publication's offset and can catch up after a reconnection: a gap it cannot fill is
+reported on stderr, never skipped in silence.
 
 Messages for the user go to stderr through :func:`say` (rich markup in *our* text only; every
 value that came from the user or the server is escaped); stdout carries only the data (the
