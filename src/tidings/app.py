@@ -159,7 +159,10 @@ def get_hub(connection: HTTPConnection) -> Hub:
 
 def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
     """The standalone server's app (`tidings serve`): the tidings routes, and the demo page
-    unless ``settings.demo`` is off (``TIDINGS_DEMO=false``)."""
+    unless ``settings.demo`` is off (``TIDINGS_DEMO=false``, or ``create_app(demo=False)``)."""
+    if "demo" in overrides:  # here a setting, not Tidings' own demo= (the page in its router)
+        base = settings if settings is not None else Settings.load()
+        settings = base.model_copy(update={"demo": bool(overrides.pop("demo"))})
     tidings = Tidings(settings, **overrides)
     app = FastAPI(title="tidings", lifespan=tidings.lifespan)
     app.include_router(tidings.router)

@@ -28,10 +28,11 @@ from pydantic_settings import (
 SubscribeRule = Literal["anonymous", "authenticated", "token"]
 
 #: ``TIDINGS_*`` variables that are not settings of a node: read by the client commands
-#: (``tidings publish/subscribe --url/--token/--sub-token``); ``TIDINGS_TEST_*`` configure the
-#: test suite. Any other ``TIDINGS_*`` variable must name a setting.
+#: (``tidings publish/subscribe --url/--token/--sub-token``); ``TIDINGS_TEST_*`` and
+#: ``TIDINGS_BENCH_*`` configure the test suite and the benchmarks. Any other ``TIDINGS_*``
+#: variable must name a setting.
 NOT_SETTINGS = frozenset({"URL", "TOKEN", "SUB_TOKEN"})
-NOT_SETTINGS_PREFIXES = ("TEST_",)
+NOT_SETTINGS_PREFIXES = ("TEST_", "BENCH_")
 
 
 class ConfigError(ValueError):
