@@ -195,7 +195,6 @@ async def test_demo_router_anywhere_finds_the_api(serve: Serve, browser: Any) ->
 
 async def test_mounting_never_takes_the_apps_root(serve: Serve) -> None:
     tidings = Tidings()  # no demo=True
-    assert not [r for r in tidings.router.routes if getattr(r, "path", None) == "/"]
     app = FastAPI()
     tidings.install(app)  # at the root, before the app's own "/"
 
