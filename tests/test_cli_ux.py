@@ -169,6 +169,18 @@ def test_unknown_env_var_is_an_error_in_code_too(monkeypatch: pytest.MonkeyPatch
         Tidings()
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "named"),
+    [("--log-level", "loud", "log_level"), ("--log-format", "xml", "log_format")],
+)
+def test_bad_option_value_names_the_setting(option: str, value: str, named: str) -> None:
+    done = tidings("serve", option, value, "--port", str(free_port()))
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert lines[0] == "error: bad configuration (options or TIDINGS_* variables):"
+    assert lines[1].startswith(f"  {named}: ") and len(lines) == 2
+
+
 def test_toml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "tidings.toml"
     path.write_text('port = 8001\n\n[namespaces.chat\npresence = true\n')

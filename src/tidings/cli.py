@@ -171,7 +171,12 @@ def serve(
 
 
 def _source(config: Path | None) -> str:
-    return f" in {config} or TIDINGS_* variables" if config else " in TIDINGS_* variables"
+    """Where the settings came from, for an error message."""
+    return (
+        f" (options, TIDINGS_* variables or {config})"
+        if config
+        else (" (options or TIDINGS_* variables)")
+    )
 
 
 def _problems(exc: ValidationError) -> str:

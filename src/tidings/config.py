@@ -166,6 +166,13 @@ class Settings(BaseSettings):
         check_environment(os.environ)
         return data
 
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.lower() not in ("trace", "debug", "info", "warning", "error", "critical"):
+            raise ValueError("must be one of debug, info, warning, error, critical")
+        return value
+
     @field_validator("channel_chars")
     @classmethod
     def _valid_class(cls, value: str) -> str:
