@@ -183,7 +183,7 @@ def test_bad_option_value_names_the_setting(option: str, value: str, named: str)
 
 def test_toml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "tidings.toml"
-    path.write_text('port = 8001\n\n[namespaces.chat\npresence = true\n')
+    path.write_text("port = 8001\n\n[namespaces.chat\npresence = true\n")
     done = tidings("serve", "--config", str(path))
     assert done.returncode == 2
     assert done.stderr.startswith(f"error: bad configuration: {path}, line 3, column 17: ")
@@ -257,6 +257,34 @@ def test_log_redaction_of_anything_secret() -> None:
     assert redact(f"bad token {jwt_}") == "bad token ***"
     assert redact("api_key=abc, password: hunter2") == "api_key=***, password: ***"
     assert redact("did you mean TIDINGS_API_KEY?") == "did you mean TIDINGS_API_KEY?"
+
+
+def test_redact_filter_on_uvicorns_access_record() -> None:
+    import logging
+
+    from tidings.logs import Redact
+
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5000", "GET", "/rt/ws/news?token=abc.def.ghi&since=3", "1.1", 101),
+        None,
+    )
+    assert Redact().filter(record)
+    assert record.getMessage() == '127.0.0.1:5000 - "GET /rt/ws/news HTTP/1.1" 101'
+    accepted = logging.LogRecord(
+        "uvicorn.error",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "WebSocket %s" [accepted]',
+        ("127.0.0.1:5000", "/ws/news?token=x"),
+        None,
+    )
+    assert not Redact().filter(accepted)  # tidings logs the connection itself
 
 
 # -- 10: tokens --------------------------------------------------------------------------------

@@ -277,7 +277,8 @@ class Client:
         except TokenExpired:
             raise
         except Unauthorized as exc:
-            log.info("invalid token from %s: %s", self.session.client_id, exc.message)
+            # the refusal's own line (3500 invalid token) follows; this says why, when debugging
+            log.debug("invalid token from %s: %s", self.session.client_id, exc.message)
             raise INVALID_TOKEN from None
 
     def _closing_time(self, expires: float | None) -> tuple[float | None, int | None]:
