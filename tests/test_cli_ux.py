@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -20,8 +21,10 @@ from typer.testing import CliRunner
 
 from tidings.cli import app
 
+from .cfutil import SECRET, Raw
+from .cfutil import token as cf_token
 from .clirun import clean_env, running, tidings
-from .conftest import free_port
+from .conftest import Serve, free_port
 
 # -- 1, 8: start-up ----------------------------------------------------------------------------
 
@@ -260,8 +263,6 @@ def test_log_redaction_of_anything_secret() -> None:
 
 
 def test_redact_filter_on_uvicorns_access_record() -> None:
-    import logging
-
     from tidings.logs import Redact
 
     record = logging.LogRecord(
@@ -365,3 +366,27 @@ def test_subscribe_imports_no_server_side_while_receiving() -> None:
             sub.kill()
     assert out == "hi\n"
     assert "IMPORTED \n" in err
+
+
+async def test_centrifuge_connection_events_are_one_line_each(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    srv = await serve(token_hmac_secret=SECRET)
+    with caplog.at_level(logging.INFO, logger="tidings.connection"):
+        anonymous = await Raw.open(srv.ws)
+        await anonymous.send({"connect": {}})
+        assert (await anonymous.closed())[0] == 3501
+        alice = await Raw.open(srv.ws)
+        await alice.connect(token=cf_token("alice"))
+        await alice.close()
+        for _ in range(500):  # the server logs the close once it has seen it
+            if any(r.getMessage().startswith("closed") for r in caplog.records):
+                break
+            await asyncio.sleep(0.01)
+    lines = [r.getMessage() for r in caplog.records if r.name == "tidings.connection"]
+    assert len(lines) == 3, lines
+    assert lines[0] == "refused /connection/websocket: 3501 bad request: token required"
+    assert lines[1].startswith("connected /connection/websocket client=")
+    assert lines[1].endswith(" user=alice")
+    assert lines[2].startswith("closed /connection/websocket client=")
+    assert lines[2].endswith(": 1000 client closed")

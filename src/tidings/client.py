@@ -226,7 +226,10 @@ class Subscriber:
     def _closed_message(self, code: int, reason: str) -> str:
         hint = ""
         if code == 3501 and not self.token:
-            hint = ": this server needs a token (--token or TIDINGS_TOKEN; `tidings token`)"
+            hint = (
+                ": this server needs a connection token (--token or TIDINGS_TOKEN, made with "
+                "`tidings token`), unless it sets allow_anonymous = true"
+            )
         elif code == 3500:
             hint = ": the token was refused"
         return f"closed by the server: {code} {reason}{hint}"
