@@ -5,14 +5,20 @@ from ``--since`` and after reconnections, and says so when it cannot."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+import httpx
 import jwt
 
 from .clirun import clean_env, running, tidings
-from .conftest import free_port
+from .conftest import free_port, served
 from .engines import ENGINES, namespace
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 @contextmanager
@@ -128,3 +134,29 @@ def _across_restart(broker: str) -> tuple[list[str], list[str]]:
             publish(url, "news", "b", "c")
             assert sub.finish() == 0
     return sub.out, sub.err
+
+
+async def test_a_late_watcher_of_the_tasks_example_gets_every_step() -> None:
+    # a copy of its own: the example's Tidings lives in one event loop (test_examples has it)
+    spec = importlib.util.spec_from_file_location("tasks_for_cli", EXAMPLES / "tasks.py")
+    assert spec is not None and spec.loader is not None
+    tasks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tasks)
+    async with served(tasks.app) as (port, _):
+        url = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=url) as http:
+            started = (await http.post("/tasks", params={"steps": 3, "delay": 0})).json()
+            channel = started["channel"]
+            for _ in range(500):  # the job has finished before anyone watches
+                history = await http.post(
+                    "/api/history", json={"channel": channel, "limit": -1}
+                )
+                if len(history.json()["result"]["publications"]) == 4:
+                    break
+                await asyncio.sleep(0.01)
+        args = ["subscribe", channel, "--url", url, "--since", "0", "--count", "4"]
+        done = await asyncio.to_thread(tidings, *args)
+    assert done.returncode == 0, done.stderr
+    steps = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [s.get("step") for s in steps] == [1, 2, 3, None]
+    assert steps[3] == {"task": started["task"], "done": True}
