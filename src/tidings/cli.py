@@ -67,7 +67,11 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 UrlOption = Annotated[
     str,
     typer.Option(
-        "--url", envvar="TIDINGS_URL", show_envvar=True, help="Base URL of the tidings server."
+        "--url",
+        envvar="TIDINGS_URL",
+        metavar="URL",
+        show_envvar=True,
+        help="Base URL of the tidings server.",
     ),
 ]
 ChannelArgument = Annotated[
@@ -89,6 +93,7 @@ def serve(
         str | None,
         typer.Option(
             envvar="TIDINGS_HOST",
+            metavar="HOST",
             show_envvar=True,
             show_default="127.0.0.1",
             help="Address to bind (::1 or 0.0.0.0 work too).",
@@ -97,13 +102,18 @@ def serve(
     port: Annotated[
         int | None,
         typer.Option(
-            envvar="TIDINGS_PORT", show_envvar=True, show_default="8000", help="Port to bind."
+            envvar="TIDINGS_PORT",
+            metavar="PORT",
+            show_envvar=True,
+            show_default="8000",
+            help="Port to bind.",
         ),
     ] = None,
     broker: Annotated[
         str | None,
         typer.Option(
             "--broker",
+            metavar="URL",
             envvar="TIDINGS_BROKER_URL",
             show_envvar=True,
             show_default="memory://",
@@ -112,7 +122,7 @@ def serve(
     ] = None,
     config: Annotated[
         Path | None,
-        typer.Option("--config", help="TOML file with settings and namespaces."),
+        typer.Option("--config", metavar="FILE", help="TOML file with settings and namespaces."),
     ] = None,
     insecure: Annotated[
         bool,
@@ -127,6 +137,7 @@ def serve(
         str | None,
         typer.Option(
             envvar="TIDINGS_LOG_LEVEL",
+            metavar="LEVEL",
             show_envvar=True,
             show_default="info",
             help="debug, info, warning or error.",
@@ -136,6 +147,7 @@ def serve(
         str | None,
         typer.Option(
             envvar="TIDINGS_LOG_FORMAT",
+            metavar="FORMAT",
             show_envvar=True,
             show_default="text",
             help="text, or json: one JSON object per line.",
@@ -275,6 +287,7 @@ def publish(
         str | None,
         typer.Option(
             envvar="TIDINGS_API_KEY",
+            metavar="KEY",
             show_envvar=True,
             show_default=False,
             help="API key, if the server has one.",
@@ -294,7 +307,9 @@ def publish(
 
 @app.command(cls=Command)
 def token(
-    user: Annotated[str, typer.Option("--user", help="User id: the token's `sub` claim.")],
+    user: Annotated[
+        str, typer.Option("--user", metavar="USER", help="User id: the token's `sub` claim.")
+    ],
     channel: Annotated[
         str | None,
         typer.Option(
@@ -302,12 +317,14 @@ def token(
         ),
     ] = None,
     ttl: Annotated[
-        int, typer.Option(min=0, help="Seconds until the token expires (0: never).")
+        int,
+        typer.Option(min=0, metavar="SECONDS", help="Seconds until the token expires (0: never)."),
     ] = 3600,
     secret: Annotated[
         str | None,
         typer.Option(
             envvar="TIDINGS_TOKEN_HMAC_SECRET",
+            metavar="SECRET",
             show_envvar=True,
             show_default=False,
             help="HS256 secret (the server's TIDINGS_TOKEN_HMAC_SECRET).",
@@ -347,6 +364,7 @@ def subscribe(
         str | None,
         typer.Option(
             envvar="TIDINGS_TOKEN",
+            metavar="JWT",
             show_envvar=True,
             show_default=False,
             help="Connection JWT (never printed).",
@@ -356,6 +374,7 @@ def subscribe(
         str | None,
         typer.Option(
             envvar="TIDINGS_SUB_TOKEN",
+            metavar="JWT",
             show_envvar=True,
             show_default=False,
             help="Subscription JWT, for channels that need one.",
@@ -372,14 +391,17 @@ def subscribe(
     epoch: Annotated[
         str | None,
         typer.Option(
-            help="Epoch of --since's offset: if the stream was reset since, you are told."
+            metavar="EPOCH",
+            help="Epoch of --since's offset: if the stream was reset since, you are told.",
         ),
     ] = None,
     show_offset: Annotated[
         bool,
         typer.Option("--show-offset", help="Print each message's offset first, tab-separated."),
     ] = False,
-    count: Annotated[int | None, typer.Option(min=1, help="Exit after this many messages.")] = None,
+    count: Annotated[
+        int | None, typer.Option(min=1, metavar="N", help="Exit after this many messages.")
+    ] = None,
 ) -> None:
     """Print each message of CHANNEL as it arrives. On a reconnection (with backoff) it first
     prints what it missed; what history no longer holds is reported on stderr."""
