@@ -140,6 +140,20 @@ def test_text_in_square_brackets_is_shown_as_typed() -> None:
     assert f"cannot reach {url}" in done.stderr
 
 
+def test_install_hint_keeps_its_extra_in_brackets() -> None:
+    # as if redis-py were not installed: the hint's [redis] is text, not a markup tag
+    probe = (
+        "import sys; sys.modules['redis'] = sys.modules['redis.asyncio'] = None\n"
+        "from tidings.cli import app\n"
+        f"app(['serve', '--broker', 'redis://127.0.0.1:6379', '--port', '{free_port()}'])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=clean_env(), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith("install tidings[redis]"), done.stderr
+
+
 # -- 6, 12: configuration mistakes -------------------------------------------------------------
 
 
