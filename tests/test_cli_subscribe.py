@@ -160,3 +160,11 @@ async def test_a_late_watcher_of_the_tasks_example_gets_every_step() -> None:
     steps = [json.loads(line) for line in done.stdout.splitlines()]
     assert [s.get("step") for s in steps] == [1, 2, 3, None]
     assert steps[3] == {"task": started["task"], "done": True}
+
+
+def test_publish_without_the_api_key_says_how() -> None:
+    with server(TIDINGS_API_KEY="key") as url:
+        done = tidings("publish", "news", "hi", "--url", url)
+        assert done.returncode == 2
+        assert "(HTTP 401): pass --api-key or set TIDINGS_API_KEY" in done.stderr
+        assert tidings("publish", "news", "hi", "--url", url, "--api-key", "key").returncode == 0
