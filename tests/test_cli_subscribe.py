@@ -168,3 +168,18 @@ def test_publish_without_the_api_key_says_how() -> None:
         assert done.returncode == 2
         assert "(HTTP 401): pass --api-key or set TIDINGS_API_KEY" in done.stderr
         assert tidings("publish", "news", "hi", "--url", url, "--api-key", "key").returncode == 0
+
+
+def test_a_channel_without_history_says_what_a_reconnection_loses() -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {"TIDINGS_DEFAULTS__HISTORY_SIZE": "0"}
+    with running("subscribe", "news", "--url", url, "--count", "1") as sub:
+        with server(port, **env):
+            sub.wait("^subscribed to news$")  # no position: the channel keeps none
+        sub.wait("disconnected|cannot connect")
+        with server(port, **env):
+            sub.wait("news keeps no history, so what was published while disconnected is lost")
+            publish(url, "news", "after")
+            assert sub.finish() == 0
+    assert sub.out == ["after"]

@@ -189,6 +189,7 @@ class Subscriber:
     count: int | None = None
     show_offset: bool = False
     printed: int = 0
+    subscriptions: int = 0  # subscribe replies received, over every connection
     _next_id: Iterator[int] = field(default_factory=lambda: iter(range(1, 1 << 62)))
 
     def run(self) -> None:
@@ -205,15 +206,11 @@ class Subscriber:
                     delay = 0.5
                     if await self.session(ws):
                         return
+                    # the server closed normally (1000/1001): no exception, same handling
+                    self._disconnected(ws.close_code, ws.close_reason or "")
             except websockets.ConnectionClosed as exc:
                 rcvd = exc.rcvd
-                code = rcvd.code if rcvd else None
-                reason = rcvd.reason if rcvd else ""
-                if code is not None and 3500 <= code <= 3999:
-                    # Centrifugo's terminal codes: reconnecting cannot help
-                    raise CommandError(self._closed_message(code, reason)) from None
-                closed = f"{code} {reason}".strip() if code else "no close frame"
-                say("[yellow]disconnected[/] ({})", closed)
+                self._disconnected(rcvd.code if rcvd else None, rcvd.reason if rcvd else "")
             except (OSError, websockets.InvalidHandshake, TimeoutError) as exc:
                 say(
                     "[yellow]cannot connect[/] to {}: {}",
@@ -222,6 +219,14 @@ class Subscriber:
                 )
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 10.0)
+
+    def _disconnected(self, code: int | None, reason: str) -> None:
+        """Report a closed connection; CommandError for Centrifugo's terminal codes
+        (3500-3999), after which reconnecting cannot help."""
+        if code is not None and 3500 <= code <= 3999:
+            raise CommandError(self._closed_message(code, reason))
+        closed = f"{code} {reason}".strip() if code else "no close frame"
+        say("[yellow]disconnected[/] ({})", closed)
 
     def _closed_message(self, code: int, reason: str) -> str:
         hint = ""
@@ -319,9 +324,16 @@ class Subscriber:
     async def _subscribed(self, ws: ClientConnection, reply: dict[str, Any]) -> int | None:
         """Announce the subscription (now the server has accepted it); when recovery failed,
         ask for what history still holds. Returns the id of that history command, if sent."""
+        self.subscriptions += 1
         epoch, offset = reply.get("epoch"), reply.get("offset")
         where = f" (offset {offset or 0}, epoch {epoch})" if epoch is not None else ""
         say("[green]subscribed[/] to {}{}", self.channel, where)
+        if self.position is None and epoch is None and self.subscriptions > 1:
+            say(
+                "[yellow]cannot catch up[/]: {} keeps no history, so what was published "
+                "while disconnected is lost",
+                self.channel,
+            )
         if self.position is None or not reply.get("was_recovering"):
             if self.position is not None and epoch is None:
                 say("[yellow]cannot catch up[/]: {} keeps no history", self.channel)
