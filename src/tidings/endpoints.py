@@ -198,7 +198,7 @@ class RawEndpoint:
             await hub.forget(session)
             raise
         await transport.accept()
-        log_connected(path, session)
+        log_connected(f"/ws/{channel.name}", session)
         session.flush()  # anything published while the handshake was pending
         allowed = settings.allows_client_publish(channel.options)
         return session, _ClientPublish(hub, channel.name, allowed, session)
