@@ -41,6 +41,15 @@ def test_unreachable_broker_is_one_line_and_a_failure() -> None:
     assert "listening" not in done.stderr  # never announced
 
 
+def test_start_up_failure_in_json_logs_is_a_json_line() -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    done = tidings("serve", "--broker", dead, "--port", str(free_port()), "--log-format", "json")
+    assert done.returncode == 1
+    [entry] = [json.loads(line) for line in done.stderr.splitlines()]  # all JSON, one line
+    assert entry["level"] == "error" and entry["event"] == "startup_failed"
+    assert entry["message"].startswith(f"cannot reach the broker {dead}")
+
+
 def test_taken_port_is_one_line_and_no_banner() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

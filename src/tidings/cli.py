@@ -260,6 +260,9 @@ def run(settings: Settings) -> None:
     try:
         launch.run(settings, application, app.state.tidings, server_options(settings))
     except launch.StartupError as exc:
+        if settings.log_format == "json":  # a log collector reads stderr as JSON lines
+            launch.log.error(str(exc), extra={"event": "startup_failed"})
+            raise typer.Exit(1) from None
         raise _fail(str(exc), 1) from None
 
 
