@@ -6,7 +6,7 @@ broker is configured (``TIDINGS_BROKER_URL=redis://...``), and a slow browser ca
 
     uvicorn examples.tasks:app
     curl -X POST 'localhost:8000/tasks?steps=5'          # -> {"task": "...", "watch": "/ws/..."}
-    tidings subscribe 'tasks:<id>'                        # or open the demo page at /
+    tidings subscribe 'tasks:<id>' --since 0              # every step, even watching late
 """
 
 from __future__ import annotations

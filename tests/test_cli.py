@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from .clirun import running
 from .conftest import free_port
 
 CLI = [sys.executable, "-m", "tidings.cli"]
@@ -101,26 +102,14 @@ def test_serve_refuses_public_address_in_dev_mode() -> None:
 def test_subscribe_keeps_retrying_until_the_server_is_back() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    sub = subprocess.Popen(
-        [*CLI, "subscribe", "news", "--url", url, "--count", "1"],
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    time.sleep(1.0)  # a few failed attempts while nothing listens
-    proc = start_server(port)
-    try:
-        wait_healthy(url)
-        for _ in range(400):  # the subscriber's backoff brings it back on its own
-            if _connections(url) == 1:
-                break
-            time.sleep(0.05)
-        assert tidings("publish", "news", "back", "--url", url).returncode == 0
-        out, errors = sub.communicate(timeout=30)
-    finally:
-        sub.kill()
-        proc.terminate()
-        proc.wait(10)
-    assert out.splitlines() == ["back"]
-    assert "cannot connect" in errors
+    with running("subscribe", "news", "--url", url, "--count", "1") as sub:
+        sub.wait("cannot connect", count=2)  # a few failed attempts while nothing listens
+        proc = start_server(port)
+        try:
+            sub.wait("^subscribed to news")  # its backoff brings it back on its own
+            assert tidings("publish", "news", "back", "--url", url).returncode == 0
+            assert sub.finish() == 0
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    assert sub.out == ["back"]

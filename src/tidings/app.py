@@ -3,6 +3,7 @@
 tidings = Tidings()                       # env TIDINGS_* and defaults
 app = FastAPI(lifespan=your_lifespan)     # your app, as it is
 tidings.install(app)                      # routes + lifespan chained around yours
+                                          # (the demo page only with Tidings(demo=True))
 
 @app.post("/orders")
 async def order(hub: Annotated[Hub, Depends(tidings.hub_dependency)]) -> None:  # or hub: HubDep
@@ -11,6 +12,7 @@ async def order(hub: Annotated[Hub, Depends(tidings.hub_dependency)]) -> None:  
 
 from __future__ import annotations
 
+import html
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,8 +21,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.responses import HTMLResponse
-from starlette.requests import HTTPConnection
-from starlette.routing import WebSocketRoute
+from starlette.requests import HTTPConnection, Request
+from starlette.routing import NoMatchFound, WebSocketRoute
 
 from .api import HttpApi, build_router
 from .auth import TokenVerifier
@@ -39,9 +41,17 @@ class Tidings:
     """A tidings node: its settings, broker, hub and routes.
 
     ``Tidings(broker_url="redis://...")`` or ``Tidings(settings)``; keyword arguments override
-    settings read from the environment."""
+    settings read from the environment (ConfigError/ValidationError for unknown or bad ones).
 
-    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+    ``router`` has the WebSocket endpoints, the HTTP API, ``/health`` and ``/metrics``; the demo
+    page (``GET /``: a page anyone can publish from) is in it only with ``demo=True``, so
+    mounting tidings never answers your app's ``/``. ``demo_router`` is the page alone, to
+    include where you like (``app.include_router(tidings.demo_router, prefix="/demo")``): it
+    finds the API wherever ``router`` was included."""
+
+    def __init__(
+        self, settings: Settings | None = None, *, demo: bool = False, **overrides: Any
+    ) -> None:
         if settings is None:
             settings = Settings.load(**overrides)
         elif overrides:
@@ -55,7 +65,10 @@ class Tidings:
         # one instance each: they register control-message handlers on the hub
         self.raw_endpoint = RawEndpoint(self)
         self.centrifuge_endpoint = CentrifugeEndpoint(self)
+        self.demo_router = demo_router()
         self.router = self._routes()
+        if demo:
+            self.router.include_router(self.demo_router)
 
     def _routes(self) -> APIRouter:
         router = build_router(self)
@@ -63,22 +76,19 @@ class Tidings:
         router.routes.append(
             WebSocketRoute("/connection/websocket", self.centrifuge_endpoint, name="centrifuge")
         )
-        if self.settings.demo:
-
-            @router.get("/", response_class=HTMLResponse, include_in_schema=False)
-            async def demo() -> HTMLResponse:
-                page = resources.files("tidings").joinpath("static/index.html").read_text()
-                return HTMLResponse(page)
-
         return router
 
     async def start(self) -> None:
+        """Start the hub and connect its broker (BrokerUnavailable if it cannot be reached).
+        Starting a started node does nothing (`tidings serve` starts it before the lifespan)."""
+        if self.hub.started:
+            return
+        await self.hub.start()
         if self.settings.dev_mode:
             log.warning(
                 "tidings is in DEV MODE: no api_key or token secret is set, so anyone who can "
                 "reach it may subscribe and publish"
             )
-        await self.hub.start()
 
     async def stop(self) -> None:
         await self.hub.stop()
@@ -120,6 +130,25 @@ class Tidings:
         return exposition(self.hub)
 
 
+def demo_router() -> APIRouter:
+    """The demo page at ``/`` of wherever it is included. The page reaches the API through the
+    ``<meta name="tidings-base">`` path filled in here: where the ``health`` route of the
+    included ``Tidings.router`` is (prefix and ``root_path`` included), or, without one, the
+    page's own directory."""
+    router = APIRouter()
+
+    @router.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def demo(request: Request) -> HTMLResponse:
+        page = resources.files("tidings").joinpath("static/index.html").read_text()
+        try:
+            base = request.url_for("health").path.removesuffix("/health") + "/"
+        except NoMatchFound:
+            base = "./"
+        return HTMLResponse(page.replace("{{BASE}}", html.escape(base, quote=True), 1))
+
+    return router
+
+
 def get_hub(connection: HTTPConnection) -> Hub:
     """``Depends(get_hub)``: the hub of the Tidings installed in this app (see ``install``)."""
     tidings: Tidings | None = getattr(connection.app.state, "tidings", None)
@@ -129,10 +158,16 @@ def get_hub(connection: HTTPConnection) -> Hub:
 
 
 def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
-    """The standalone server's app: the tidings routes and nothing else."""
+    """The standalone server's app (`tidings serve`): the tidings routes, and the demo page
+    unless ``settings.demo`` is off (``TIDINGS_DEMO=false``, or ``create_app(demo=False)``)."""
+    if "demo" in overrides:  # here a setting, not Tidings' own demo= (the page in its router)
+        base = settings if settings is not None else Settings.load()
+        settings = base.model_copy(update={"demo": bool(overrides.pop("demo"))})
     tidings = Tidings(settings, **overrides)
     app = FastAPI(title="tidings", lifespan=tidings.lifespan)
     app.include_router(tidings.router)
+    if tidings.settings.demo:
+        app.include_router(tidings.demo_router)
     app.state.tidings = tidings
     return app
 

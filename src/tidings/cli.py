@@ -1,73 +1,177 @@
-"""The ``tidings`` command: serve a hub, publish to it, subscribe to it."""
+"""The ``tidings`` command: serve a hub, publish to it, subscribe to it, make tokens.
+
+Kept thin and lazy: importing this module imports typer and nothing of the server, so the
+client commands (``publish``, ``subscribe``, ``token``, in :mod:`tidings.client`) start fast;
+``serve`` imports the server side when it runs.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import gc
-import logging
-import random
 import sys
 from pathlib import Path
-from typing import Annotated, Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import urlsplit, urlunsplit
 
-import httpx
-import orjson
 import typer
-from pydantic import ValidationError
-from rich.console import Console
-from rich.panel import Panel
+import typer.core
 
-from .config import Settings
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
+    from .config import Settings
+
+
+class Command(typer.core.TyperCommand):
+    """Usage lines name arguments plainly (``CHANNEL DATA``), as ``--help`` describes them."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [
+            p[1:-1] if p.startswith("{") and p.endswith("}") else p
+            for p in super().collect_usage_pieces(ctx)
+        ]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        sys.stdout.write(f"tidings {version('tidings')}\n")
+        raise typer.Exit()
+
+
+# rich_markup_mode=None: plain help, where text in [brackets] is text and flags show as flags;
+# no pretty exceptions: their local variables would print secrets.
 app = typer.Typer(
-    help="tidings: real-time channels for Python.", no_args_is_help=True, add_completion=False
+    help="tidings: real-time channels for Python.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """tidings: real-time channels for Python."""
+
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 UrlOption = Annotated[
-    str, typer.Option("--url", envvar="TIDINGS_URL", help="Base URL of the tidings server.")
+    str,
+    typer.Option(
+        "--url",
+        envvar="TIDINGS_URL",
+        metavar="URL",
+        show_envvar=True,
+        help="Base URL of the tidings server.",
+    ),
+]
+ChannelArgument = Annotated[
+    str, typer.Argument(metavar="CHANNEL", help="Channel name, e.g. news or chat:lobby.")
 ]
 
 
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}")
-    return typer.Exit(2)
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    """Print ``error: message`` (one plain line, markup in it shown as typed) and exit."""
+    from .client import say
+
+    say("[bold red]error:[/] {}", message)
+    return typer.Exit(code)
 
 
-@app.command()
+@app.command(cls=Command)
 def serve(
-    host: Annotated[str | None, typer.Option(help="Bind address [env TIDINGS_HOST].")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [env TIDINGS_PORT].")] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TIDINGS_HOST",
+            metavar="HOST",
+            show_envvar=True,
+            show_default="127.0.0.1",
+            help="Address to bind (::1 or 0.0.0.0 work too).",
+        ),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            envvar="TIDINGS_PORT",
+            metavar="PORT",
+            show_envvar=True,
+            show_default="8000",
+            help="Port to bind.",
+        ),
+    ] = None,
     broker: Annotated[
-        str | None, typer.Option("--broker", help="Broker URL [env TIDINGS_BROKER_URL].")
+        str | None,
+        typer.Option(
+            "--broker",
+            metavar="URL",
+            envvar="TIDINGS_BROKER_URL",
+            show_envvar=True,
+            show_default="memory://",
+            help="Broker URL: memory:// or redis://HOST:6379/0.",
+        ),
     ] = None,
     config: Annotated[
-        Path | None, typer.Option("--config", help="TOML file with settings and namespaces.")
+        Path | None,
+        typer.Option("--config", metavar="FILE", help="TOML file with settings and namespaces."),
     ] = None,
     insecure: Annotated[
-        bool | None,
-        typer.Option("--insecure", help="Allow dev mode (no secrets) on a non-loopback address."),
-    ] = None,
+        bool,
+        typer.Option(
+            "--insecure",
+            envvar="TIDINGS_INSECURE",
+            show_envvar=True,
+            help="Allow dev mode (no secrets) on a non-loopback address.",
+        ),
+    ] = False,
     log_level: Annotated[
-        str | None, typer.Option(help="Log level [env TIDINGS_LOG_LEVEL].")
+        str | None,
+        typer.Option(
+            envvar="TIDINGS_LOG_LEVEL",
+            metavar="LEVEL",
+            show_envvar=True,
+            show_default="info",
+            help="debug, info, warning or error.",
+        ),
+    ] = None,
+    log_format: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TIDINGS_LOG_FORMAT",
+            metavar="FORMAT",
+            show_envvar=True,
+            show_default="text",
+            help="text, or json: one JSON object per line.",
+        ),
     ] = None,
 ) -> None:
-    """Run a tidings hub (default: in-memory broker on http://127.0.0.1:8000)."""
+    """Run a tidings hub: WebSocket subscriptions, the HTTP API and the demo page at /."""
+    from pydantic import ValidationError
+
+    from .config import ConfigError, Settings
+
     try:
         settings = Settings.load(
             config,
             host=host,
             port=port,
             broker_url=broker,
-            insecure=insecure,
+            insecure=insecure or None,
             log_level=log_level,
+            log_format=log_format,
         )
     except ValidationError as exc:
         raise _fail(f"bad configuration{_source(config)}:\n{_problems(exc)}") from None
-    except (FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
         raise _fail(f"bad configuration: {exc}") from None
     if settings.dev_mode and not settings.loopback_only and not settings.insecure:
         raise _fail(
@@ -79,7 +183,12 @@ def serve(
 
 
 def _source(config: Path | None) -> str:
-    return f" in {config} or TIDINGS_* variables" if config else " in TIDINGS_* variables"
+    """Where the settings came from, for an error message."""
+    return (
+        f" (options, TIDINGS_* variables or {config})"
+        if config
+        else (" (options or TIDINGS_* variables)")
+    )
 
 
 def _problems(exc: ValidationError) -> str:
@@ -119,6 +228,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
         "ws_ping_timeout": settings.pong_timeout,
         "ws_per_message_deflate": False,
         # a line per publish request costs more than the publish itself: only when debugging
+        # (logs.Redact cuts query strings, and the tokens in them, from these lines)
         "access_log": settings.log_level.lower() in ("debug", "trace"),
         # tidings never reads the client address; the middleware would stay suspended in every
         # idle WebSocket (~0.3 KiB each) and run on every publish
@@ -130,16 +240,16 @@ def server_options(settings: Settings) -> dict[str, Any]:
 
 
 def run(settings: Settings) -> None:
-    import uvicorn
-
+    """Serve ``settings`` as `tidings serve` does, until interrupted; a start-up failure is one
+    line on stderr and exit code 1 (see :mod:`tidings.launch`)."""
+    from . import launch, logs
     from .app import create_app
     from .front import Front
 
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(settings.log_level, settings.log_format)
     try:
-        application = Front(create_app(settings))
+        app = create_app(settings)
+        application = Front(app)
     except ValueError as exc:
         raise _fail(str(exc)) from None
     # Everything made so far (the app, FastAPI's and pydantic's objects: ~75,000 tracked by the
@@ -147,25 +257,13 @@ def run(settings: Settings) -> None:
     # it. They run while connections pour in, and each one is a pause every delivery waits out.
     gc.collect()
     gc.freeze()
-    url = f"http://{settings.host}:{settings.port}"
-    if settings.dev_mode:
-        err.print(
-            Panel.fit(
-                "[bold yellow]DEV MODE[/]: no secrets configured. Anyone who can reach this "
-                "server may subscribe and publish.\nSet TIDINGS_API_KEY and "
-                "TIDINGS_TOKEN_HMAC_SECRET before exposing it.",
-                border_style="yellow",
-            )
-        )
-    broker = redact(settings.broker_url)
-    err.print(f"tidings on [bold]{url}[/]  broker [bold]{broker}[/]  demo {url}/")
-    uvicorn.run(
-        application,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        **server_options(settings),
-    )
+    try:
+        launch.run(settings, application, app.state.tidings, server_options(settings))
+    except launch.StartupError as exc:
+        if settings.log_format == "json":  # a log collector reads stderr as JSON lines
+            launch.log.error(str(exc), extra={"event": "startup_failed"})
+            raise typer.Exit(1) from None
+        raise _fail(str(exc), 1) from None
 
 
 def redact(url: str) -> str:
@@ -177,137 +275,153 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def _data(value: str, as_text: bool) -> Any:
-    if as_text:
-        return value
-    try:
-        return orjson.loads(value)
-    except orjson.JSONDecodeError:
-        return value
-
-
-@app.command()
+@app.command(cls=Command)
 def publish(
-    channel: str,
-    data: Annotated[str, typer.Argument(help="JSON value, or plain text (sent as a string).")],
+    channel: ChannelArgument,
+    data: Annotated[
+        str,
+        typer.Argument(metavar="DATA", help="JSON value, or plain text (sent as a string)."),
+    ],
     url: UrlOption = DEFAULT_URL,
     text: Annotated[
-        bool, typer.Option("--text", help="Send DATA as a string, even if JSON.")
+        bool, typer.Option("--text", help="Send DATA as a string, even if it is JSON.")
     ] = False,
     api_key: Annotated[
-        str | None, typer.Option(envvar="TIDINGS_API_KEY", help="API key, if the server has one.")
+        str | None,
+        typer.Option(
+            envvar="TIDINGS_API_KEY",
+            metavar="KEY",
+            show_envvar=True,
+            show_default=False,
+            help="API key, if the server has one.",
+        ),
     ] = None,
 ) -> None:
-    """Publish DATA to CHANNEL through the server's HTTP API."""
-    headers = {"X-API-Key": api_key} if api_key else {}
-    body = {"channel": channel, "data": _data(data, text)}
+    """Publish DATA to CHANNEL through the server's HTTP API; prints the offset to stderr."""
+    from .client import CommandError, parse_data, say
+    from .client import publish as post
+
     try:
-        response = httpx.post(f"{url.rstrip('/')}/api/publish", json=body, headers=headers)
-    except httpx.HTTPError as exc:
-        raise _fail(f"cannot reach {url}: {exc}") from None
-    try:
-        answer = response.json()
-    except ValueError:
-        raise _fail(f"HTTP {response.status_code}: {response.text[:200]}") from None
-    if "error" in answer:
-        raise _fail(f"{answer['error'].get('message')} (code {answer['error'].get('code')})")
-    result = answer["result"]
-    err.print(f"published to {channel}: offset {result['offset']} epoch {result['epoch']}")
+        result = post(url, channel, parse_data(data, text), api_key)
+    except CommandError as exc:
+        raise _fail(str(exc)) from None
+    say("published to {}: offset {} epoch {}", channel, result["offset"], result["epoch"])
 
 
-@app.command()
+@app.command(cls=Command)
 def token(
-    user: Annotated[str, typer.Option("--user", help="User id: the token's `sub` claim.")],
+    user: Annotated[
+        str, typer.Option("--user", metavar="USER", help="User id: the token's `sub` claim.")
+    ],
     channel: Annotated[
         str | None,
-        typer.Option(help="Make a subscription token for this channel (`channel` claim)."),
+        typer.Option(
+            metavar="CHANNEL", help="Make a subscription token for this channel (`channel` claim)."
+        ),
     ] = None,
     ttl: Annotated[
-        int, typer.Option(min=0, help="Seconds until the token expires (0: never).")
+        int,
+        typer.Option(min=0, metavar="SECONDS", help="Seconds until the token expires (0: never)."),
     ] = 3600,
     secret: Annotated[
         str | None,
         typer.Option(
             envvar="TIDINGS_TOKEN_HMAC_SECRET",
-            help="HS256 secret (the server's TIDINGS_TOKEN_HMAC_SECRET).",
+            metavar="SECRET",
+            show_envvar=True,
             show_default=False,
+            help="HS256 secret (the server's TIDINGS_TOKEN_HMAC_SECRET).",
         ),
     ] = None,
     info: Annotated[
-        str | None, typer.Option(help="JSON shown to others in presence (`info` claim).")
+        str | None, typer.Option(metavar="JSON", help="Shown to others in presence (`info`).")
     ] = None,
 ) -> None:
     """Print an HS256 JWT for development: a connection token, or with --channel a
     subscription token. Only the token goes to stdout, so `$(tidings token --user alice)` works."""
-    import time
+    import orjson
 
-    import jwt
+    from .client import make_token, say
 
     if not secret:
         raise _fail("no secret: pass --secret or set TIDINGS_TOKEN_HMAC_SECRET")
     if not user:
         raise _fail("--user must not be empty")
-    now = int(time.time())
-    claims: dict[str, Any] = {"sub": user, "iat": now}
-    if ttl:
-        claims["exp"] = now + ttl
-    if channel is not None:
-        claims["channel"] = channel
+    claims_info = None
     if info is not None:
         try:
-            claims["info"] = orjson.loads(info)
+            claims_info = orjson.loads(info)
         except orjson.JSONDecodeError as exc:
             raise _fail(f"--info is not JSON: {exc}") from None
-    sys.stdout.write(jwt.encode(claims, secret, algorithm="HS256") + "\n")
+    encoded, warning = make_token(secret, user, channel, ttl, claims_info)
+    if warning:
+        say("[yellow]warning:[/] {}", warning)
+    sys.stdout.write(encoded + "\n")
 
 
-def ws_url(base: str, channel: str, token: str | None) -> str:
-    parts = urlsplit(base)
-    scheme = {"https": "wss", "http": "ws"}.get(parts.scheme, parts.scheme)
-    path = parts.path.rstrip("/") + "/ws/" + quote(channel, safe="")
-    query = f"token={quote(token)}" if token else ""
-    return urlunsplit((scheme, parts.netloc, path, query, ""))
-
-
-@app.command()
+@app.command(cls=Command)
 def subscribe(
-    channel: str,
+    channel: ChannelArgument,
     url: UrlOption = DEFAULT_URL,
     token: Annotated[
-        str | None, typer.Option(envvar="TIDINGS_TOKEN", help="Connection JWT.")
+        str | None,
+        typer.Option(
+            envvar="TIDINGS_TOKEN",
+            metavar="JWT",
+            show_envvar=True,
+            show_default=False,
+            help="Connection JWT (never printed).",
+        ),
     ] = None,
-    count: Annotated[int | None, typer.Option(help="Exit after this many messages.")] = None,
+    sub_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TIDINGS_SUB_TOKEN",
+            metavar="JWT",
+            show_envvar=True,
+            show_default=False,
+            help="Subscription JWT, for channels that need one.",
+        ),
+    ] = None,
+    since: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            metavar="OFFSET",
+            help="First print what history holds after OFFSET (0: all of it), then go live.",
+        ),
+    ] = None,
+    epoch: Annotated[
+        str | None,
+        typer.Option(
+            metavar="EPOCH",
+            help="Epoch of --since's offset: if the stream was reset since, you are told.",
+        ),
+    ] = None,
+    show_offset: Annotated[
+        bool,
+        typer.Option("--show-offset", help="Print each message's offset first, tab-separated."),
+    ] = False,
+    count: Annotated[
+        int | None, typer.Option(min=1, metavar="N", help="Exit after this many messages.")
+    ] = None,
 ) -> None:
-    """Print each message of CHANNEL as it arrives; reconnect with backoff when dropped."""
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_subscribe(ws_url(url, channel, token), count))
+    """Print each message of CHANNEL as it arrives. On a reconnection (with backoff) it first
+    prints what it missed; what history no longer holds is reported on stderr."""
+    from .client import CommandError, Position, Refused, Subscriber
 
-
-async def _subscribe(url: str, count: int | None) -> None:
-    import websockets
-
-    delay, seen = 0.5, 0
-    while True:
-        try:
-            async with websockets.connect(url, max_size=None) as ws:
-                err.print(f"[green]subscribed[/] {url}")
-                delay = 0.5
-                async for message in ws:
-                    line = message if isinstance(message, str) else message.decode(errors="replace")
-                    sys.stdout.write(line + "\n")
-                    sys.stdout.flush()
-                    seen += 1
-                    if count is not None and seen >= count:
-                        return
-        except websockets.ConnectionClosed as exc:
-            rcvd = exc.rcvd
-            if rcvd is not None and rcvd.code == 1008:
-                raise _fail(f"refused: {rcvd.reason}") from None
-            err.print(f"[yellow]disconnected[/] ({rcvd.code if rcvd else 'no close frame'})")
-        except (OSError, websockets.InvalidHandshake) as exc:
-            err.print(f"[yellow]cannot connect[/]: {exc}")
-        await asyncio.sleep(delay * (0.5 + random.random()))
-        delay = min(delay * 2, 10.0)
+    if epoch is not None and since is None:
+        raise _fail("--epoch needs --since")
+    position = Position(since, epoch or "") if since is not None else None
+    subscriber = Subscriber(
+        url, channel, token, sub_token, position, count=count, show_offset=show_offset
+    )
+    try:
+        subscriber.run()
+    except KeyboardInterrupt:
+        pass
+    except (CommandError, Refused) as exc:
+        raise _fail(f"refused: {exc}" if isinstance(exc, Refused) else str(exc)) from None
 
 
 def main() -> None:

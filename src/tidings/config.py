@@ -8,12 +8,16 @@ a namespace use ``[defaults]``.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import os
 import re
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +26,18 @@ from pydantic_settings import (
 )
 
 SubscribeRule = Literal["anonymous", "authenticated", "token"]
+
+#: ``TIDINGS_*`` variables that are not settings of a node: read by the client commands
+#: (``tidings publish/subscribe --url/--token/--sub-token``); ``TIDINGS_TEST_*`` and
+#: ``TIDINGS_BENCH_*`` configure the test suite and the benchmarks. Any other ``TIDINGS_*``
+#: variable must name a setting.
+NOT_SETTINGS = frozenset({"URL", "TOKEN", "SUB_TOKEN"})
+NOT_SETTINGS_PREFIXES = ("TEST_", "BENCH_")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be read: the message names the file and line, or the
+    environment variable, and what is wrong."""
 
 
 class ChannelOptions(BaseModel):
@@ -131,11 +147,31 @@ class Settings(BaseSettings):
     idempotency_max_keys: int = Field(
         10_000, ge=0, description="Idempotency keys remembered per node (oldest dropped first)."
     )
-    demo: bool = Field(True, description="Serve the demo page at /.")
+    demo: bool = Field(
+        True,
+        description="`tidings serve` shows the demo page at / (a mounted Tidings only with "
+        "demo=True, or with tidings.demo_router included).",
+    )
     log_level: str = Field("info", description="Logging level of `tidings serve`.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines of `tidings serve`: text, or one JSON object per line."
+    )
 
     defaults: ChannelOptions = Field(default_factory=lambda: ChannelOptions())
     namespaces: dict[str, ChannelOptions] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_environment(cls, data: Any) -> Any:
+        check_environment(os.environ)
+        return data
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.lower() not in ("trace", "debug", "info", "warning", "error", "critical"):
+            raise ValueError("must be one of debug, info, warning, error, critical")
+        return value
 
     @field_validator("channel_chars")
     @classmethod
@@ -168,12 +204,14 @@ class Settings(BaseSettings):
 
         ``None`` overrides are dropped, so CLI options that were not given fall through.
         """
+        check_environment(os.environ)
         given = {k: v for k, v in overrides.items() if v is not None}
         if config_file is None:
             return cls(**given)
         path = Path(config_file)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
+        read_toml(path)  # a syntax error names the file and line
         bound = type(
             "FileSettings", (cls,), {"model_config": {**cls.model_config, "toml_file": path}}
         )
@@ -227,3 +265,59 @@ class Settings(BaseSettings):
         if options.allow_subscribe is not None:
             return options.allow_subscribe
         return "anonymous" if self.dev_mode else "authenticated"
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The TOML file at ``path``; ConfigError ``FILE, line N, column M: what`` if it is not
+    valid TOML (Python 3.11's tomllib gives the position only inside its message)."""
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        found = re.search(r"\s*\(at line (\d+), column (\d+)\)$", message)
+        if found:
+            what = message[: found.start()]
+            raise ConfigError(
+                f"{path}, line {found[1]}, column {found[2]}: {what} (TOML syntax)"
+            ) from None
+        raise ConfigError(f"{path}: {message} (TOML syntax)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _closest(name: str, choices: list[str], prefix: str = "") -> str:
+    """`` (did you mean PREFIX+X?)`` for the choice X nearest ``name``, or ``""``."""
+    found = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{found[0]}?)" if found else ""
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """ConfigError for a ``TIDINGS_*`` variable that is not a setting, naming the closest one.
+
+    A misspelt variable would otherwise be ignored without a word: ``TIDINGS_APIKEY=secret``
+    would leave the API open, in dev mode. Nested settings are checked too
+    (``TIDINGS_DEFAULTS__HISTORY_SIZE``, ``TIDINGS_NAMESPACES__CHAT__PRESENCE``)."""
+    top = [name.upper() for name in Settings.model_fields]
+    options = [name.upper() for name in ChannelOptions.model_fields]
+    for variable in environ:
+        if not variable.upper().startswith("TIDINGS_"):
+            continue
+        name = variable[len("TIDINGS_") :].upper()
+        if name in NOT_SETTINGS or name.startswith(NOT_SETTINGS_PREFIXES):
+            continue
+        parts = name.split("__")
+        known = [f"TIDINGS_{n}" for n in top] + [f"TIDINGS_{n}" for n in NOT_SETTINGS]
+        if parts[0] not in top:
+            hint = _closest(variable.upper(), known)
+            raise ConfigError(f"unknown environment variable {variable}{hint}")
+        if parts[0] == "DEFAULTS" and len(parts) > 1:
+            nested = parts[1]
+        elif parts[0] == "NAMESPACES" and len(parts) > 2:
+            nested = parts[2]
+        else:
+            continue
+        if nested not in options:
+            prefix = "TIDINGS_" + "__".join(parts[:-1]) + "__"
+            hint = _closest(nested, options, prefix)
+            raise ConfigError(f"unknown environment variable {variable}{hint}")

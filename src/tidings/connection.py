@@ -27,7 +27,7 @@ from .brokers.base import ClientInfo, StreamPosition
 from .channels import Channel
 from .control import ControlMessage, RefreshUser, SubscribeUser, UnsubscribeUser
 from .credentials import ConnectionCredentials
-from .endpoints import admit
+from .endpoints import admit, log_closed, log_connected, log_refused
 from .errors import (
     BAD_REQUEST,
     BadRequest,
@@ -50,6 +50,9 @@ if TYPE_CHECKING:
     from .hub import Hub
 
 log = logging.getLogger("tidings.connection")
+
+#: the endpoint's path, for log lines
+PATH = "/connection/websocket"
 
 NO_SEND_HANDLER = Disconnect(3508, "not available")
 
@@ -152,6 +155,7 @@ class Client:
 
     async def connect(self, request: Request, activations: Activations) -> dict[str, Any]:
         ttl = await self.creds.connect(request.get("token"))
+        log_connected(PATH, self.session, log)
         subs: dict[str, Any] = {}
         given = request.get("subs")
         wanted: dict[str, Any] = given if isinstance(given, dict) else {}
@@ -354,6 +358,12 @@ class CentrifugeEndpoint:
             await session.serve(client.handle)
         finally:
             await client.close()
+            if client.connected:
+                log_closed(PATH, session, log)
+            else:  # never got past connect: a refusal, with its reason
+                reason = session.closed_with
+                if reason is not None:
+                    log_refused(PATH, reason.code, reason.reason, log)
 
     async def _open(self, scope: Scope, receive: Receive, send: Send) -> Session | None:
         hub, settings = self.tidings.hub, self.tidings.settings

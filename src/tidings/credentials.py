@@ -83,7 +83,8 @@ class ConnectionCredentials:
         except TokenExpired:
             raise
         except Unauthorized as exc:
-            log.info("closing %s: %s", self.session.client_id, exc.message)
+            # the refusal's own line (3500 invalid token) follows; this says why, when debugging
+            log.debug("invalid token from %s: %s", self.session.client_id, exc.message)
             raise INVALID_TOKEN from None
 
     # -- the connection token --------------------------------------------------------------------
@@ -97,7 +98,6 @@ class ConnectionCredentials:
         elif self.settings.anonymous_allowed:
             who = ANONYMOUS
         else:
-            log.info("refusing a connection without a token (anonymous not allowed)")
             raise TOKEN_REQUIRED
         self.who = who
         self.connected = True

@@ -46,6 +46,50 @@ def _replay_from(query: dict[str, list[str]]) -> tuple[int, str] | None:
     return max(offset, 0), query.get("epoch", [""])[0]
 
 
+def log_refused(path: str, code: int, reason: str, logger: logging.Logger = log) -> None:
+    """The one log line of a refused connection: where, the close code and why.
+    ``path`` has no query string (tokens travel there)."""
+    logger.info(
+        "refused %s: %d %s",
+        path,
+        code,
+        reason,
+        extra={"event": "refused", "path": path, "code": code, "reason": reason},
+    )
+
+
+def log_connected(path: str, session: Session, logger: logging.Logger = log) -> None:
+    """The one log line of an accepted connection (``path`` without its query string)."""
+    user = session.user or "anonymous"
+    logger.info(
+        "connected %s client=%s user=%s",
+        path,
+        session.client_id,
+        user,
+        extra={"event": "connected", "path": path, "client": session.client_id, "user": user},
+    )
+
+
+def log_closed(path: str, session: Session, logger: logging.Logger = log) -> None:
+    """The one log line of a connection's end: the close code and reason."""
+    reason = session.closed_with
+    code, why = (reason.code, reason.reason) if reason is not None else (1006, "")
+    logger.info(
+        "closed %s client=%s: %d %s",
+        path,
+        session.client_id,
+        code,
+        why,
+        extra={
+            "event": "closed",
+            "path": path,
+            "client": session.client_id,
+            "code": code,
+            "reason": why,
+        },
+    )
+
+
 async def admit(session: Session) -> bool:
     """Count a new session in; past ``max_connections`` close it (1013) and return False."""
     try:
@@ -100,7 +144,10 @@ class RawEndpoint:
         opened = await self._open(scope, receive, send)
         del scope, receive, send  # an idle connection keeps nothing of its request (~1.8 KiB)
         if opened is not None:
-            await opened[0].serve(opened[1])
+            try:
+                await opened[0].serve(opened[1])
+            finally:
+                log_closed(f"/ws/{opened[1].channel}", opened[0])
 
     async def _open(
         self, scope: Scope, receive: Receive, send: Send
@@ -113,10 +160,11 @@ class RawEndpoint:
         # Subscribe *before* accepting: once the client sees the connection open, every
         # publication reaches it (the raw protocol has no subscribe confirmation to wait for).
         # What arrives meanwhile waits in the outbox: the transport is not writable yet.
+        path = scope["path"]
         try:
             hub.connect(session)
         except Disconnect as reason:
-            log.warning("refusing a connection: %s", reason)
+            log_refused(path, reason.code, reason.reason)
             await transport.accept()
             await transport.close(reason.code, reason.reason)
             return None
@@ -141,12 +189,15 @@ class RawEndpoint:
             await transport.accept()
             # A broker outage is worth retrying (1013); anything else is the client's doing.
             code = UNAVAILABLE.code if isinstance(exc, Unavailable) else POLICY
-            await transport.close(code, close_reason(f"{exc.code}: {exc.message}"))
+            why = close_reason(f"{exc.code}: {exc.message}")
+            log_refused(path, code, why)
+            await transport.close(code, why)
             return None
         except BaseException:
             await hub.forget(session)
             raise
         await transport.accept()
+        log_connected(f"/ws/{channel.name}", session)
         session.flush()  # anything published while the handshake was pending
         allowed = settings.allows_client_publish(channel.options)
         return session, _ClientPublish(hub, channel.name, allowed, session)
