@@ -1,0 +1,123 @@
+"""The outbox relay: publishes what committed transactions left in the outbox table.
+
+A request handler commits the change and the publications it causes together (store.py), then
+:meth:`Relay.kick` wakes the relay, which publishes the oldest rows in order and deletes those
+that went out. A publish that fails (the broker is unreachable, say) stays in the table and is
+retried, oldest first, with a backoff doubling from 50 ms up to ``max_backoff`` seconds, until it
+succeeds: a change that committed is never lost because the broker blinked. Rows left by a crash
+or a restart are published when the next relay starts, and a relay also looks at the table every
+``poll`` seconds, for rows that another process wrote.
+
+Delivery is *at least once*: a process can die between publishing and deleting a row, and two
+processes sharing one database may both publish a row. Every publication therefore carries what a
+client needs to drop a repeat: the task's ``id`` and ``version`` in ``tasks``, and the outbox row's
+``event`` id everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .store import Store
+
+log = logging.getLogger("taskboard.outbox")
+
+Publish = Callable[[str, Any], Awaitable[object]]
+
+
+class Relay:
+    """Moves outbox rows into tidings. ``publish(channel, data)``: ``hub.publish`` usually.
+
+    ``poll``, ``max_backoff``: seconds."""
+
+    FIRST_BACKOFF = 0.05
+
+    def __init__(
+        self, store: Store, publish: Publish, *, poll: float = 2.0, max_backoff: float = 5.0
+    ) -> None:
+        self.store = store
+        self.publish = publish
+        self.poll = poll
+        self.max_backoff = max_backoff
+        self.published = 0  # publications that went out
+        self.failures = 0  # publish attempts that raised
+        self._wake = asyncio.Event()
+        self._empty = asyncio.Event()  # set while the last look found the outbox empty
+        self._task: asyncio.Task[None] | None = None
+
+    def kick(self) -> None:
+        """Something was committed: look at the outbox now."""
+        self._empty.clear()
+        self._wake.set()
+
+    async def settled(self) -> None:
+        """Wait until the relay has found the outbox empty (everything published)."""
+        self.kick()
+        await self._empty.wait()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="taskboard-outbox")
+
+    async def stop(self) -> None:
+        """Stop relaying; what is still in the outbox waits there for the next start."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        backoff = 0.0
+        while True:
+            self._wake.clear()
+            try:
+                drained = await self.drain()
+            except Exception:
+                # the database itself failed: keep trying, as for a broker failure
+                log.exception("reading the outbox failed")
+                drained = False
+            if drained:
+                backoff = 0.0
+                if not self._wake.is_set():  # else a commit came after the last look
+                    self._empty.set()
+                wait = self.poll
+            else:
+                backoff = min(self.max_backoff, max(self.FIRST_BACKOFF, backoff * 2))
+                wait = backoff
+            # a kick during a backoff is not a reason to hammer a failing broker
+            if drained:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)
+            else:
+                await asyncio.sleep(wait)
+
+    async def drain(self) -> bool:
+        """Publish pending rows in order until the outbox is empty (True) or a publish fails
+        (False: the failing row and all after it stay, so order is kept)."""
+        while True:
+            rows = await self.store.pending()
+            if not rows:
+                return True
+            done: list[int] = []
+            try:
+                for entry, channel, data in rows:
+                    try:
+                        await self.publish(channel, {**data, "event": entry})
+                    except Exception as exc:
+                        self.failures += 1
+                        log.warning(
+                            "publishing outbox entry %d to %r failed (will retry): %r",
+                            entry,
+                            channel,
+                            exc,
+                        )
+                        await self.store.publish_failed(entry, repr(exc))
+                        return False
+                    done.append(entry)
+                    self.published += 1
+            finally:
+                await self.store.published(done)
