@@ -202,7 +202,7 @@ async def test_validation_errors_are_clear_422s(board: Running) -> None:
             ("POST", "/tasks", {"title": 5}, ["body", "title"], "valid string"),
             ("PATCH", f"/tasks/{tid}", {"done": True}, ["body", "version"], "Field required"),
             ("PATCH", f"/tasks/{tid}", {"version": 1}, ["body"], "nothing to change"),
-            ("PATCH", f"/tasks/{tid}", {"version": 0, "done": 1}, ["body", "version"], "equal to 1"),
+            ("PATCH", f"/tasks/{tid}", {"version": 0, "done": 1}, ["body", "version"], "equal to"),
             ("PATCH", f"/tasks/{tid}", {"version": 1, "done": None}, ["body", "done"], "null"),
             ("PATCH", f"/tasks/{tid}", {"version": 1, "done": "maybe"}, ["body", "done"], "bool"),
             (
