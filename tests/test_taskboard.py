@@ -33,6 +33,7 @@ from .boardutil import (
 )
 from .cfutil import Raw
 from .conftest import Running, Serve, free_port, served
+from .engines import ENGINES, namespace
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -488,3 +489,34 @@ async def _until_up(http: httpx.AsyncClient, proc: asyncio.subprocess.Process) -
             except httpx.TransportError:
                 pass
             await asyncio.sleep(0.1)
+
+
+# -- several nodes -----------------------------------------------------------------------------
+
+
+async def test_two_nodes_share_the_database_and_the_broker(serve: Serve, tmp_path: Path) -> None:
+    """No sticky sessions: a browser may talk to any node. A change made through node A (REST)
+    reaches a subscriber connected to node B, through Redis, once, though both nodes' relays
+    watch the same outbox."""
+    async with (
+        database("postgres", tmp_path) as url,
+        namespace(ENGINES["redis"]) as broker_url,
+    ):
+        await add_users(url, "alice", "bob")
+        node_a = await serve(app=board_app(url, broker_url=broker_url))
+        node_b = await serve(app=board_app(url, broker_url=broker_url))
+        async with login(node_a.url, "alice") as alice, login(node_b.url, "bob") as bob:
+            client, pubs = await sdk_subscriber(node_b, token_of(bob), "tasks")
+            try:
+                tid = (await alice.post("/tasks", json={"title": "via A"})).json()["id"]
+                assert event(await pubs.next()) == ("task.created", tid, 1)
+                r = await bob.patch(f"/tasks/{tid}", json={"version": 1, "done": True})
+                assert r.status_code == 200
+                await alice.patch(f"/tasks/{tid}", json={"version": 2, "title": "via A again"})
+                assert event(await pubs.next()) == ("task.updated", tid, 2)
+                assert event(await pubs.next()) == ("task.updated", tid, 3)
+                # a login made on B works on A: one secret, no session state in a node
+                r = await alice.get("/tasks", headers={"Authorization": f"Bearer {token_of(bob)}"})
+                assert r.json()[0]["title"] == "via A again"
+            finally:
+                await client.disconnect()

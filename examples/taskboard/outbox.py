@@ -8,10 +8,12 @@ succeeds: a change that committed is never lost because the broker blinked. Rows
 or a restart are published when the next relay starts, and a relay also looks at the table every
 ``poll`` seconds, for rows that another process wrote.
 
-Delivery is *at least once*: a process can die between publishing and deleting a row, and two
-processes sharing one database may both publish a row. Every publication therefore carries what a
-client needs to drop a repeat: the task's ``id`` and ``version`` in ``tasks``, and the outbox row's
-``event`` id everywhere.
+Several processes may share the database (several workers, several nodes): each relay claims a
+batch of rows for ``lease`` seconds before publishing them, so the others leave them alone.
+Delivery is still *at least once*: a process can die between publishing and deleting a row, and
+then its lease runs out and another relay publishes the row again. Every publication therefore
+carries what a client needs to drop a repeat: the task's ``id`` and ``version`` in ``tasks``, and
+the outbox row's ``event`` id everywhere.
 """
 
 from __future__ import annotations
@@ -32,17 +34,25 @@ Publish = Callable[[str, Any], Awaitable[object]]
 class Relay:
     """Moves outbox rows into tidings. ``publish(channel, data)``: ``hub.publish`` usually.
 
-    ``poll``, ``max_backoff``: seconds."""
+    ``poll``, ``max_backoff``: seconds; ``lease``: seconds a batch of rows is reserved for this
+    relay while it publishes them (another relay takes them over after that)."""
 
     FIRST_BACKOFF = 0.05
 
     def __init__(
-        self, store: Store, publish: Publish, *, poll: float = 2.0, max_backoff: float = 5.0
+        self,
+        store: Store,
+        publish: Publish,
+        *,
+        poll: float = 2.0,
+        max_backoff: float = 5.0,
+        lease: float = 30.0,
     ) -> None:
         self.store = store
         self.publish = publish
         self.poll = poll
         self.max_backoff = max_backoff
+        self.lease = lease
         self.published = 0  # publications that went out
         self.failures = 0  # publish attempts that raised
         self._wake = asyncio.Event()
@@ -96,28 +106,34 @@ class Relay:
                 await asyncio.sleep(wait)
 
     async def drain(self) -> bool:
-        """Publish pending rows in order until the outbox is empty (True) or a publish fails
-        (False: the failing row and all after it stay, so order is kept)."""
+        """Publish claimable rows in order until there are none (True) or a publish fails
+        (False: the failing row and the rest of its batch go back unpublished, to be retried
+        in order)."""
         while True:
-            rows = await self.store.pending()
+            rows = await self.store.claim(self.lease)
             if not rows:
                 return True
             done: list[int] = []
+            failed: tuple[int, str] | None = None
             try:
                 for entry, channel, data in rows:
                     try:
                         await self.publish(channel, {**data, "event": entry})
                     except Exception as exc:
-                        self.failures += 1
-                        log.warning(
-                            "publishing outbox entry %d to %r failed (will retry): %r",
-                            entry,
-                            channel,
-                            exc,
-                        )
-                        await self.store.publish_failed(entry, repr(exc))
-                        return False
+                        failed = (entry, repr(exc))
+                        break
                     done.append(entry)
                     self.published += 1
             finally:
+                # also when stopped halfway: what did not go out is given back at once
                 await self.store.published(done)
+                rest = [row[0] for row in rows[len(done) :]]
+                if rest:
+                    bad, error = failed if failed is not None else (None, "")
+                    await self.store.unclaim(rest, failed=bad, error=error)
+            if failed is not None:
+                self.failures += 1
+                log.warning(
+                    "publishing outbox entry %d failed (will retry): %s", failed[0], failed[1]
+                )
+                return False

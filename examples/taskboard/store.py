@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -143,6 +143,8 @@ class OutboxEntry(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: while set and in the future, one relay is publishing the row (see Store.claim)
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class Store:
@@ -293,28 +295,54 @@ class Store:
 
     # -- outbox ------------------------------------------------------------------------------
 
-    async def pending(self, limit: int = 100) -> list[tuple[int, str, dict[str, Any]]]:
-        """The oldest unpublished publications: (id, channel, data)."""
-        async with self.sessions() as db:
-            rows = await db.execute(
-                select(OutboxEntry.id, OutboxEntry.channel, OutboxEntry.data)
-                .order_by(OutboxEntry.id)
-                .limit(limit)
-            )
+    async def claim(self, lease: float, limit: int = 100) -> list[tuple[int, str, dict[str, Any]]]:
+        """Claim the oldest unclaimed publications for ``lease`` seconds: (id, channel, data).
+
+        Several processes sharing the database each claim different rows, so a row is
+        published once unless its claimant dies (then the lease runs out and another takes
+        it). On PostgreSQL the read skips rows another claim has locked (SKIP LOCKED); SQLite
+        serializes claims anyway (see _serialize_sqlite_writers)."""
+        async with self.transaction() as db:
+            stamp = now()
+            rows = (
+                await db.execute(
+                    select(OutboxEntry.id, OutboxEntry.channel, OutboxEntry.data)
+                    .where(
+                        (OutboxEntry.claimed_until.is_(None)) | (OutboxEntry.claimed_until < stamp)
+                    )
+                    .order_by(OutboxEntry.id)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+            if rows:
+                await db.execute(
+                    update(OutboxEntry)
+                    .where(OutboxEntry.id.in_([r.id for r in rows]))
+                    .values(claimed_until=stamp + timedelta(seconds=lease))
+                )
             return [(r.id, r.channel, r.data) for r in rows]
 
     async def published(self, ids: list[int]) -> None:
+        """Forget publications that went out."""
         if ids:
             async with self.transaction() as db:
                 await db.execute(delete(OutboxEntry).where(OutboxEntry.id.in_(ids)))
 
-    async def publish_failed(self, entry: int, error: str) -> None:
+    async def unclaim(self, ids: list[int], failed: int | None = None, error: str = "") -> None:
+        """Give rows back before their lease ends; ``failed``: the row whose publish raised
+        ``error`` (its attempt is counted)."""
         async with self.transaction() as db:
-            await db.execute(
-                update(OutboxEntry)
-                .where(OutboxEntry.id == entry)
-                .values(attempts=OutboxEntry.attempts + 1, last_error=error[:1000])
-            )
+            if failed is not None:
+                await db.execute(
+                    update(OutboxEntry)
+                    .where(OutboxEntry.id == failed)
+                    .values(attempts=OutboxEntry.attempts + 1, last_error=error[:1000])
+                )
+            if ids:
+                await db.execute(
+                    update(OutboxEntry).where(OutboxEntry.id.in_(ids)).values(claimed_until=None)
+                )
 
     async def outbox(self) -> list[OutboxEntry]:
         """Every row still in the outbox (for tests and operators)."""
