@@ -133,6 +133,14 @@ async def test_the_login_token_opens_the_websocket_too(board: Running) -> None:
         try:
             reply = await raw.connect(token=token_of(alice))
             assert reply["client"]
+            # browsers may publish to the chat (tidings adds the author), never to `tasks`
+            refused = await raw.call("publish", channel="tasks", data={"type": "task.deleted"})
+            assert refused["error"]["code"] == 103, refused
+            sent = await raw.call("publish", channel="chat:tasks", data={"text": "hi"})
+            assert "error" not in sent, sent
+            history = await board.tidings.hub.history("chat:tasks", limit=-1)
+            (pub,) = history.publications
+            assert pub.info is not None and pub.info.user == "alice"
             # without a token tidings refuses the connection (the board is not in dev mode)
             stranger = await Raw.open(board.ws)
             await stranger.send({"connect": {}})

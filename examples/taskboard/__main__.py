@@ -23,8 +23,8 @@ DatabaseOption = Annotated[
     str | None,
     typer.Option(
         "--database-url",
-        help="SQLAlchemy async URL [env TASKBOARD_DATABASE_URL; default "
-        "sqlite+aiosqlite:///taskboard.db].",
+        help="SQLAlchemy async URL (env TASKBOARD_DATABASE_URL; default "
+        "sqlite+aiosqlite:///taskboard.db).",
         show_default=False,
     ),
 ]

@@ -301,6 +301,12 @@
 
   // -- chat and presence -----------------------------------------------------------------------
 
+  // What a browser published to the chat: `{text}`, or anything (nothing stops a client from
+  // publishing other JSON), which is shown as JSON rather than trusted.
+  function chatText(data) {
+    return data && typeof data.text === 'string' ? data.text : JSON.stringify(data);
+  }
+
   function chatLine(author, text, offset, atTop = false) {
     if (offset) {
       if (state.chatOffsets.has(offset)) return;
@@ -422,14 +428,14 @@
           chatLoaded = true;
           const history = await chat.history({ limit: 30, reverse: true });
           for (const pub of history.publications) {
-            chatLine(pub.info ? pub.info.user : '?', pub.data.text, pub.offset, true);
+            chatLine(pub.info ? pub.info.user : '?', chatText(pub.data), pub.offset, true);
           }
         }
       } catch (err) {
         toast(`chat: ${err.message || err}`, 'warn');
       }
     });
-    chat.on('publication', (ctx) => chatLine(ctx.info ? ctx.info.user : '?', ctx.data.text, ctx.offset));
+    chat.on('publication', (ctx) => chatLine(ctx.info ? ctx.info.user : '?', chatText(ctx.data), ctx.offset));
     chat.on('join', (ctx) => {
       const seen = [...state.online.values()].includes(ctx.info.user);
       state.online.set(ctx.info.client, ctx.info.user);
