@@ -4,16 +4,21 @@ chat, a private notification, and recovery after the network drops. Screenshots 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import socket
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+import uvicorn
+from examples.taskboard.store import Store
 
 from .boardutil import ARTIFACTS, add_users, board_app, database, install_sdk, password
-from .conftest import IN_CI, Running, Serve
+from .conftest import IN_CI, Running, Serve, free_port
 
 CHROMIUM = os.environ.get("TIDINGS_TEST_CHROMIUM", "/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -166,3 +171,70 @@ async def test_wrong_password_and_validation_errors_show_on_the_page(
         assert await page.text_content("#status") == "offline"
     finally:
         await context.close()
+
+
+@asynccontextmanager
+async def serve_on(app: Any, port: int) -> AsyncIterator[None]:
+    """Serve ``app`` on a given port (to restart a server where its browsers will look)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(WAIT / 1000):
+            while not server.started:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.01)
+        yield
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, WAIT / 1000)
+
+
+async def test_after_a_server_restart_the_page_is_told_and_reloads(
+    browser: Any, tmp_path: Path
+) -> None:
+    """The memory broker forgets its streams on restart: the page resubscribes, is told it
+    could not recover (a new epoch), and reloads the list from the database, which kept
+    everything, including a change it never heard of."""
+    async with database("sqlite", tmp_path) as url:
+        await add_users(url, "alice")
+        port = free_port()
+        async with serve_on(board_app(url), port):
+            context = await browser.new_context()
+            page = await context.new_page()
+            page.set_default_timeout(WAIT)
+            await page.goto(f"http://127.0.0.1:{port}/")
+            await page.fill("#login-form input[name=username]", "alice")
+            await page.fill("#login-form input[name=password]", password("alice"))
+            await page.click("#login-form button[type=submit]")
+            await page.wait_for_selector("#status.live")
+            await page.fill("#new-task input[name=title]", "before the restart")
+            await page.click("#new-task button[type=submit]")
+            await page.wait_for_selector(task("before the restart"))
+            await page.evaluate("window.__sameDocument = true")
+        try:
+            await page.wait_for_selector("#status:not(.live)")
+            # a change made while the page was cut off (another process, say)
+            store = Store(url)
+            try:
+                await store.create_task("alice", "while it was down", "", None)
+            finally:
+                await store.close()
+            async with serve_on(board_app(url), port):
+                await page.wait_for_selector(task("while it was down"))
+                await page.wait_for_selector("#status.live")
+                toast = await page.wait_for_selector(".toast.warn")
+                assert "reloaded the board" in (await toast.text_content() or "")
+                recovery = await page.evaluate("window.board.lastRecovery")
+                assert recovery == {"wasRecovering": True, "recovered": False}
+                titles = await page.eval_on_selector_all(
+                    "#tasks li.task", "items => items.map(li => li.dataset.title)"
+                )
+                assert titles == ["before the restart", "while it was down"]
+                assert await page.evaluate("window.__sameDocument") is True
+                await shot(page, "after-restart")
+        finally:
+            await context.close()

@@ -399,7 +399,7 @@
       setStatus();
       if (!(ctx.wasRecovering && ctx.recovered)) {
         // first subscribe, or history no longer covers the gap: the list is the truth
-        if (ctx.wasRecovering) toast('Missed too much while away: reloaded the board.', 'warn');
+        if (ctx.wasRecovering) toast('Could not replay what was missed while away: reloaded the board.', 'warn');
         await Promise.all([loadTasks(), loadUsers()]).catch((err) => toast(String(err.message), 'warn'));
       }
     });
