@@ -65,7 +65,8 @@ class Relay:
         self._wake.set()
 
     async def settled(self) -> None:
-        """Wait until the relay has found the outbox empty (everything published)."""
+        """Wait until this relay has found nothing left to publish (rows that another relay
+        has claimed count as taken)."""
         self.kick()
         await self._empty.wait()
 

@@ -190,7 +190,8 @@
       $('#empty').hidden = state.tasks.size > 0;
       return;
     }
-    if (item && !force && Number(item.dataset.version) === task.version) return;
+    const changed = !item || Number(item.dataset.version) !== task.version;
+    if (!changed && !force) return;
     const fresh = !item;
     if (fresh) {
       item = buildTask(id);
@@ -214,11 +215,11 @@
       meta.append(mine);
     }
     fillAssignees(item.querySelector('.assignee'), task.assignee);
-    if (!fresh) {
+    if (changed) { // highlight what changed (an animation, restarted for each new version)
       item.classList.remove('flash');
-      void item.offsetWidth; // restart the animation
+      void item.offsetWidth;
+      item.classList.add('flash');
     }
-    item.classList.add('flash');
     $('#empty').hidden = true;
   }
 
