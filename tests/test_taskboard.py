@@ -16,6 +16,7 @@ import httpx
 import jwt
 import pytest
 from centrifuge import Client, PublicationContext, SubscriptionEventHandler
+from examples.taskboard.outbox import Relay
 from examples.taskboard.store import Store
 
 from tidings.brokers import BrokerUnavailable
@@ -528,3 +529,51 @@ async def test_two_nodes_share_the_database_and_the_broker(serve: Serve, tmp_pat
                 assert r.json()[0]["title"] == "via A again"
             finally:
                 await client.disconnect()
+
+
+async def test_nodes_starting_together_create_the_tables_once(tmp_path: Path) -> None:
+    async with database("postgres", tmp_path) as url:
+        stores = [Store(url) for _ in range(4)]
+        try:
+            await asyncio.gather(*(store.create() for store in stores))
+            await stores[0].add_user("alice", "hash")
+            assert await stores[3].users() == ["alice"]
+        finally:
+            for store in stores:
+                await store.close()
+
+
+async def test_a_stopped_relay_gives_its_claims_back(tmp_path: Path) -> None:
+    """A relay stopped mid-publish (here: a publish that never returns) releases the rows it
+    claimed, so the next relay publishes them at once instead of after the lease."""
+    async with database("sqlite", tmp_path) as url:
+        await add_users(url, "alice")
+        store = Store(url)
+        try:
+            await store.create_task("alice", "stuck", "", None)
+            called = asyncio.Event()
+
+            async def hangs(channel: str, data: Any) -> None:
+                called.set()
+                await asyncio.Event().wait()
+
+            relay = Relay(store, hangs, lease=3600)
+            relay.start()
+            await asyncio.wait_for(called.wait(), WAIT)
+            await relay.stop(timeout=0.1)
+            (row,) = await store.outbox()
+            assert row.claimed_until is None and row.attempts == 0
+
+            got: list[tuple[str, Any]] = []
+
+            async def works(channel: str, data: Any) -> None:
+                got.append((channel, data))
+
+            relay = Relay(store, works, lease=3600)
+            relay.start()
+            await asyncio.wait_for(relay.settled(), WAIT)
+            await relay.stop()
+            assert [(channel, data["type"]) for channel, data in got] == [("tasks", "task.created")]
+            assert await store.outbox() == []
+        finally:
+            await store.close()

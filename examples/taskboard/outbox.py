@@ -57,6 +57,7 @@ class Relay:
         self.failures = 0  # publish attempts that raised
         self._wake = asyncio.Event()
         self._empty = asyncio.Event()  # set while the last look found the outbox empty
+        self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def kick(self) -> None:
@@ -71,19 +72,28 @@ class Relay:
         await self._empty.wait()
 
     def start(self) -> None:
+        self._stop.clear()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="taskboard-outbox")
 
-    async def stop(self) -> None:
-        """Stop relaying; what is still in the outbox waits there for the next start."""
-        if self._task is not None:
-            self._task.cancel()
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop relaying; what is still in the outbox waits there for the next start.
+
+        The publish under way may finish (up to ``timeout`` seconds), so the rows this relay
+        claimed are given back rather than left to their lease."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stop.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
 
     async def _run(self) -> None:
         backoff = 0.0
-        while True:
+        while not self._stop.is_set():
             self._wake.clear()
             try:
                 drained = await self.drain()
@@ -95,16 +105,12 @@ class Relay:
                 backoff = 0.0
                 if not self._wake.is_set():  # else a commit came after the last look
                     self._empty.set()
-                wait = self.poll
+                # until the next commit here, or the next look for other processes' rows
+                await _until(self.poll, self._wake, self._stop)
             else:
+                # a kick is no reason to hammer a failing broker: only stopping cuts this short
                 backoff = min(self.max_backoff, max(self.FIRST_BACKOFF, backoff * 2))
-                wait = backoff
-            # a kick during a backoff is not a reason to hammer a failing broker
-            if drained:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
-            else:
-                await asyncio.sleep(wait)
+                await _until(backoff, self._stop)
 
     async def drain(self) -> bool:
         """Publish claimable rows in order until there are none (True) or a publish fails
@@ -118,6 +124,8 @@ class Relay:
             failed: tuple[int, str] | None = None
             try:
                 for entry, channel, data in rows:
+                    if self._stop.is_set():
+                        break
                     try:
                         await self.publish(channel, {**data, "event": entry})
                     except Exception as exc:
@@ -138,3 +146,15 @@ class Relay:
                     "publishing outbox entry %d failed (will retry): %s", failed[0], failed[1]
                 )
                 return False
+            if self._stop.is_set():
+                return False
+
+
+async def _until(timeout: float, *events: asyncio.Event) -> None:
+    """Wait ``timeout`` seconds, or less if one of ``events`` is set."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()

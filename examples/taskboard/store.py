@@ -28,6 +28,7 @@ from sqlalchemy import (
     delete,
     event,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import IntegrityError
@@ -38,6 +39,7 @@ from sqlalchemy.types import TypeDecorator
 from .schemas import Notification, TaskEvent, TaskOut
 
 TASKS_CHANNEL = "tasks"
+LOCK_KEY = 0x7461736B626F6172  # "taskboar": the advisory lock held while creating tables
 
 
 def notifications_channel(user: str) -> str:
@@ -163,6 +165,10 @@ class Store:
     async def create(self) -> None:
         """Create the tables that do not exist yet."""
         async with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # nodes starting together: one creates the tables, the others wait for it and
+                # then find them (CREATE TABLE IF NOT EXISTS alone races on PostgreSQL)
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOCK_KEY})
             await conn.run_sync(Base.metadata.create_all)
 
     async def close(self) -> None:
