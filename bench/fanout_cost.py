@@ -26,11 +26,11 @@ from typing import Any
 
 from tidings import Hub, Settings
 from tidings.brokers import create_broker
+from tidings.frames import text_frame
 from tidings.protocol import centrifuge
 from tidings.protocol.raw import RAW_FRAMED
 from tidings.session import Session
 from tidings.transport.fast import FastWebSocket
-from tidings.transport.frames import text_frame
 
 
 class _Socket:
@@ -88,6 +88,7 @@ async def measure(
         for _ in range(subs):
             session = Session(hub, _websocket(sock), wire)
             hub.connect(session)
+            session.open()
             await hub.subscribe(session, "bench", encoder)
         data = {"text": "x" * 100}
         out: dict[str, Any] = {"subs": subs, "pubs": pubs, "batch": batch}

@@ -28,6 +28,7 @@ from starlette.types import Receive, Scope, Send
 from .auth import ANONYMOUS, Credentials, can_subscribe, check_user_limited
 from .brokers.base import ClientInfo, HistoryResult, JoinLeave, StreamPosition, compact
 from .channels import PRIVATE_PREFIX, USER_SEPARATOR, Channel
+from .delivery import takes_frames
 from .endpoints import admit
 from .errors import (
     BAD_REQUEST,
@@ -45,8 +46,9 @@ from .errors import (
     Unauthorized,
     UnrecoverablePosition,
 )
+from .frames import Frame
 from .protocol import centrifuge as wire
-from .session import DirectTransport, Frame, Session
+from .session import Session
 from .transport import open_transport
 
 if TYPE_CHECKING:
@@ -663,7 +665,7 @@ class CentrifugeEndpoint:
         # Pings start once the client has connected: before that any frame, a pong too, is a
         # protocol error (3501), so a ping would only provoke one.
         # a direct transport writes pre-built frames: pushes are framed once per publication
-        fmt = wire.wire_format(isinstance(transport, DirectTransport))
+        fmt = wire.wire_format(takes_frames(transport))
         session = Session(hub, transport, fmt, pong_timeout=settings.pong_timeout)
         return session if await admit(session) else None
 

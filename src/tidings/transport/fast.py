@@ -48,10 +48,9 @@ from websockets.http11 import Request
 from websockets.protocol import Protocol as WsProtocol
 from websockets.server import ServerProtocol
 
-from ..session import Frame
+from ..frames import Frame, WsFrame, binary_bytes, framed, text_bytes
 from ..wheel import Wheel
 from .asgi import AsgiTransport
-from .frames import WsFrame, binary_bytes, framed, text_bytes
 
 log = logging.getLogger("uvicorn.error")
 
