@@ -29,8 +29,8 @@ from tidings.brokers import create_broker
 from tidings.frames import text_frame
 from tidings.protocol import centrifuge
 from tidings.protocol.raw import RAW_FRAMED
+from tidings.serve.websocket import FastWebSocket
 from tidings.session import Session
-from tidings.transport.fast import FastWebSocket
 
 
 class _Socket:

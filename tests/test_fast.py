@@ -26,9 +26,9 @@ from tidings.frames import (
     text_bytes,
     text_frame,
 )
-from tidings.front import Front
 from tidings.protocol import centrifuge as cf
-from tidings.transport.fast import FastWebSocket, heartbeat
+from tidings.serve.front import Front
+from tidings.serve.websocket import FastWebSocket, heartbeat
 
 from .conftest import Running, Serve
 from .wsraw import RawWs, close_code

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
-import logging
 import random
 import sys
 from pathlib import Path
@@ -17,7 +15,6 @@ import orjson
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.panel import Panel
 
 from .config import Settings
 
@@ -75,6 +72,8 @@ def serve(
             "TIDINGS_TOKEN_HMAC_SECRET set): anyone could publish. Set a secret, bind "
             "127.0.0.1, or pass --insecure."
         )
+    from .serve.server import run  # the server's modules load only for this command
+
     run(settings)
 
 
@@ -90,82 +89,6 @@ def _problems(exc: ValidationError) -> str:
         message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
         lines.append(f"  {key}: {message}")
     return "\n".join(lines)
-
-
-def _installed(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
-
-
-def server_options(settings: Settings) -> dict[str, Any]:
-    """uvicorn settings of `tidings serve`: the fast WebSocket path, uvloop and httptools
-    (FastHttp: the publishing routes without an ASGI cycle, one write per response) when
-    installed, and the WebSocket limits and heartbeats from ``settings``. permessage-deflate
-    is declined (see transport/fast.py)."""
-    from .transport.fast import FastWebSocket
-
-    http: Any = "h11"
-    if _installed("httptools"):
-        from .transport.http import FastHttp
-
-        http = FastHttp
-    return {
-        "ws": FastWebSocket,
-        "loop": "uvloop" if _installed("uvloop") else "asyncio",
-        "http": http,
-        "ws_max_size": settings.max_message_size,
-        "ws_ping_interval": settings.ping_interval,
-        "ws_ping_timeout": settings.pong_timeout,
-        "ws_per_message_deflate": False,
-        # a line per publish request costs more than the publish itself: only when debugging
-        "access_log": settings.log_level.lower() in ("debug", "trace"),
-        # tidings never reads the client address; the middleware would stay suspended in every
-        # idle WebSocket (~0.3 KiB each) and run on every publish
-        "proxy_headers": False,
-        # Front.__call__ is a plain function returning an awaitable (see front.py)
-        "interface": "asgi3",
-        "lifespan": "on",
-    }
-
-
-def run(settings: Settings) -> None:
-    import uvicorn
-
-    from .app import create_app
-    from .front import Front
-
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        application = Front(create_app(settings))
-    except ValueError as exc:
-        raise _fail(str(exc)) from None
-    # Everything made so far (the app, FastAPI's and pydantic's objects: ~75,000 tracked by the
-    # garbage collector) lives as long as the process; frozen, full collections stop scanning
-    # it. They run while connections pour in, and each one is a pause every delivery waits out.
-    gc.collect()
-    gc.freeze()
-    url = f"http://{settings.host}:{settings.port}"
-    if settings.dev_mode:
-        err.print(
-            Panel.fit(
-                "[bold yellow]DEV MODE[/]: no secrets configured. Anyone who can reach this "
-                "server may subscribe and publish.\nSet TIDINGS_API_KEY and "
-                "TIDINGS_TOKEN_HMAC_SECRET before exposing it.",
-                border_style="yellow",
-            )
-        )
-    broker = redact(settings.broker_url)
-    err.print(f"tidings on [bold]{url}[/]  broker [bold]{broker}[/]  demo {url}/")
-    uvicorn.run(
-        application,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        **server_options(settings),
-    )
 
 
 def redact(url: str) -> str:

@@ -2,7 +2,8 @@
 
 uvicorn takes it as ``uvicorn.Config(ws=FastWebSocket)``. It speaks plain ASGI to every app, so
 any WebSocket route still works, and it adds the scope extension ``"tidings.fast"``: a tidings
-endpoint that finds it uses this object itself as its transport (:func:`open_transport`) and
+endpoint that finds it uses this object itself as its transport
+(:func:`tidings.transport.open_transport`) and
 skips the ASGI message dicts. That transport writes *synchronously*: the hub's :class:`Flusher`
 hands a session's whole outbox to :meth:`FastWebSocket.write_frames`, which makes ONE
 ``transport.write`` of pre-built frames (the raw endpoint's frames are built once per
@@ -40,21 +41,20 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Message, Scope
 from websockets.exceptions import InvalidState
 from websockets.frames import Frame as LibFrame
 from websockets.frames import Opcode
 from websockets.http11 import Request
-from websockets.protocol import Protocol as WsProtocol
 from websockets.server import ServerProtocol
 
 from ..frames import Frame, WsFrame, binary_bytes, framed, text_bytes
+from ..transport import EXTENSION
 from ..wheel import Wheel
-from .asgi import AsgiTransport
+from . import _internals
 
 log = logging.getLogger("uvicorn.error")
 
-EXTENSION = "tidings.fast"
 _CLOSE_TIMEOUT = 10.0  # for plain ASGI apps; tidings sessions pass settings.close_timeout
 
 _GONE: Any = object()  # queued when the connection ended: receive() answers None
@@ -117,7 +117,7 @@ class FastWebSocket(asyncio.Protocol):
         self.read_paused = False
         self.framed = True  # tidings sessions may hand us pre-built frames
         self.on_drain: Any = None  # a Session's flush, called when the socket drains
-        #: the socket's transport while frames may go straight to it (session.DirectTransport)
+        #: the socket's transport while frames may go straight to it (delivery.DirectTransport)
         self.sink: Any = None
         self.on_sink: Any = None  # a Session's _resink, called when ``sink`` changes
         self._drain: asyncio.Future[None] | None = None
@@ -165,7 +165,7 @@ class FastWebSocket(asyncio.Protocol):
                 self._frame(event)
             elif isinstance(event, Request):
                 self._handshake(event)
-        if conn.parser_exc is not None or (conn.close_sent is not None and not self.close_sent):
+        if _internals.parser_failed(conn) or (conn.close_sent is not None and not self.close_sent):
             self._parser_failed()
         else:
             out = conn.data_to_send()  # pongs and close replies from websockets
@@ -200,9 +200,7 @@ class FastWebSocket(asyncio.Protocol):
         # websockets' handshake parser keeps the request (headers and all) alive in its
         # generator frame for the connection's life: go on with the plain frame parser, which
         # reads the same buffer (~1.5 KiB per idle connection)
-        conn = self.conn
-        conn.parser = WsProtocol.parse(conn)
-        next(conn.parser)
+        _internals.frames_only(self.conn)
         headers = [(_name(k), v.encode("latin-1")) for k, v in request.headers.raw_items()]
         raw_path, _, query = request.path.partition("?")
         offered = request.headers.get_all("Sec-WebSocket-Protocol")
@@ -484,11 +482,15 @@ class FastWebSocket(asyncio.Protocol):
         else:
             raise RuntimeError(f"Expected 'websocket.send' or 'websocket.close', got {kind!r}")
 
-    # -- the tidings transport (session.DirectTransport) ---------------------------------------
+    # -- the tidings transport (delivery.DirectTransport) ---------------------------------------
 
     async def accept(self, subprotocol: str | None = None) -> None:
         if not self.handshake_complete:
             self._accept(subprotocol, [])
+
+    def limit_incoming(self, max_size: int) -> None:
+        """Close 1009 on an incoming message over ``max_size`` bytes (the endpoint's limit)."""
+        _internals.limit_incoming(self.conn, max_size)
 
     def write_frames(self, frames: list[Frame]) -> None:
         """Write frames in one call: a :class:`.frames.WsFrame` (built once per publication)
@@ -564,16 +566,4 @@ def _who(scope: Scope) -> str:
     return f"{client[0]}:{client[1]}" if client else "-"
 
 
-def open_transport(
-    scope: Scope, receive: Receive, send: Send, max_size: int
-) -> FastWebSocket | AsgiTransport:
-    """The fast transport when the server is ours (``tidings serve``), else plain ASGI."""
-    fast = scope.get("extensions", {}).get(EXTENSION)
-    if fast is not None:
-        transport: FastWebSocket = fast["transport"]
-        transport.conn.max_message_size = max_size
-        return transport
-    return AsgiTransport(receive, send, max_size)
-
-
-__all__ = ["EXTENSION", "FastWebSocket", "open_transport"]
+__all__ = ["EXTENSION", "FastWebSocket", "heartbeat"]
