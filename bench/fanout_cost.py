@@ -31,6 +31,7 @@ from tidings.protocol import centrifuge
 from tidings.protocol.raw import RAW_FRAMED
 from tidings.serve.websocket import FastWebSocket
 from tidings.session import Session
+from tidings.state import State
 
 
 class _Socket:
@@ -55,8 +56,8 @@ class _WebSocket(FastWebSocket):
 def _websocket(sock: _Socket) -> FastWebSocket:
     ws = _WebSocket.__new__(_WebSocket)  # the write path only: no handshake, no loop
     ws.transport = sock  # type: ignore[assignment]
-    ws.close_sent = ws.disconnected = False
-    ws.writable = ws.framed = True
+    ws.state = State.OPEN
+    ws.writable = True
     ws.on_drain = ws.on_sink = None
     ws.sink = sock
     return ws
