@@ -182,9 +182,10 @@ class Session:
 
     # -- state -----------------------------------------------------------------------------------
 
-    def _to(self, new: State, reason: Disconnect | None = None) -> None:
+    def _to(self, new: State, reason: Disconnect | None = None, *, gone: bool = False) -> None:
         """Move to ``new`` (raises :class:`~tidings.state.IllegalTransition` if the table does
-        not allow it) and do what the move implies; ``reason``: why, when closing."""
+        not allow it) and do what the move implies; ``reason``: why, when closing; ``gone``:
+        the socket is gone, so the writer is not asked to send a close frame."""
         check(self, TRANSITIONS, self._state, new)
         self._state = new
         self._ended = new is CLOSING or new is CLOSED
@@ -196,16 +197,16 @@ class Session:
         if self.closed_with is None and reason is not None:
             self.closed_with = reason
         self.hub.wheel.cancel(self)
-        if new is CLOSING:
+        if new is CLOSED:
+            self._outbox.clear()
+            self.writer.stop()
+        elif not gone:
             assert reason is not None
             unresponsive = reason is SLOW or reason is NO_PONG
             if unresponsive:  # the client is not reading: what is queued would never get through
                 self._outbox.clear()
                 self._pending = 0
             self.writer.close(reason, unresponsive)
-        else:
-            self._outbox.clear()
-            self.writer.stop()
 
     def open(self) -> None:
         """The handshake is answered: write what queued meanwhile, and from now on as it comes."""
@@ -221,12 +222,7 @@ class Session:
     def lost(self, reason: Disconnect) -> None:
         """The writer found the socket gone: nothing more can be written, not even a close."""
         if not self._ended:
-            check(self, TRANSITIONS, self._state, CLOSING)
-            self._state = CLOSING  # not _to(): there is nobody left to send a close frame to
-            self._ended = True
-            self.sink = None
-            if self.closed_with is None:
-                self.closed_with = reason
+            self._to(CLOSING, reason, gone=True)
 
     def stop_reading(self) -> None:
         """The close frame is out: a reader still waiting for a message stops waiting."""
