@@ -321,7 +321,7 @@ async def test_queued_writer_sends_from_the_flusher_in_the_writer_tasks_name(hub
     for _ in range(3):
         await next_iteration()  # the writer task starts and waits
     writer = session.writer
-    assert isinstance(writer, QueuedWriter) and writer._eager
+    assert isinstance(writer, QueuedWriter) and writer._phase.name == "WAITING"
     session.enqueue("a")
     session.enqueue("b")
     await next_iteration()

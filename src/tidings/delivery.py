@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import enum
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -308,6 +309,18 @@ class _Handoff:
         self.error = error  # thrown into it first (raised instead when there is no coro)
 
 
+class _Phase(enum.Enum):
+    """Where a :class:`QueuedWriter`'s task is (one value instead of two booleans)."""
+
+    AWAKE = "awake"  # running, or not started: the Flusher wakes it to send
+    WAITING = "waiting"  # waits with nothing in flight: the Flusher may start a send itself
+    SENDING = "sending"  # a send is in flight (its own, or one the Flusher handed over)
+    DONE = "done"  # ended: the close frame is out or the socket is gone
+
+
+AWAKE, WAITING, SENDING, DONE = _Phase.AWAKE, _Phase.WAITING, _Phase.SENDING, _Phase.DONE
+
+
 class QueuedWriter:
     """The writer of an ASGI connection: one task awaits ``transport.send`` per batch.
 
@@ -316,24 +329,22 @@ class QueuedWriter:
     suspending, so no task wakes at all. A send that suspends is handed to the task, which
     finishes it before anything queued later."""
 
-    __slots__ = ("_context", "_eager", "_handoff", "_sending", "_task", "_wakeup", "session")
+    __slots__ = ("_context", "_handoff", "_phase", "_task", "_wakeup", "session")
 
     def __init__(self, session: Session) -> None:
         self.session = session
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._context: contextvars.Context | None = None  # the task's
-        #: True while the task waits with nothing in flight: flush() may send eagerly
-        self._eager = False
+        self._phase = AWAKE
         self._handoff: _Handoff | None = None
-        self._sending = False  # a send is in flight (in the task, or handed to it)
 
     def send(self, frame: Frame) -> None:
         self.session.enqueue(frame)  # an ASGI send may suspend: it goes through the task
 
     def flush(self) -> None:
         self.session._dirty = False
-        if self._eager and self.session._outbox:
+        if self._phase is WAITING and self.session._outbox:
             self._send_eagerly()
         else:
             self._wakeup.set()
@@ -348,9 +359,10 @@ class QueuedWriter:
         self._task = loop.create_task(self._write_loop(), context=context)
 
     def close(self, reason: Disconnect, unresponsive: bool) -> None:
-        self._eager = False
+        if self._phase is WAITING:
+            self._phase = AWAKE  # the task sends what is left, then the close frame
         self._wakeup.set()
-        if unresponsive and self._sending:  # stop waiting on its full socket, then close
+        if unresponsive and self._phase is SENDING:  # stop waiting on its full socket
             if self._handoff is not None:  # not yet taken over by the task
                 self._handoff.error = asyncio.CancelledError()
             elif self._task is not None:
@@ -372,7 +384,7 @@ class QueuedWriter:
         socket that is not backed up and returns at once; if it suspends instead, the task
         takes the suspended coroutine over and awaits it before anything queued later."""
         task, context = self._task, self._context
-        assert task is not None and context is not None  # _eager is only set by the task
+        assert task is not None and context is not None  # only the task sets WAITING
         session = self.session
         size = session._pending  # nothing is in flight: all that is pending is in this batch
         stepped = step_as(task, context, self._start_send)
@@ -385,10 +397,10 @@ class QueuedWriter:
             return
         if coro is None:  # the task raises it as if its own send had
             self._handoff = _Handoff(None, None, size, error)
+            self._phase = AWAKE
         else:
             self._handoff = _Handoff(coro, step, size)
-            self._sending = True
-        self._eager = False
+            self._phase = SENDING
         self._wakeup.set()
 
     def _start_send(self) -> Coroutine[Any, Any, None]:
@@ -402,9 +414,11 @@ class QueuedWriter:
         transport, wire = session.transport, session.format
         try:
             while True:
-                self._eager = EAGER and not session.closing
+                if EAGER and not session.closing:
+                    self._phase = WAITING
                 await self._wakeup.wait()
-                self._eager = False
+                if self._phase is WAITING:  # else the Flusher handed a send over (SENDING)
+                    self._phase = AWAKE
                 self._wakeup.clear()
                 while True:
                     sending: Awaitable[None]
@@ -421,7 +435,7 @@ class QueuedWriter:
                         sending = transport.send(wire.pack(batch))
                     else:
                         break
-                    self._sending = True
+                    self._phase = SENDING
                     try:
                         await sending
                     except asyncio.CancelledError:
@@ -429,7 +443,7 @@ class QueuedWriter:
                             raise
                         break  # close() gave up on a client that stopped reading
                     finally:
-                        self._sending = False
+                        self._phase = AWAKE
                     session._pending -= size
                 if session.closing:
                     break
@@ -438,7 +452,7 @@ class QueuedWriter:
             session.lost(Disconnect(1006, "gone"))
             return
         finally:
-            self._eager = False
+            self._phase = DONE
             if self._handoff is not None and self._handoff.coro is not None:
                 self._handoff.coro.close()  # cancelled before it could take the send over
             self._handoff = None
