@@ -136,6 +136,21 @@ async def next_iteration() -> None:
     await asyncio.sleep(0)
 
 
+async def until(condition: Any, iterations: int = 100) -> None:
+    """Let the loop run until ``condition()`` holds (no I/O here: a few iterations do)."""
+    for _ in range(iterations):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition not reached")
+
+
+def waiting(session: Session) -> bool:
+    """The session's writer task waits with nothing in flight."""
+    writer = session.writer
+    return isinstance(writer, QueuedWriter) and writer._phase.name == "WAITING"
+
+
 def session_on(hub: Hub, transport: Any) -> Session:
     session = Session(hub, transport, Joined())
     hub.connect(session)
@@ -318,10 +333,9 @@ async def test_queued_writer_sends_from_the_flusher_in_the_writer_tasks_name(hub
     transport = Asgi()
     session = session_on(hub, transport)
     serving = asyncio.create_task(session.serve(lambda s, f: asyncio.sleep(0)))
-    for _ in range(3):
-        await next_iteration()  # the writer task starts and waits
+    await until(lambda: waiting(session))  # the writer task starts and waits
     writer = session.writer
-    assert isinstance(writer, QueuedWriter) and writer._phase.name == "WAITING"
+    assert isinstance(writer, QueuedWriter)
     session.enqueue("a")
     session.enqueue("b")
     await next_iteration()
@@ -336,8 +350,7 @@ async def test_queued_writer_finishes_a_suspended_send_before_later_frames(hub: 
     transport = Asgi()
     session = session_on(hub, transport)
     serving = asyncio.create_task(session.serve(lambda s, f: asyncio.sleep(0)))
-    for _ in range(3):
-        await next_iteration()
+    await until(lambda: waiting(session))
     transport.gate.clear()  # the socket is backed up: the next send suspends
     session.enqueue("1")
     await next_iteration()
@@ -347,12 +360,10 @@ async def test_queued_writer_finishes_a_suspended_send_before_later_frames(hub: 
     await next_iteration()
     assert transport.calls == [("send-suspended", ["1"])]  # waits behind the suspended send
     transport.gate.set()
-    for _ in range(5):
-        await next_iteration()
+    await until(lambda: len(transport.calls) == 3)
     assert transport.calls == [("send-suspended", ["1"]), ("send", ["1"]), ("send", [b"2|3"])]
     session.close(Disconnect(3000, "bye"))
-    for _ in range(5):
-        await next_iteration()
+    await until(lambda: len(transport.calls) == 4)
     assert transport.calls[-1] == ("close", 3000, "bye")
     await serving
     assert session.connection_state is State.CLOSED
@@ -362,8 +373,7 @@ async def test_queued_writer_gives_up_on_a_slow_client_stuck_in_send(hub: Hub) -
     transport = Asgi()
     session = session_on(hub, transport)
     serving = asyncio.create_task(session.serve(lambda s, f: asyncio.sleep(0)))
-    for _ in range(3):
-        await next_iteration()
+    await until(lambda: waiting(session))
     transport.gate.clear()
     session.enqueue("x" * 600)
     await next_iteration()

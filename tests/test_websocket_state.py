@@ -61,6 +61,15 @@ async def connected(app: Any) -> tuple[FastWebSocket, Sock, list[State]]:
     return ws, sock, seen
 
 
+async def until(condition: Any, iterations: int = 100) -> None:
+    """Let the loop run until ``condition()`` holds (no I/O here: a few iterations do)."""
+    for _ in range(iterations):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition not reached")
+
+
 async def accepting(scope: Any, receive: Any, send: Any) -> None:
     assert (await receive())["type"] == "websocket.connect"
     await send({"type": "websocket.accept"})
@@ -70,8 +79,7 @@ async def accepting(scope: Any, receive: Any, send: Any) -> None:
 async def test_the_state_follows_the_connections_life() -> None:
     ws, sock, seen = await connected(accepting)
     assert ws.state is State.CONNECTING and not ws.writable and ws.sink is None
-    for _ in range(3):
-        await asyncio.sleep(0)  # the app accepts
+    await until(lambda: ws.state is not State.CONNECTING)  # the app accepts
     assert ws.state is State.OPEN and ws.writable and ws.sink is sock
     assert sock.written[0].startswith(b"HTTP/1.1 101")
     ws.pause_writing()
@@ -97,8 +105,7 @@ async def test_a_refused_handshake_goes_from_connecting_to_closing() -> None:
         await send({"type": "websocket.close"})
 
     ws, sock, seen = await connected(refusing)
-    for _ in range(3):
-        await asyncio.sleep(0)
+    await until(lambda: ws.state is not State.CONNECTING)
     assert ws.state is State.CLOSING and sock.written[0].startswith(b"HTTP/1.1 403")
     assert seen == [State.CLOSING]
     ws.connection_lost(None)
@@ -106,8 +113,7 @@ async def test_a_refused_handshake_goes_from_connecting_to_closing() -> None:
 
 async def test_an_illegal_transition_fails_loudly() -> None:
     ws, _, _ = await connected(accepting)
-    for _ in range(3):
-        await asyncio.sleep(0)
+    await until(lambda: ws.state is State.OPEN)
     ws.connection_lost(None)
     with pytest.raises(IllegalTransition, match="CLOSED -> OPEN"):
         ws._to(State.OPEN)
