@@ -2,9 +2,9 @@
 
 Fan-out calls :meth:`Session.enqueue` for every subscriber of a channel. It never awaits and
 never grows memory without bound: it appends already-encoded frames to the outbox and marks the
-session dirty; once per event-loop iteration the :class:`Flusher` hands every dirty session's
-outbox to its writer (:mod:`.delivery`), which packs the queued frames into as few writes as its
-wire format allows.
+session dirty; once per event-loop iteration the :class:`~.delivery.Flusher` hands every dirty
+session's outbox to its writer (:mod:`.delivery`), which packs the queued frames into as few
+writes as its wire format allows.
 A client whose outbox passes ``outbox_limit`` bytes is closed as slow (3008) and its frames are
 dropped: one slow reader never holds up the publisher or the other subscribers.
 
