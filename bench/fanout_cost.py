@@ -26,11 +26,12 @@ from typing import Any
 
 from tidings import Hub, Settings
 from tidings.brokers import create_broker
+from tidings.frames import text_frame
 from tidings.protocol import centrifuge
 from tidings.protocol.raw import RAW_FRAMED
+from tidings.serve.websocket import FastWebSocket
 from tidings.session import Session
-from tidings.transport.fast import FastWebSocket
-from tidings.transport.frames import text_frame
+from tidings.state import State
 
 
 class _Socket:
@@ -55,8 +56,8 @@ class _WebSocket(FastWebSocket):
 def _websocket(sock: _Socket) -> FastWebSocket:
     ws = _WebSocket.__new__(_WebSocket)  # the write path only: no handshake, no loop
     ws.transport = sock  # type: ignore[assignment]
-    ws.close_sent = ws.disconnected = False
-    ws.writable = ws.framed = True
+    ws.state = State.OPEN
+    ws.writable = True
     ws.on_drain = ws.on_sink = None
     ws.sink = sock
     return ws
@@ -90,6 +91,7 @@ async def measure(
         for _ in range(subs):
             session = Session(hub, _websocket(sock), wire)
             hub.connect(session)
+            session.open()
             await hub.subscribe(session, "bench", encoder)
         data = {"text": "x" * 100}
         out: dict[str, Any] = {"subs": subs, "pubs": pubs, "batch": batch}

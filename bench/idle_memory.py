@@ -54,8 +54,8 @@ async def _server(n: int, asgi: bool, top: int, centrifuge: bool, rss: bool) -> 
     import uvicorn
 
     from tidings import Settings, create_app
-    from tidings.cli import server_options
-    from tidings.front import Front
+    from tidings.serve.front import Front
+    from tidings.serve.server import server_options
 
     settings = Settings(max_connections=n + 100, demo=False)
     app = create_app(settings)

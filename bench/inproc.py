@@ -13,8 +13,9 @@ from typing import Any
 
 from tidings import Hub, Settings
 from tidings.brokers import create_broker
+from tidings.frames import Frame
 from tidings.protocol.raw import RAW_FRAMED
-from tidings.session import Frame, Session
+from tidings.session import Session
 
 
 class _Sink:
@@ -53,6 +54,7 @@ async def measure(count: int = 100_000, subs: int = 1, batch: int = 100) -> dict
         for _ in range(subs):
             session = Session(hub, _Sink(), RAW_FRAMED)
             hub.connect(session)
+            session.open()
             await hub.subscribe(session, "bench", RAW_FRAMED)
         data = {"text": "x" * 100}
         t0 = time.perf_counter()

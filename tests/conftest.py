@@ -15,8 +15,8 @@ import uvicorn
 
 from tidings import Settings, create_app
 from tidings.app import Tidings
-from tidings.cli import server_options
-from tidings.front import Front
+from tidings.serve.front import Front
+from tidings.serve.server import server_options
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 #: TIDINGS_TEST_FAST=1 runs every server test on the fast path of `tidings serve`

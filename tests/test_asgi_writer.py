@@ -15,8 +15,7 @@ import websockets
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tidings import Tidings
-from tidings import session as session_module
+from tidings import Tidings, delivery, eager
 
 from .conftest import IN_CI, Running, Serve, served
 from .test_fast import wait_for
@@ -45,15 +44,17 @@ BODY = "x" * 20_000
 
 
 def count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
-    """Count calls of ``tidings.session.<name>`` (still calling it)."""
+    """Count calls of ``tidings.delivery.<name>``, or of ``tidings.eager.<name>`` for
+    asyncio's private ``_enter_task`` (still calling it)."""
     calls = [0]
-    real = getattr(session_module, name)
+    module: Any = eager if name == "_enter_task" else delivery
+    real = getattr(module, name)
 
     def counted(*args: Any) -> Any:
         calls[0] += 1
         return real(*args)
 
-    monkeypatch.setattr(session_module, name, counted)
+    monkeypatch.setattr(module, name, counted)
     return calls
 
 

@@ -19,8 +19,8 @@ from tidings.errors import (
     TidingsError,
     TooManyRequests,
 )
+from tidings.frames import WsFrame, payload
 from tidings.protocol import centrifuge as cf
-from tidings.transport.frames import WsFrame, payload
 
 from .cfutil import Raw
 from .conftest import Serve

@@ -6,8 +6,8 @@ import orjson
 import pytest
 
 from tidings.brokers.base import ClientInfo, JoinLeave, Publication
+from tidings.frames import WsFrame, payload
 from tidings.protocol.raw import RAW_FRAMED, RAW_TEXT, raw_format, text_of
-from tidings.transport.frames import WsFrame, payload
 
 
 def pub(data: bytes) -> Publication:

@@ -17,10 +17,7 @@ from websockets.frames import Opcode
 
 from tidings import Settings, create_app
 from tidings.brokers.base import ClientInfo, JoinLeave, Publication
-from tidings.front import Front
-from tidings.protocol import centrifuge as cf
-from tidings.transport.fast import FastWebSocket, heartbeat
-from tidings.transport.frames import (
+from tidings.frames import (
     COPY_BELOW,
     binary_bytes,
     binary_frame,
@@ -29,6 +26,9 @@ from tidings.transport.frames import (
     text_bytes,
     text_frame,
 )
+from tidings.protocol import centrifuge as cf
+from tidings.serve.front import Front
+from tidings.serve.websocket import FastWebSocket, heartbeat
 
 from .conftest import Running, Serve
 from .wsraw import RawWs, close_code

@@ -13,7 +13,7 @@ import websockets
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from websockets.exceptions import InvalidStatus
 
-from tidings.transport.fast import FastWebSocket
+from tidings.serve.websocket import FastWebSocket
 
 
 def echo_app() -> FastAPI:

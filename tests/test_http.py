@@ -1,4 +1,4 @@
-"""`tidings serve`'s own HTTP path (transport/http.py) against uvicorn's ASGI path.
+"""`tidings serve`'s own HTTP path (serve/http.py) against uvicorn's ASGI path.
 
 The publishing routes are answered straight from httptools' callbacks on the fast path; these
 tests hold it to the ASGI path's exact bytes, and to HTTP/1.1's rules for pipelined requests,
@@ -13,9 +13,9 @@ from typing import Any
 import orjson
 import pytest
 
-from tidings.front import Front
-from tidings.transport import http as http_module
-from tidings.transport.http import FastHttp
+from tidings.serve import _internals
+from tidings.serve.front import Front
+from tidings.serve.http import FastHttp
 
 from .conftest import Running, Serve
 from .engines import ENGINES, namespace
@@ -209,7 +209,7 @@ async def test_an_unfamiliar_uvicorn_gets_its_own_path(
     serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """If uvicorn's internals change, publishing still works, through uvicorn's ASGI cycle."""
-    monkeypatch.setattr(http_module, "_checked", [False])
+    monkeypatch.setattr(_internals, "_fits", [False])
     through_asgi = spy_on_asgi_answers(monkeypatch)
     srv = await serve(fast=True)
     got = await responses(srv.port, [request("/publish/u", b"x")], pipelined=False)

@@ -12,14 +12,16 @@ from tidings import Settings
 from tidings.brokers.base import JoinLeave, Publication
 from tidings.brokers.memory import MemoryBroker
 from tidings.errors import Disconnect
+from tidings.frames import Frame, text_frame
 from tidings.hub import Hub
 from tidings.protocol.raw import RAW_FRAMED
-from tidings.session import Frame, Session
-from tidings.transport.frames import text_frame
+from tidings.session import Session
 
 
 class Recorder:
     """A stand-in transport that records what a session would write."""
+
+    framed = False  # an ASGI-style transport: the session gets a QueuedWriter
 
     def __init__(self) -> None:
         self.frames: list[Frame] = []
@@ -239,6 +241,8 @@ async def test_offsets_the_broker_skipped_are_filled_in_from_history() -> None:
 class Direct(Recorder):
     """A direct transport (the fast path's shape) that records each write call."""
 
+    framed = True  # the session gets a DirectWriter
+
     def __init__(self) -> None:
         super().__init__()
         self.on_drain = None
@@ -265,6 +269,7 @@ async def test_a_lone_publication_is_written_during_the_fan_out(hub: Hub) -> Non
     for transport in transports:
         session = Session(hub, transport, encoder)
         hub.connect(session)
+        session.open()
         await hub.subscribe(session, "wt", encoder)
     await asyncio.sleep(0.01)
 
@@ -336,6 +341,7 @@ async def test_write_through_goes_to_the_sink_only_when_nothing_can_be_overtaken
     transport = SinkDirect()
     session = Session(hub, transport, RAW_FRAMED)
     hub.connect(session)
+    session.open()
     await hub.subscribe(session, "sink", RAW_FRAMED)
     await asyncio.sleep(0.01)
 
@@ -376,6 +382,7 @@ async def test_flusher_after_is_done_once_queued_frames_are_written(hub: Hub) ->
     transport = Direct()
     session = Session(hub, transport, RAW_FRAMED)
     hub.connect(session)
+    session.open()
     await hub.subscribe(session, "after", RAW_FRAMED)
     await asyncio.sleep(0.01)
     assert hub.flusher.after() is None  # nothing scheduled: nothing to wait for

@@ -1,5 +1,5 @@
-"""The HTTP glue: Centrifugo's server API at ``POST /api/<method>``, the seed-style publish
-endpoints, health and metrics. The API methods themselves live in :mod:`tidings.server_api`.
+"""The HTTP API's answers: Centrifugo's server API at ``POST /api/<method>`` and the seed-style
+publish endpoints, framework-free. The API methods themselves live in :mod:`tidings.server_api`.
 
 Errors follow Centrifugo's server API: a request that was understood but cannot be done answers
 HTTP 200 with ``{"error": {"code": N, "message": "..."}}``; a missing or wrong API key is HTTP
@@ -8,8 +8,9 @@ HTTP 404, each with the same error shape.
 
 The publishing endpoints are answered by :class:`HttpApi`, which knows no web framework: it takes
 the headers and a way to read the body and returns the status and JSON body. The FastAPI routes
-below call it, and so does `tidings serve`'s own HTTP protocol (transport/http.py), which answers
-them without an ASGI request cycle: both paths send the same bytes because they run the same code.
+(:mod:`tidings.router`) call it, and so does `tidings serve`'s own HTTP protocol
+(:mod:`tidings.serve.http`), which answers them without an ASGI request cycle: both paths send
+the same bytes because they run the same code.
 """
 
 from __future__ import annotations
@@ -18,15 +19,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from fastapi import APIRouter, Request
-from fastapi.responses import Response
 
 from .auth import check_api_key
 from .errors import BadRequest, MethodNotFound, TidingsError, Unauthorized
-from .server_api import Malformed
+from .server_api import Malformed, ServerApi
 
 if TYPE_CHECKING:
-    from .app import Tidings
+    from .config import Settings
+    from .hub import Hub
 
 #: an answer: HTTP status and JSON body
 Reply = tuple[int, bytes]
@@ -47,31 +47,8 @@ def error_reply(exc: TidingsError, status: int = 200) -> Reply:
     return json_reply({"error": exc.as_dict()}, status)
 
 
-def as_response(reply: Reply) -> Response:
-    status, body = reply
-    return Response(body, status_code=status, media_type="application/json")
-
-
-def json_response(body: Any, status: int = 200) -> Response:
-    return as_response(json_reply(body, status))
-
-
 def too_big(limit: int) -> BadRequest:
     return BadRequest(f"request body larger than {limit} bytes")
-
-
-async def read_limited(request: Request, limit: int) -> bytes | None:
-    """The body, never buffering more than ``limit`` bytes: None past it."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        return None
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def parse_object(raw: bytes, what: str = "body") -> dict[str, Any]:
@@ -93,14 +70,17 @@ def _string(payload: dict[str, Any], key: str) -> str:
 
 
 class HttpApi:
-    """The answers of the publishing endpoints, whichever server read the request."""
+    """The answers of the publishing endpoints, whichever server read the request.
+
+    ``api``: the server API's methods (its ``hub`` and ``settings`` are used here too)."""
 
     __slots__ = ("api", "api_limit", "denied", "hub", "open", "settings", "text_limit")
 
-    def __init__(self, tidings: Tidings) -> None:
-        self.settings = settings = tidings.settings
-        self.hub = tidings.hub
-        self.api = tidings.api
+    def __init__(self, api: ServerApi) -> None:
+        self.settings: Settings = api.settings
+        self.hub: Hub = api.hub
+        self.api = api
+        settings = self.settings
         #: ``/publish/{channel}`` and ``/push`` carry one message (plus a little JSON around it)
         self.text_limit = settings.max_message_size + 1024
         self.api_limit = settings.api_max_body_size
@@ -218,66 +198,3 @@ class HttpApi:
         except UnicodeDecodeError:
             return error_reply(BadRequest("body is not UTF-8 text"), 400)
         return await self._publish(channel, orjson.dumps(text))
-
-
-def build_router(tidings: Tidings) -> APIRouter:
-    router = APIRouter()
-    hub = tidings.hub
-    http = tidings.http
-
-    def reader(request: Request) -> ReadBody:
-        return lambda limit: read_limited(request, limit)
-
-    async def answered(reply: Awaitable[Reply]) -> Response:
-        """The reply, sent once this iteration's publications are flushed (HttpApi.flushed)."""
-        done = await reply
-        await http.flushed()
-        return as_response(done)
-
-    @router.post("/api/{method}", tags=["api"])
-    async def server_api(method: str, request: Request) -> Response:
-        """Centrifugo's server API: ``publish``, ``broadcast``, ``history``, ``batch``, ..."""
-        return await answered(http.server_api(method, request.headers, reader(request)))
-
-    @router.post("/api", tags=["api"])
-    async def legacy_api(request: Request) -> Response:
-        """Centrifugo's older single endpoint (cent < 5, gocent < 3): newline-delimited
-        ``{"id": n, "method": "publish", "params": {...}}``, one reply line each."""
-        return await answered(http.legacy_api(request.headers, reader(request)))
-
-    @router.post("/push", tags=["seed"])
-    async def push(request: Request) -> Response:
-        """The FastAPI + broadcaster example's shape: ``{"channel": str, "message": str}``."""
-        return await answered(http.push(request.headers, reader(request)))
-
-    @router.post("/publish/{channel}", tags=["seed"])
-    async def publish_text(channel: str, request: Request) -> Response:
-        """The tutorial shape: the request body, as text, is the message."""
-        return await answered(http.publish_text(channel, request.headers, reader(request)))
-
-    @router.get("/health", tags=["ops"])
-    async def health() -> Response:
-        """Liveness plus broker connectivity: 503 when the broker cannot be reached."""
-        try:
-            await hub.broker.ping()
-        except Exception as exc:
-            return json_response(
-                {"status": "error", "broker": {"ok": False, "error": str(exc)}}, 503
-            )
-        return json_response(
-            {
-                "status": "ok",
-                "node": hub.node_id,
-                "broker": {"ok": True, "engine": type(hub.broker).__name__},
-                "connections": len(hub.sessions),
-                "channels": len(list(hub.channels)),
-            }
-        )
-
-    @router.get("/metrics", tags=["ops"])
-    async def metrics() -> Response:
-        """Prometheus exposition of the hub's counters."""
-        body, content_type = tidings.metrics_exposition()
-        return Response(body, media_type=content_type)
-
-    return router

@@ -24,7 +24,7 @@ from fastapi.responses import HTMLResponse
 from starlette.requests import HTTPConnection, Request
 from starlette.routing import NoMatchFound, WebSocketRoute
 
-from .api import HttpApi, build_router
+from .api import HttpApi
 from .auth import TokenVerifier
 from .brokers import create_broker
 from .config import Settings
@@ -32,6 +32,7 @@ from .connection import CentrifugeEndpoint
 from .endpoints import RawEndpoint
 from .hub import Hub
 from .metrics import exposition
+from .router import build_router
 from .server_api import ServerApi
 
 log = logging.getLogger("tidings")
@@ -61,7 +62,7 @@ class Tidings:
         self.hub = Hub(self.broker, settings)
         self.tokens = TokenVerifier(settings)
         self.api = ServerApi(self.hub, settings)
-        self.http = HttpApi(self)
+        self.http = HttpApi(self.api)
         # one instance each: they register control-message handlers on the hub
         self.raw_endpoint = RawEndpoint(self)
         self.centrifuge_endpoint = CentrifugeEndpoint(self)

@@ -7,7 +7,6 @@ client commands (``publish``, ``subscribe``, ``token``, in :mod:`tidings.client`
 
 from __future__ import annotations
 
-import gc
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -19,7 +18,6 @@ import typer.core
 if TYPE_CHECKING:
     from pydantic import ValidationError
 
-    from .config import Settings
 
 
 class Command(typer.core.TyperCommand):
@@ -179,6 +177,8 @@ def serve(
             "TIDINGS_TOKEN_HMAC_SECRET set): anyone could publish. Set a secret, bind "
             "127.0.0.1, or pass --insecure."
         )
+    from .serve.server import run
+
     run(settings)
 
 
@@ -199,71 +199,6 @@ def _problems(exc: ValidationError) -> str:
         message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
         lines.append(f"  {key}: {message}")
     return "\n".join(lines)
-
-
-def _installed(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
-
-
-def server_options(settings: Settings) -> dict[str, Any]:
-    """uvicorn settings of `tidings serve`: the fast WebSocket path, uvloop and httptools
-    (FastHttp: the publishing routes without an ASGI cycle, one write per response) when
-    installed, and the WebSocket limits and heartbeats from ``settings``. permessage-deflate
-    is declined (see transport/fast.py)."""
-    from .transport.fast import FastWebSocket
-
-    http: Any = "h11"
-    if _installed("httptools"):
-        from .transport.http import FastHttp
-
-        http = FastHttp
-    return {
-        "ws": FastWebSocket,
-        "loop": "uvloop" if _installed("uvloop") else "asyncio",
-        "http": http,
-        "ws_max_size": settings.max_message_size,
-        "ws_ping_interval": settings.ping_interval,
-        "ws_ping_timeout": settings.pong_timeout,
-        "ws_per_message_deflate": False,
-        # a line per publish request costs more than the publish itself: only when debugging
-        # (logs.Redact cuts query strings, and the tokens in them, from these lines)
-        "access_log": settings.log_level.lower() in ("debug", "trace"),
-        # tidings never reads the client address; the middleware would stay suspended in every
-        # idle WebSocket (~0.3 KiB each) and run on every publish
-        "proxy_headers": False,
-        # Front.__call__ is a plain function returning an awaitable (see front.py)
-        "interface": "asgi3",
-        "lifespan": "on",
-    }
-
-
-def run(settings: Settings) -> None:
-    """Serve ``settings`` as `tidings serve` does, until interrupted; a start-up failure is one
-    line on stderr and exit code 1 (see :mod:`tidings.launch`)."""
-    from . import launch, logs
-    from .app import create_app
-    from .front import Front
-
-    logs.configure(settings.log_level, settings.log_format)
-    try:
-        app = create_app(settings)
-        application = Front(app)
-    except ValueError as exc:
-        raise _fail(str(exc)) from None
-    # Everything made so far (the app, FastAPI's and pydantic's objects: ~75,000 tracked by the
-    # garbage collector) lives as long as the process; frozen, full collections stop scanning
-    # it. They run while connections pour in, and each one is a pause every delivery waits out.
-    gc.collect()
-    gc.freeze()
-    try:
-        launch.run(settings, application, app.state.tidings, server_options(settings))
-    except launch.StartupError as exc:
-        if settings.log_format == "json":  # a log collector reads stderr as JSON lines
-            launch.log.error(str(exc), extra={"event": "startup_failed"})
-            raise typer.Exit(1) from None
-        raise _fail(str(exc), 1) from None
 
 
 def redact(url: str) -> str:

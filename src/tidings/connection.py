@@ -27,6 +27,7 @@ from .brokers.base import ClientInfo, StreamPosition
 from .channels import Channel
 from .control import ControlMessage, RefreshUser, SubscribeUser, UnsubscribeUser
 from .credentials import ConnectionCredentials
+from .delivery import takes_frames
 from .endpoints import admit, log_closed, log_connected, log_refused
 from .errors import (
     BAD_REQUEST,
@@ -39,8 +40,9 @@ from .errors import (
     TooManyRequests,
     UnrecoverablePosition,
 )
+from .frames import Frame
 from .protocol import centrifuge as wire
-from .session import DirectTransport, Frame, Session
+from .session import Session
 from .subscriptions import SERVER_UNSUBSCRIBE, Subscription, Subscriptions
 from .transport import open_transport
 
@@ -372,7 +374,7 @@ class CentrifugeEndpoint:
         # Pings start once the client has connected: before that any frame, a pong too, is a
         # protocol error (3501), so a ping would only provoke one.
         # a direct transport writes pre-built frames: pushes are framed once per publication
-        fmt = self.encoders.wire_format(isinstance(transport, DirectTransport))
+        fmt = self.encoders.wire_format(takes_frames(transport))
         session = Session(hub, transport, fmt, pong_timeout=settings.pong_timeout)
         return session if await admit(session) else None
 

@@ -14,12 +14,21 @@ Callers decide (tidings steps eagerly only on a broker that says it never suspen
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import types
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+try:  # what asyncio's own eager tasks (3.12) do: run a step "as" a task that is not running
+    from asyncio.tasks import _enter_task, _leave_task
+
+    #: this asyncio lets code run a step in another task's name (:func:`step_as`)
+    EAGER = True
+except ImportError:  # pragma: no cover - an asyncio without them: writer tasks send themselves
+    EAGER = False
 
 #: ``done(result, None)`` or ``done(None, exception)``
 Done = Callable[[Any, BaseException | None], None]
@@ -53,6 +62,42 @@ def resume(
             step = coro.send(value)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
+
+
+def step_as(
+    task: asyncio.Task[Any],
+    context: contextvars.Context,
+    start: Callable[[], Coroutine[Any, Any, Any]],
+) -> tuple[Coroutine[Any, Any, Any] | None, Any, BaseException | None] | None:
+    """Run the first step of the coroutine ``start()`` makes as if ``task`` were running it,
+    in ``context``, from a loop callback (no task is running).
+
+    ``asyncio.current_task()`` is ``task`` meanwhile, so code that needs a current task
+    (``asyncio.timeout``) works in that step. Uses asyncio's private ``_enter_task`` and
+    ``_leave_task`` (what 3.12's eager tasks use; checked by tests/test_internals.py).
+
+    Returns None if a task is running (``start`` is not called): the caller lets ``task``
+    do the work itself. Otherwise ``(coro, step, error)``: ``(None, None, None)`` if the
+    coroutine finished in that step, ``(None, None, exc)`` if ``start`` or the step raised
+    ``exc``, else ``(coro, step, None)``: it suspended, waiting on ``step``; ``task`` must go on
+    with it (:func:`resume`)."""
+    loop = task.get_loop()
+    try:
+        _enter_task(loop, task)
+    except RuntimeError:  # called from inside a task
+        return None
+    try:
+        coro = start()
+        step = context.run(coro.send, None)
+    except StopIteration:
+        return None, None, None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        return None, None, exc
+    finally:
+        _leave_task(loop, task)
+    return coro, step, None
 
 
 async def _await(awaitable: Any) -> Any:

@@ -12,9 +12,11 @@ from starlette.types import Receive, Scope, Send
 from .auth import ANONYMOUS, Credentials, can_subscribe
 from .brokers.base import ClientInfo
 from .control import ControlMessage, UnsubscribeUser
+from .delivery import takes_frames
 from .errors import UNAVAILABLE, BadRequest, Disconnect, TidingsError, Unavailable
+from .frames import Frame
 from .protocol.raw import RawText, raw_format
-from .session import Frame, Session
+from .session import Session
 from .transport import open_transport
 
 if TYPE_CHECKING:
@@ -155,7 +157,7 @@ class RawEndpoint:
         tidings = self.tidings
         hub, settings = tidings.hub, tidings.settings
         transport = open_transport(scope, receive, send, settings.max_message_size)
-        wire = raw_format(transport.framed)
+        wire = raw_format(takes_frames(transport))
         session = Session(hub, transport, wire)
         # Subscribe *before* accepting: once the client sees the connection open, every
         # publication reaches it (the raw protocol has no subscribe confirmation to wait for).
@@ -198,7 +200,7 @@ class RawEndpoint:
             raise
         await transport.accept()
         log_connected(f"/ws/{channel.name}", session)
-        session.flush()  # anything published while the handshake was pending
+        session.open()  # writes anything published while the handshake was pending
         allowed = settings.allows_client_publish(channel.options)
         return session, _ClientPublish(hub, channel.name, allowed, session)
 

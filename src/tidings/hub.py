@@ -31,9 +31,10 @@ from .brokers.base import (
 )
 from .channels import Channel, ChannelRules
 from .config import Settings
+from .delivery import Flusher, fan_out
 from .errors import SHUTDOWN, TOO_MANY, BadRequest, Disconnect
-from .session import Flusher, Frame, Session
-from .transport.frames import WsFrame
+from .frames import Frame
+from .session import Session
 from .wheel import Member, Wheel
 
 log = logging.getLogger("tidings.hub")
@@ -361,26 +362,10 @@ class Hub:
         delivered = 0
         for encoder, members in local.groups.items():
             frame = encoder.push(publication)
-            if seen is None:  # the hot loops: one call per subscriber, nothing else
-                if through and type(frame) is WsFrame:
-                    # straight into each socket, no Python frame between (bench/RESULTS.md)
-                    data = bytes(frame)  # uvloop writes a subclass through a memoryview
-                    for session in members:
-                        sink = session.sink
-                        if sink is None:
-                            session.send(frame)
-                        else:
-                            sink.write(data)
-                elif through:
-                    for session in members:
-                        session.send(frame)
-                else:
-                    for session in members:
-                        session.enqueue(frame)
+            if seen is None:  # one call per group: the per-subscriber loops are delivery's
+                fan_out(members, frame, through)
             else:
-                for session in members:
-                    if session not in seen:
-                        session.enqueue(frame)
+                fan_out([s for s in members if s not in seen], frame, False)
             delivered += len(members)
         self.metrics.delivered += delivered
 

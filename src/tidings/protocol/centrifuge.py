@@ -23,8 +23,7 @@ import orjson
 
 from ..brokers.base import ClientInfo, JoinLeave, Publication
 from ..errors import BAD_REQUEST, BadRequest, Disconnect, TidingsError
-from ..session import Frame
-from ..transport.frames import payload, text_frame
+from ..frames import Frame, payload, text_frame
 
 PING = "{}"
 
@@ -260,7 +259,7 @@ class CentrifugeJson:
 
 class CentrifugeFramed(CentrifugeJson):
     """The variant for direct transports (the fast path of `tidings serve`): a push is a
-    complete WebSocket frame (:class:`~tidings.transport.frames.WsFrame`), built once per
+    complete WebSocket frame (:class:`~tidings.frames.WsFrame`), built once per
     publication and written as it is to every subscriber, not framed again per subscriber.
     Replies and the other frames a connection queues stay ``str``."""
 

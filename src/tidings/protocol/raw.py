@@ -10,8 +10,7 @@ from __future__ import annotations
 import orjson
 
 from ..brokers.base import JoinLeave, Publication
-from ..session import Frame
-from ..transport.frames import text_frame
+from ..frames import Frame, text_frame
 
 
 def text_of(data: bytes) -> str:

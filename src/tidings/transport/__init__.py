@@ -1,5 +1,49 @@
-"""Getting frames to and from sockets: plain ASGI, and the fast path of `tidings serve`."""
+"""Getting frames to and from sockets: plain ASGI, or the server's own transport.
 
-from .fast import open_transport
+The library side of the transports: :class:`~.asgi.AsgiTransport` works under any ASGI server.
+A server that offers a faster transport (``tidings serve``'s :mod:`tidings.serve.websocket`)
+puts it in the connection scope's extensions under :data:`EXTENSION`; the endpoints then use it
+instead. Nothing here imports the server.
+"""
 
-__all__ = ["open_transport"]
+from __future__ import annotations
+
+from typing import Protocol
+
+from starlette.types import Receive, Scope, Send
+
+from ..delivery import Transport
+from .asgi import AsgiTransport
+
+#: the ASGI scope extension under which a server offers its own transport:
+#: ``scope["extensions"][EXTENSION] == {"transport": <ServerTransport>}``
+EXTENSION = "tidings.fast"
+
+
+class EndpointTransport(Transport, Protocol):
+    """A transport as the endpoints use it: accepted (or refused) by them."""
+
+    async def accept(self, subprotocol: str | None = None) -> None:
+        """Answer the handshake (with ``subprotocol``, if any)."""
+
+
+class ServerTransport(EndpointTransport, Protocol):
+    """A transport a server offers in the scope (:data:`EXTENSION`)."""
+
+    def limit_incoming(self, max_size: int) -> None:
+        """Close 1009 on an incoming message over ``max_size`` bytes."""
+
+
+def open_transport(scope: Scope, receive: Receive, send: Send, max_size: int) -> EndpointTransport:
+    """The server's own transport if it offers one (``tidings serve``), else plain ASGI.
+
+    ``max_size``: bytes; a larger incoming message closes the connection 1009."""
+    offered = scope.get("extensions", {}).get(EXTENSION)
+    if offered is not None:
+        transport: ServerTransport = offered["transport"]
+        transport.limit_incoming(max_size)
+        return transport
+    return AsgiTransport(receive, send, max_size)
+
+
+__all__ = ["EXTENSION", "EndpointTransport", "ServerTransport", "open_transport"]

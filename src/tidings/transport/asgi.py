@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.types import Receive, Send
 
 from ..errors import TOO_BIG, Disconnect
-from ..session import Frame
+from ..frames import Frame
 
 
 def _size(data: Frame) -> int:

@@ -10,6 +10,10 @@ for an unmasked, uncompressed frame.
 
 from __future__ import annotations
 
+#: what a session queues and a transport writes: a text (``str``) or binary (``bytes``) message,
+#: or a complete frame (:class:`WsFrame`) for a transport that takes frames
+Frame = str | bytes
+
 _TEXT = 0x81  # FIN + text
 _BINARY = 0x82  # FIN + binary
 

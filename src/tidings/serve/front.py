@@ -19,12 +19,13 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
-from .api import Headers, ReadBody, Reply, read_limited
+from ..api import Headers, ReadBody, Reply
+from ..router import read_limited
 
 if TYPE_CHECKING:
-    from .api import HttpApi
-    from .connection import CentrifugeEndpoint
-    from .endpoints import RawEndpoint
+    from ..api import HttpApi
+    from ..connection import CentrifugeEndpoint
+    from ..endpoints import RawEndpoint
 
 log = logging.getLogger("tidings.front")
 
@@ -53,7 +54,7 @@ class Front:
 
     def route(self, path: str) -> Answer | None:
         """The answer of ``POST path`` if it is one of the hot routes (shared with
-        transport/http.py, which serves them without an ASGI cycle)."""
+        serve/http.py, which serves them without an ASGI cycle)."""
         if path.startswith("/api/"):
             method = path[5:]
             if method and "/" not in method:

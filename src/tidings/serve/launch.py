@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 if TYPE_CHECKING:
-    from .app import Tidings
-    from .config import Settings
+    from ..app import Tidings
+    from ..config import Settings
 
 log = logging.getLogger("tidings.serve")
 
@@ -83,12 +83,12 @@ class Server(uvicorn.Server):
         self.failure: StartupError | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        from .brokers import BrokerUnavailable
+        from ..brokers import BrokerUnavailable
 
         try:
             await self.tidings.start()
         except (BrokerUnavailable, OSError) as exc:
-            from .cli import redact
+            from ..cli import redact
 
             broker = redact(self.tidings.settings.broker_url)
             self.failure = StartupError(
@@ -109,7 +109,7 @@ def run(settings: Settings, application: Any, tidings: Tidings, options: dict[st
     sock = bind(settings.host, settings.port)
     port = sock.getsockname()[1]
     url = f"http://{url_host(settings.host)}:{port}"
-    from .cli import redact
+    from ..cli import redact
 
     demo = f", demo page {url}/" if settings.demo else ""
     banner = f"tidings listening on {url} (broker {redact(settings.broker_url)}{demo})"

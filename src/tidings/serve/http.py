@@ -14,11 +14,10 @@ import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
-
 from .. import eager
 from ..api import Reply
-from ..front import INTERNAL_ERROR, Answer, Front
+from ._internals import STATUS_LINE, HttpToolsProtocol, uvicorn_fits
+from .front import INTERNAL_ERROR, Answer, Front
 
 log = logging.getLogger("tidings.http")
 
@@ -133,31 +132,6 @@ class _Answering:
         pass
 
 
-#: what FastHttp uses of uvicorn's HttpToolsProtocol beyond the asyncio protocol interface
-_UVICORN_PARTS = (
-    "cycle",
-    "pipeline",
-    "tasks",
-    "server_state",
-    "timeout_keep_alive",
-    "timeout_keep_alive_task",
-    "_start_asgi_task",
-    "_unset_keepalive_if_required",
-)
-_checked: list[bool] = []
-
-
-def _uvicorn_fits(protocol: HttpToolsProtocol) -> bool:
-    """Whether this uvicorn has the internals FastHttp builds on (checked once; if a release
-    changes them, `tidings serve` answers through uvicorn's own path, with a warning)."""
-    if not _checked:
-        missing = [name for name in _UVICORN_PARTS if not hasattr(protocol, name)]
-        if missing:
-            log.warning("uvicorn lacks %s: publishing requests take its ASGI path", missing)
-        _checked.append(not missing)
-    return _checked[0]
-
-
 def _front(app: Any) -> Front | None:
     """The Front under uvicorn's middleware wrappers, if the app is `tidings serve`'s."""
     for _ in range(8):
@@ -192,7 +166,7 @@ class FastHttp(CorkedHttpTools):
         front = _front(self.app)
         if self.root_path or self.limit_concurrency is not None or self.access_log:
             front = None  # settings this path does not implement: uvicorn's path does
-        if front is not None and not _uvicorn_fits(self):
+        if front is not None and not uvicorn_fits(self):
             front = None
         self.front = front
         self.eager = front is not None and front.http.hub.broker.synchronous

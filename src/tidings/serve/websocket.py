@@ -2,7 +2,8 @@
 
 uvicorn takes it as ``uvicorn.Config(ws=FastWebSocket)``. It speaks plain ASGI to every app, so
 any WebSocket route still works, and it adds the scope extension ``"tidings.fast"``: a tidings
-endpoint that finds it uses this object itself as its transport (:func:`open_transport`) and
+endpoint that finds it uses this object itself as its transport
+(:func:`tidings.transport.open_transport`) and
 skips the ASGI message dicts. That transport writes *synchronously*: the hub's :class:`Flusher`
 hands a session's whole outbox to :meth:`FastWebSocket.write_frames`, which makes ONE
 ``transport.write`` of pre-built frames (the raw endpoint's frames are built once per
@@ -22,6 +23,10 @@ message.
 * Closing: :meth:`finish` writes what is left and a close frame, then waits ``close_timeout`` for
   the client's close reply and *aborts* the TCP connection if it does not come (a client that
   stops reading never empties the buffer, so a graceful close would wait forever).
+* State: one :class:`~tidings.state.State` per connection (CONNECTING, OPEN, PAUSED while
+  above the high-water mark, CLOSING once a close frame is out, CLOSED once the TCP connection
+  is gone), changed only by :meth:`FastWebSocket._to`, which checks the move against
+  :data:`TRANSITIONS` and keeps ``writable`` and ``sink`` in step with it.
 * Heartbeats: a WebSocket ping every ``ws_ping_interval`` seconds; no pong within
   ``ws_ping_timeout`` closes the connection 1011, as uvicorn's own protocols do. One
   :class:`~tidings.wheel.Wheel` per server drives every connection (not a timer each): the
@@ -40,29 +45,47 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Message, Scope
 from websockets.exceptions import InvalidState
 from websockets.frames import Frame as LibFrame
 from websockets.frames import Opcode
 from websockets.http11 import Request
-from websockets.protocol import Protocol as WsProtocol
 from websockets.server import ServerProtocol
 
-from ..session import Frame
+from ..frames import Frame, WsFrame, binary_bytes, framed, text_bytes
+from ..state import State, Table, check
+from ..transport import EXTENSION
 from ..wheel import Wheel
-from .asgi import AsgiTransport
-from .frames import WsFrame, binary_bytes, framed, text_bytes
+from . import _internals
 
 log = logging.getLogger("uvicorn.error")
 
-EXTENSION = "tidings.fast"
 _CLOSE_TIMEOUT = 10.0  # for plain ASGI apps; tidings sessions pass settings.close_timeout
 
 _GONE: Any = object()  # queued when the connection ended: receive() answers None
 
+CONNECTING, OPEN, PAUSED = State.CONNECTING, State.OPEN, State.PAUSED
+CLOSING, CLOSED = State.CLOSING, State.CLOSED
+
+#: the connection's legal transitions (:meth:`FastWebSocket._to`). CONNECTING -> CLOSING: the
+#: handshake was refused (the HTTP answer is the last thing written); PAUSED: open, but the
+#: socket's buffer is above its high-water mark; CLOSING: our close frame, or our reply to the
+#: client's, is out (or the handshake was refused); CLOSED: the TCP connection is gone.
+TRANSITIONS: Table = {
+    CONNECTING: frozenset({OPEN, CLOSING, CLOSED}),
+    OPEN: frozenset({PAUSED, CLOSING, CLOSED}),
+    PAUSED: frozenset({OPEN, CLOSING, CLOSED}),
+    CLOSING: frozenset({CLOSED}),
+    CLOSED: frozenset(),
+}
+
 
 class FastWebSocket(asyncio.Protocol):
     """One WebSocket connection under uvicorn: ASGI for any app, direct writes for tidings."""
+
+    #: the capability tidings' delivery reads (delivery.takes_frames): complete frames, written
+    #: synchronously
+    framed = True
 
     __slots__ = (
         "_connect_sent",
@@ -72,13 +95,9 @@ class FastWebSocket(asyncio.Protocol):
         "_waiter",
         "app_state",
         "close_code",
-        "close_sent",
         "close_timer",
         "config",
         "conn",
-        "disconnected",
-        "framed",
-        "handshake_complete",
         "on_drain",
         "on_sink",
         "ping_payload",
@@ -87,6 +106,7 @@ class FastWebSocket(asyncio.Protocol):
         "scope",
         "server_state",
         "sink",
+        "state",
         "transport",
         "wheel_bucket",
         "writable",
@@ -109,22 +129,23 @@ class FastWebSocket(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.scope: dict[str, Any] | None = None
         self.response: Any = None
-        self.handshake_complete = False
-        self.close_sent = False
-        self.disconnected = False
+        #: where the connection is (:data:`TRANSITIONS`); changed only by :meth:`_to`
+        self.state = CONNECTING
         self.close_code = 1006
-        # False until the handshake is answered, and while paused above the high-water mark
+        #: ``state is OPEN``, kept by :meth:`_to` (read once per subscriber per flush)
         self.writable = False
+        #: reading is paused while a message waits in the inbox (the app applies backpressure
+        #: one message at a time): flow control, independent of the connection's state
         self.read_paused = False
-        self.framed = True  # tidings sessions may hand us pre-built frames
         self.on_drain: Any = None  # a Session's flush, called when the socket drains
-        #: the socket's transport while frames may go straight to it (session.DirectTransport)
+        #: the socket's transport while OPEN, else None: frames may go straight to it
+        #: (delivery.DirectTransport); kept by :meth:`_to`
         self.sink: Any = None
-        self.on_sink: Any = None  # a Session's _resink, called when ``sink`` changes
+        self.on_sink: Any = None  # a DirectWriter's resink, called when ``sink`` changes
         self._drain: asyncio.Future[None] | None = None
         self._inbox: list[Any] = []
         self._frag: list[Any] | None = None  # [opcode, bytes] of a fragmented message
-        self._connect_sent = False
+        self._connect_sent = False  # the ASGI app got its "websocket.connect"
         self._waiter: asyncio.Future[None] | None = None
         self.close_timer: asyncio.TimerHandle | None = None
         self.ping_payload: bytes | None = None  # the ping in flight
@@ -138,8 +159,8 @@ class FastWebSocket(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server_state.connections.discard(self)
-        self.disconnected = True
-        self._resink()
+        if self.state is not CLOSED:
+            self._to(CLOSED)
         self._cancel_timers()
         self._push(_GONE)
         self._wake_writers()
@@ -148,12 +169,12 @@ class FastWebSocket(asyncio.Protocol):
             self.scope["extensions"].pop(EXTENSION, None)
 
     def pause_writing(self) -> None:
-        self.writable = False
-        self._resink()
+        if self.state is OPEN:  # before the handshake or once closing, nothing is written
+            self._to(PAUSED)
 
     def resume_writing(self) -> None:
-        self.writable = True
-        self._resink()
+        if self.state is PAUSED:
+            self._to(OPEN)
         self._wake_writers()
         if self.on_drain is not None:
             self.on_drain()
@@ -166,7 +187,7 @@ class FastWebSocket(asyncio.Protocol):
                 self._frame(event)
             elif isinstance(event, Request):
                 self._handshake(event)
-        if conn.parser_exc is not None or (conn.close_sent is not None and not self.close_sent):
+        if _internals.parser_failed(conn) or (conn.close_sent is not None and not self._closing()):
             self._parser_failed()
         else:
             out = conn.data_to_send()  # pongs and close replies from websockets
@@ -178,8 +199,9 @@ class FastWebSocket(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """uvicorn is stopping: close 1012 (service restart)."""
-        if self.close_sent or not self.handshake_complete:
-            if not self.handshake_complete:
+        state = self.state
+        if state is CONNECTING or state is CLOSING or state is CLOSED:
+            if state is CONNECTING:
                 self._send_500()
             self.transport.close()
             return
@@ -194,16 +216,14 @@ class FastWebSocket(asyncio.Protocol):
         if response.status_code != 101:
             self.conn.send_response(response)
             self.transport.write(b"".join(self.conn.data_to_send()))
-            self.close_sent = self.handshake_complete = True
+            self._to(CLOSING)  # refused: the HTTP answer was the last write
             self.transport.close()
             return
         self.response = response
         # websockets' handshake parser keeps the request (headers and all) alive in its
         # generator frame for the connection's life: go on with the plain frame parser, which
         # reads the same buffer (~1.5 KiB per idle connection)
-        conn = self.conn
-        conn.parser = WsProtocol.parse(conn)
-        next(conn.parser)
+        _internals.frames_only(self.conn)
         headers = [(_name(k), v.encode("latin-1")) for k, v in request.headers.raw_items()]
         raw_path, _, query = request.path.partition("?")
         offered = request.headers.get_all("Sec-WebSocket-Protocol")
@@ -248,7 +268,7 @@ class FastWebSocket(asyncio.Protocol):
                 return
             kind, data = self._frag
             self._frag = None
-            if self.close_sent:
+            if self._closing():
                 return  # past our close: read on only to see the client's close reply
             if kind is Opcode.TEXT:
                 try:
@@ -267,11 +287,10 @@ class FastWebSocket(asyncio.Protocol):
         elif opcode is Opcode.CLOSE:
             rcvd = self.conn.close_rcvd
             self.close_code = rcvd.code if rcvd is not None else 1005
-            if self.close_sent:  # the client answered our close: done
+            if self._closing():  # the client answered our close: done
                 self.transport.close()
                 return
-            self.close_sent = True  # websockets queued the close reply
-            self._resink()
+            self._to(CLOSING)  # websockets queued the close reply
             self._push(_GONE)
             self.transport.write(b"".join(self.conn.data_to_send()))
             self.transport.close()
@@ -280,8 +299,8 @@ class FastWebSocket(asyncio.Protocol):
         """Oversize (1009), bad UTF-8 (1007), protocol errors (1002): websockets sent the close."""
         sent = self.conn.close_sent
         self.close_code = sent.code if sent is not None else 1006
-        self.close_sent = True
-        self._resink()
+        if not self._closing():
+            self._to(CLOSING)
         self._push(_GONE)
         out = self.conn.data_to_send()
         if out:
@@ -327,13 +346,13 @@ class FastWebSocket(asyncio.Protocol):
             response.headers[name.decode("latin-1")] = value.decode("latin-1")
         if subprotocol:
             response.headers["Sec-WebSocket-Protocol"] = subprotocol
-        self.handshake_complete = True
         if not self.transport.is_closing():
             self.conn.send_response(response)
             self.transport.write(b"".join(self.conn.data_to_send()))
-            self.writable = True
-            self._resink()
+            self._to(OPEN)
             self._schedule_ping(first=True)
+        else:  # the client left meanwhile (connection_lost is due): sends raise OSError
+            self._to(CLOSED)
         assert self.scope is not None
         log.info('%s - "WebSocket %s" [accepted]', _who(self.scope), self.scope["path"])
         # the app has the scope; without our reference an idle tidings connection can let it
@@ -344,19 +363,18 @@ class FastWebSocket(asyncio.Protocol):
         response = self.conn.reject(status, HTTPStatus(status).phrase)
         self.conn.send_response(response)
         self.transport.write(b"".join(self.conn.data_to_send()))
-        self.close_sent = self.handshake_complete = True
+        self._to(CLOSING)
         self._push(_GONE)
         self.transport.close()
 
     def _send_500(self) -> None:
-        if not self.handshake_complete:
+        if self.state is CONNECTING:
             self._reject(500)
 
     def _send_close(self, code: int, reason: str, timeout: float) -> None:
-        if self.close_sent or self.disconnected:
+        if self._closing():
             return
-        self.close_sent = True
-        self._resink()
+        self._to(CLOSING)
         try:
             self.conn.send_close(code, reason)
         except InvalidState:
@@ -368,13 +386,20 @@ class FastWebSocket(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.close_timer = loop.call_later(timeout, self.transport.abort)
 
-    def _resink(self) -> None:
-        """``sink`` follows ``writable``, ``close_sent`` and ``disconnected``: call after any
-        of them changes."""
-        open_ = self.writable and not (self.close_sent or self.disconnected)
+    def _to(self, new: State) -> None:
+        """Move to ``new`` (:class:`~tidings.state.IllegalTransition` if :data:`TRANSITIONS`
+        does not allow it); ``writable`` and ``sink`` follow, and the session hears of it."""
+        check(self, TRANSITIONS, self.state, new)
+        self.state = new
+        self.writable = open_ = new is OPEN
         self.sink = self.transport if open_ else None
         if self.on_sink is not None:
             self.on_sink()
+
+    def _closing(self) -> bool:
+        """A close frame (ours, or our reply) is out, or the connection is gone."""
+        state = self.state
+        return state is CLOSING or state is CLOSED
 
     def _wake_writers(self) -> None:
         drain = self._drain
@@ -382,7 +407,7 @@ class FastWebSocket(asyncio.Protocol):
             drain.set_result(None)
 
     async def _drained(self) -> None:
-        while not self.writable and not self.disconnected:
+        while self.state is PAUSED:
             self._drain = asyncio.get_running_loop().create_future()
             try:
                 await self._drain
@@ -393,7 +418,7 @@ class FastWebSocket(asyncio.Protocol):
 
     def _schedule_ping(self, first: bool = False) -> None:
         interval = self.config.ws_ping_interval
-        if interval and not self.close_sent and not self.disconnected:
+        if interval and not self._closing():
             wheel = heartbeat(self.server_state, self.config)
             if first:  # spread: connections accepted together are not pinged together
                 wheel.spread(self, interval)
@@ -402,7 +427,7 @@ class FastWebSocket(asyncio.Protocol):
 
     def on_tick(self) -> None:
         """The server's heartbeat wheel: a ping is due, or the pong is late."""
-        if self.close_sent or self.disconnected:
+        if self._closing():
             return
         if self.ping_payload is not None:
             self._ping_timeout()
@@ -421,8 +446,7 @@ class FastWebSocket(asyncio.Protocol):
         log.info("WebSocket keepalive ping timeout")
         self.conn.fail(1011, "keepalive ping timeout")
         self.transport.write(b"".join(self.conn.data_to_send()))
-        self.close_sent = True
-        self._resink()
+        self._to(CLOSING)
         self.close_code = 1011
         self._push(_GONE)
         self.transport.close()
@@ -430,7 +454,7 @@ class FastWebSocket(asyncio.Protocol):
     def _cancel_timers(self) -> None:
         if self.wheel_bucket is not None:
             heartbeat(self.server_state, self.config).cancel(self)
-        if self.disconnected and self.close_timer is not None:
+        if self.state is CLOSED and self.close_timer is not None:
             self.close_timer.cancel()
             self.close_timer = None
 
@@ -442,10 +466,10 @@ class FastWebSocket(asyncio.Protocol):
         if exc is not None:
             log.error("Exception in ASGI application\n", exc_info=exc)
             self._send_500()
-        elif not self.handshake_complete:
+        elif self.state is CONNECTING:
             log.error("ASGI callable returned without completing handshake.")
             self._send_500()
-        if self.close_timer is None and not self.disconnected:
+        if self.close_timer is None and self.state is not CLOSED:
             self.transport.close()
 
     async def _asgi_receive(self) -> Message:
@@ -461,7 +485,8 @@ class FastWebSocket(asyncio.Protocol):
 
     async def _asgi_send(self, message: Message) -> None:
         kind = message["type"]
-        if not self.handshake_complete:
+        state = self.state
+        if state is CONNECTING:
             if kind == "websocket.accept":
                 self._accept(message.get("subprotocol"), list(message.get("headers", [])))
             elif kind == "websocket.close":
@@ -469,9 +494,9 @@ class FastWebSocket(asyncio.Protocol):
             else:
                 raise RuntimeError(f"Expected websocket.accept or websocket.close, got {kind!r}")
             return
-        if self.disconnected:
+        if state is CLOSED:
             raise OSError("the client is gone")
-        if self.close_sent:
+        if state is CLOSING:
             raise RuntimeError(f"Unexpected ASGI message {kind!r} after sending 'websocket.close'.")
         if kind == "websocket.send":
             await self._drained()
@@ -485,17 +510,23 @@ class FastWebSocket(asyncio.Protocol):
         else:
             raise RuntimeError(f"Expected 'websocket.send' or 'websocket.close', got {kind!r}")
 
-    # -- the tidings transport (session.DirectTransport) ---------------------------------------
+    # -- the tidings transport (delivery.DirectTransport) ---------------------------------------
 
     async def accept(self, subprotocol: str | None = None) -> None:
-        if not self.handshake_complete:
+        if self.state is CONNECTING:
             self._accept(subprotocol, [])
+
+    def limit_incoming(self, max_size: int) -> None:
+        """Close 1009 on an incoming message over ``max_size`` bytes (the endpoint's limit)."""
+        _internals.limit_incoming(self.conn, max_size)
 
     def write_frames(self, frames: list[Frame]) -> None:
         """Write frames in one call: a :class:`.frames.WsFrame` (built once per publication)
         as it is; ``str``/``bytes`` are text/binary messages framed here, as over ASGI (a wire
-        format that coalesces hands over one joined message)."""
-        if self.close_sent or self.disconnected:
+        format that coalesces hands over one joined message). Nothing is written before the
+        handshake is answered or after a close frame."""
+        state = self.state
+        if state is not OPEN and state is not PAUSED:
             return
         if len(frames) == 1:
             frame = frames[0]
@@ -504,7 +535,8 @@ class FastWebSocket(asyncio.Protocol):
             self.transport.write(b"".join([f if type(f) is WsFrame else framed(f) for f in frames]))
 
     def write_frame(self, frame: Frame) -> None:
-        if not (self.close_sent or self.disconnected):
+        state = self.state
+        if state is OPEN or state is PAUSED:
             self.transport.write(framed(frame))
 
     async def send(self, frames: list[Frame]) -> None:
@@ -521,7 +553,7 @@ class FastWebSocket(asyncio.Protocol):
         self._send_close(code, reason, timeout)
 
     async def close(self, code: int, reason: str) -> None:
-        if not self.handshake_complete:
+        if self.state is CONNECTING:
             self._reject(403)
         else:
             self._send_close(code, reason, _CLOSE_TIMEOUT)
@@ -565,16 +597,4 @@ def _who(scope: Scope) -> str:
     return f"{client[0]}:{client[1]}" if client else "-"
 
 
-def open_transport(
-    scope: Scope, receive: Receive, send: Send, max_size: int
-) -> FastWebSocket | AsgiTransport:
-    """The fast transport when the server is ours (``tidings serve``), else plain ASGI."""
-    fast = scope.get("extensions", {}).get(EXTENSION)
-    if fast is not None:
-        transport: FastWebSocket = fast["transport"]
-        transport.conn.max_message_size = max_size
-        return transport
-    return AsgiTransport(receive, send, max_size)
-
-
-__all__ = ["EXTENSION", "FastWebSocket", "open_transport"]
+__all__ = ["EXTENSION", "FastWebSocket", "heartbeat"]

@@ -1,0 +1,110 @@
+"""The FastAPI routes of a mounted tidings: the HTTP API, health and metrics.
+
+App glue: each publishing route reads the request with starlette and hands it to
+:class:`~tidings.api.HttpApi`, which knows no web framework (`tidings serve`'s own HTTP
+protocol calls the same methods). Errors and statuses are described in :mod:`tidings.api`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from .api import ReadBody, Reply, json_reply
+
+if TYPE_CHECKING:
+    from .app import Tidings
+
+
+def as_response(reply: Reply) -> Response:
+    status, body = reply
+    return Response(body, status_code=status, media_type="application/json")
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return as_response(json_reply(body, status))
+
+
+async def read_limited(request: Request, limit: int) -> bytes | None:
+    """The body, never buffering more than ``limit`` bytes: None past it."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def body_reader(request: Request) -> ReadBody:
+    """``await read(limit)`` over ``request``'s body (:func:`read_limited`)."""
+    return functools.partial(read_limited, request)
+
+
+def build_router(tidings: Tidings) -> APIRouter:
+    router = APIRouter()
+    hub = tidings.hub
+    http = tidings.http
+
+    reader = body_reader
+
+    async def answered(reply: Awaitable[Reply]) -> Response:
+        """The reply, sent once this iteration's publications are flushed (HttpApi.flushed)."""
+        done = await reply
+        await http.flushed()
+        return as_response(done)
+
+    @router.post("/api/{method}", tags=["api"])
+    async def server_api(method: str, request: Request) -> Response:
+        """Centrifugo's server API: ``publish``, ``broadcast``, ``history``, ``batch``, ..."""
+        return await answered(http.server_api(method, request.headers, reader(request)))
+
+    @router.post("/api", tags=["api"])
+    async def legacy_api(request: Request) -> Response:
+        """Centrifugo's older single endpoint (cent < 5, gocent < 3): newline-delimited
+        ``{"id": n, "method": "publish", "params": {...}}``, one reply line each."""
+        return await answered(http.legacy_api(request.headers, reader(request)))
+
+    @router.post("/push", tags=["seed"])
+    async def push(request: Request) -> Response:
+        """The FastAPI + broadcaster example's shape: ``{"channel": str, "message": str}``."""
+        return await answered(http.push(request.headers, reader(request)))
+
+    @router.post("/publish/{channel}", tags=["seed"])
+    async def publish_text(channel: str, request: Request) -> Response:
+        """The tutorial shape: the request body, as text, is the message."""
+        return await answered(http.publish_text(channel, request.headers, reader(request)))
+
+    @router.get("/health", tags=["ops"])
+    async def health() -> Response:
+        """Liveness plus broker connectivity: 503 when the broker cannot be reached."""
+        try:
+            await hub.broker.ping()
+        except Exception as exc:
+            return json_response(
+                {"status": "error", "broker": {"ok": False, "error": str(exc)}}, 503
+            )
+        return json_response(
+            {
+                "status": "ok",
+                "node": hub.node_id,
+                "broker": {"ok": True, "engine": type(hub.broker).__name__},
+                "connections": len(hub.sessions),
+                "channels": len(list(hub.channels)),
+            }
+        )
+
+    @router.get("/metrics", tags=["ops"])
+    async def metrics() -> Response:
+        """Prometheus exposition of the hub's counters."""
+        body, content_type = tidings.metrics_exposition()
+        return Response(body, media_type=content_type)
+
+    return router
