@@ -95,12 +95,14 @@ def _string(payload: dict[str, Any], key: str) -> str:
 class HttpApi:
     """The answers of the publishing endpoints, whichever server read the request."""
 
-    __slots__ = ("api", "api_limit", "denied", "hub", "open", "settings", "text_limit")
+    __slots__ = ("admin", "api", "api_limit", "denied", "hub", "open", "settings", "text_limit")
 
     def __init__(self, tidings: Tidings) -> None:
         self.settings = settings = tidings.settings
         self.hub = tidings.hub
         self.api = tidings.api
+        #: admin tokens (from /admin/login) open the API too, when the admin page is on
+        self.admin = tidings.admin
         #: ``/publish/{channel}`` and ``/push`` carry one message (plus a little JSON around it)
         self.text_limit = settings.max_message_size + 1024
         self.api_limit = settings.api_max_body_size
@@ -116,8 +118,14 @@ class HttpApi:
         )
 
     def authorized(self, headers: Headers) -> bool:
-        if self.open is not None:
-            return self.open
+        """The API key (``X-API-Key`` or ``Authorization: apikey``), an admin token
+        (``Authorization: Bearer``), or dev mode, which needs neither."""
+        if self.open:
+            return True
+        if self.admin is not None and self.admin.allows(headers):
+            return True
+        if self.open is False:
+            return False
         return check_api_key(self.settings, headers)
 
     async def _body(

@@ -22,6 +22,7 @@ from fastapi.responses import HTMLResponse
 from starlette.requests import HTTPConnection
 from starlette.routing import WebSocketRoute
 
+from .admin import AdminAuth, build_admin_router
 from .api import HttpApi, build_router
 from .auth import TokenVerifier
 from .brokers import create_broker
@@ -51,11 +52,15 @@ class Tidings:
         self.hub = Hub(self.broker, settings)
         self.tokens = TokenVerifier(settings)
         self.api = ServerApi(self.hub, settings)
+        #: admin logins and tokens, when ``admin_password`` is set (ValueError if unsafe)
+        self.admin = AdminAuth(settings) if settings.admin_enabled else None
         self.http = HttpApi(self)
         # one instance each: they register control-message handlers on the hub
         self.raw_endpoint = RawEndpoint(self)
         self.centrifuge_endpoint = CentrifugeEndpoint(self)
         self.router = self._routes()
+        if self.admin is not None:  # /admin, its files and /admin/login
+            self.router.include_router(build_admin_router(self))
 
     def _routes(self) -> APIRouter:
         router = build_router(self)

@@ -131,6 +131,23 @@ class Settings(BaseSettings):
     idempotency_max_keys: int = Field(
         10_000, ge=0, description="Idempotency keys remembered per node (oldest dropped first)."
     )
+    node_info_interval: float = Field(
+        3.0, gt=0, description="Seconds between this node's announcements to the others (info)."
+    )
+    admin_password: SecretStr | None = Field(
+        None, description="Password of the admin page at /admin (unset: no admin page)."
+    )
+    admin_secret: SecretStr | None = Field(
+        None,
+        description="Key signing admin tokens; the same on every node behind one address "
+        "(unset: a random key per process).",
+    )
+    admin_token_ttl: float = Field(
+        900.0, gt=0, le=86400, description="Seconds an admin token (from /admin/login) is valid."
+    )
+    admin_login_attempts: int = Field(
+        5, ge=1, description="Failed admin logins allowed per client address per minute."
+    )
     demo: bool = Field(True, description="Serve the demo page at /.")
     log_level: str = Field("info", description="Logging level of `tidings serve`.")
 
@@ -199,6 +216,11 @@ class Settings(BaseSettings):
                 self.token_jwks_url,
             )
         )
+
+    @property
+    def admin_enabled(self) -> bool:
+        """An admin password is set: /admin and /admin/login are served."""
+        return self.admin_password is not None
 
     @property
     def anonymous_allowed(self) -> bool:
