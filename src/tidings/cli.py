@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.panel import Panel
 
 from .config import Settings
+from .top import top
 
 app = typer.Typer(
     help="tidings: real-time channels for Python.", no_args_is_help=True, add_completion=False
@@ -308,6 +309,10 @@ async def _subscribe(url: str, count: int | None) -> None:
             err.print(f"[yellow]cannot connect[/]: {exc}")
         await asyncio.sleep(delay * (0.5 + random.random()))
         delay = min(delay * 2, 10.0)
+
+
+# `tidings top`: a client of the server API (tidings/top.py), like publish and subscribe
+app.command(name="top")(top)
 
 
 def main() -> None:
