@@ -13,7 +13,7 @@ import jwt
 import pytest
 from fastapi import FastAPI
 
-from tidings import Settings, Tidings
+from tidings import Settings, Tidings, create_app
 from tidings.admin import AUDIENCE, WINDOW, AdminAuth, LoginLimiter
 
 from .conftest import Serve
@@ -154,3 +154,17 @@ async def test_admin_under_a_prefix(serve: Serve) -> None:
         token = (await login(http)).json()["token"]
         r = await http.post("/api/info", headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 200
+
+
+async def test_dev_mode_admin_answers_only_loopback_clients() -> None:
+    """Whatever the host setting says (a mounted app binds where its server does)."""
+    for settings, remote_status in (
+        (Settings(admin_password=PASSWORD), 403),
+        (admin_settings(), 200),
+    ):
+        app = create_app(settings)
+        for client, status in ((("10.1.2.3", 5000), remote_status), (("127.0.0.1", 5000), 200)):
+            transport = httpx.ASGITransport(app=app, client=client)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+                assert (await http.get("/admin")).status_code == status
+                assert (await login(http)).status_code == status

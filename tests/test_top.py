@@ -302,3 +302,67 @@ async def test_a_silent_node_is_forgotten_and_our_own_announcement_ignored() -> 
         return len(directory.nodes()) == 1
 
     await until(forgotten, "the silent node dropped")
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
+
+
+async def test_live_view_in_a_terminal_follows_the_server(serve: Serve) -> None:
+    """`tidings top` in a real pseudo-terminal redraws as clients come and publish, and leaves
+    with exit code 0 on Ctrl-C."""
+    import pty
+    import signal
+
+    srv = await serve()
+    leader, follower = pty.openpty()
+    proc = await asyncio.create_subprocess_exec(
+        *CLI,
+        *("top", "--url", srv.url, "--interval", "0.1"),
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env=env(TERM="xterm-256color", LINES="60"),
+    )
+    os.close(follower)
+    screen: list[str] = []
+    changed = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # the process is gone
+            data = b""
+        if not data:
+            loop.remove_reader(leader)
+        screen.append(ANSI.sub("", data.decode(errors="replace")))
+        changed.set()
+
+    async def shown(pattern: str) -> None:
+        """Wait until the terminal shows ``pattern`` (a regex) after this call."""
+        start = len(screen)
+        async with asyncio.timeout(WAIT):
+            while not re.search(pattern, "".join(screen[start:])):
+                changed.clear()
+                await changed.wait()
+
+    loop.add_reader(leader, readable)
+    try:
+        await shown(r"connections 0 ")
+        async with websockets.connect(f"{srv.ws}/ws/live") as ws:
+            await shown(r"connections 1 ")
+            await shown(r"│ live\s+│\s+1 │")
+            for i in range(3):
+                await srv.hub.publish("live", i)
+                assert await asyncio.wait_for(ws.recv(), WAIT) == str(i)
+            await shown(r"publications 3 ")
+        await shown(r"connections 0 ")
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), WAIT) == 0
+        assert "Traceback" not in "".join(screen)
+    finally:
+        loop.remove_reader(leader)
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        os.close(leader)

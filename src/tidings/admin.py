@@ -10,6 +10,9 @@ Security, in order of the checks:
 - off unless ``admin_password`` is set; refused at start in dev mode (no API key, no token
   secret) unless the server binds a loopback address (``Settings.loopback_only``), even with
   ``--insecure``: a password does not make an open API less open;
+- in dev mode the page and the login answer only clients on a loopback address (403 for any
+  other), whatever address the server was told it binds: a mounted app's real bind address is
+  not tidings' to know;
 - failed logins are limited per client address (``admin_login_attempts`` per minute; after that
   every attempt from the address, right or wrong, is answered 429 with ``Retry-After``);
   passwords are compared in constant time (``hmac.compare_digest``);
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import time
 from collections import OrderedDict
@@ -177,6 +181,13 @@ class AdminAuth:
         return scheme.lower() == "bearer" and bool(value.strip()) and self.verify(value.strip())
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _static(name: str) -> bytes:
     return resources.files("tidings").joinpath("static", name).read_bytes()
 
@@ -186,18 +197,27 @@ def build_admin_router(tidings: Tidings) -> APIRouter:
 
     Login: ``{"password": str}`` -> 200 ``{"token": str, "expires_in": seconds}``; 401 wrong
     password; 429 (with ``Retry-After``) too many failures from the address; 400 a body that is
-    not that JSON. Errors have Centrifugo's shape, ``{"error": {"code", "message"}}``."""
+    not that JSON; 403 (page and login) for a client off loopback in dev mode. Errors have Centrifugo's shape, ``{"error": {"code", "message"}}``."""
     auth = tidings.admin
     assert auth is not None
+    local_only = tidings.settings.dev_mode
     router = APIRouter(include_in_schema=False)
 
+    def refused(request: Request) -> Response | None:
+        """403 for a client off loopback in dev mode (the API behind the page is open)."""
+        if local_only and not _loopback(request.client.host if request.client else ""):
+            return error(403, "in dev mode the admin page answers only loopback clients")
+        return None
+
     def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-        code = {401: 101, 429: 111}.get(status, 107)
+        code = {401: 101, 403: 103, 429: 111}.get(status, 107)
         body = orjson.dumps({"error": {"code": code, "message": message}})
         return Response(body, status, headers=headers, media_type="application/json")
 
     @router.get("/admin")
-    async def page() -> Response:
+    async def page(request: Request) -> Response:
+        if (no := refused(request)) is not None:
+            return no
         return Response(_static("admin.html"), headers=PAGE_HEADERS, media_type="text/html")
 
     @router.get("/admin/{asset}")
@@ -209,6 +229,8 @@ def build_admin_router(tidings: Tidings) -> APIRouter:
 
     @router.post("/admin/login")
     async def login(request: Request) -> Response:
+        if (no := refused(request)) is not None:
+            return no
         body = b""
         async for chunk in request.stream():
             body += chunk

@@ -122,11 +122,9 @@ class HttpApi:
         (``Authorization: Bearer``), or dev mode, which needs neither."""
         if self.open:
             return True
-        if self.admin is not None and self.admin.allows(headers):
+        if self.open is None and check_api_key(self.settings, headers):
             return True
-        if self.open is False:
-            return False
-        return check_api_key(self.settings, headers)
+        return self.admin is not None and self.admin.allows(headers)
 
     async def _body(
         self, headers: Headers, read: ReadBody, limit: int, status: int
