@@ -366,3 +366,36 @@ async def test_live_view_in_a_terminal_follows_the_server(serve: Serve) -> None:
             proc.kill()
             await proc.wait()
         os.close(leader)
+
+
+def test_node_info_codec() -> None:
+    from tidings import control
+
+    info = NodeInfo(uid="n1", name="h_n1", version="1", num_clients=2, metrics={"x": 1.5})
+    wire = control.encode(info)
+    assert wire.startswith(b'{"op":"node","uid":"n1"')
+    assert control.decode(wire) == info
+    # a newer node's extra keys are ignored
+    assert control.decode(b'{"op":"node","uid":"n2","future":1}') == NodeInfo(uid="n2")
+    for bad in (
+        b'{"op":"node"}',
+        b'{"op":"node","uid":""}',
+        b'{"op":"node","uid":"n","num_clients":-1}',
+        b'{"op":"node","uid":"n","uptime":true}',
+        b'{"op":"node","uid":"n","metrics":{"x":"1"}}',
+        b'{"op":"node","uid":"n","metrics":[]}',
+    ):
+        with pytest.raises(control.ControlError):
+            control.decode(bad)
+
+
+def test_hub_keeps_node_announcements_from_its_handlers() -> None:
+    from tidings import control
+
+    hub = Hub(create_broker("memory://"), Settings())
+    seen: list[object] = []
+    hub.on_control_message(seen.append)
+    hub.on_control(control.encode(NodeInfo(uid="peer", name="p", num_subs=7)))
+    assert seen == []  # handlers get the messages about users only
+    (_, peer) = hub.directory.nodes()
+    assert (peer.uid, peer.num_subs) == ("peer", 7)

@@ -197,7 +197,8 @@ def build_admin_router(tidings: Tidings) -> APIRouter:
 
     Login: ``{"password": str}`` -> 200 ``{"token": str, "expires_in": seconds}``; 401 wrong
     password; 429 (with ``Retry-After``) too many failures from the address; 400 a body that is
-    not that JSON; 403 (page and login) for a client off loopback in dev mode. Errors have Centrifugo's shape, ``{"error": {"code", "message"}}``."""
+    not that JSON; 403 (page and login) for a client off loopback in dev mode. Errors have
+    Centrifugo's shape, ``{"error": {"code", "message"}}``."""
     auth = tidings.admin
     assert auth is not None
     local_only = tidings.settings.dev_mode

@@ -233,7 +233,8 @@ class NodeInfo:
     @classmethod
     def from_object(cls, obj: dict[str, Any]) -> Any:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in obj.items() if k in known})
+        given = {k: v for k, v in obj.items() if k in known}
+        return cls(**{**given, "uid": obj.get("uid")})  # a missing uid: checked, ControlError
 
     def as_result(self) -> dict[str, Any]:
         """The node as Centrifugo's ``info`` result shows one (``metrics`` as

@@ -211,6 +211,7 @@ def render(view: Frame, limit: int = 10) -> RenderableType:
         "  broker ",
         broker_text,
     )
+
     def total(counter: str) -> int:
         return int(sum(_items(n.info).get(counter, 0.0) for n in view.nodes))
 
