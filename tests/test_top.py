@@ -23,7 +23,7 @@ from tidings import Hub, Settings
 from tidings.brokers import create_broker
 from tidings.control import NodeInfo
 from tidings.nodes import NodeDirectory
-from tidings.top import Sample, frame, render, sample
+from tidings.top import UPTIME, Sample, frame, render, sample
 
 from .conftest import Serve, free_port
 from .engines import ENGINES, WAIT, namespace
@@ -229,8 +229,10 @@ async def test_rates_come_from_two_samples(serve: Serve) -> None:
     assert row.subscribers == 1 and row.publications == 10
     assert row.rate is not None and round(row.rate * seconds) == 10
     (node,) = view.nodes
-    assert node.publications is not None and round(node.publications * seconds) == 10
-    assert node.deliveries is not None and round(node.deliveries * seconds) == 10
+    # a node's rates are over the time between its own readings
+    span = node.info["metrics"]["items"][UPTIME] - first.nodes[0]["metrics"]["items"][UPTIME]
+    assert node.publications is not None and round(node.publications * span) == 10
+    assert node.deliveries is not None and round(node.deliveries * span) == 10
     assert node.slow == 0
     # the first frame has no rates: nothing to compare with
     assert frame(srv.url, first, None).nodes[0].deliveries is None
@@ -399,3 +401,21 @@ def test_hub_keeps_node_announcements_from_its_handlers() -> None:
     assert seen == []  # handlers get the messages about users only
     (_, peer) = hub.directory.nodes()
     assert (peer.uid, peer.num_subs) == ("peer", 7)
+
+
+def test_another_nodes_rates_hold_between_its_announcements() -> None:
+    """Node b reports every few seconds: samples in between keep its last rates, and a new
+    report is divided by the time between b's own readings, not between the samples."""
+
+    def node(uid: str, at: float, delivered: float) -> dict[str, Any]:
+        items = {UPTIME: at, "tidings_deliveries": delivered}
+        return {"uid": uid, "name": uid, "metrics": {"interval": 0, "items": items}}
+
+    s1 = Sample(at=100.0, nodes=[node("a", 10.0, 0), node("b", 50.0, 0)], channels={})
+    s2 = Sample(at=101.0, nodes=[node("a", 11.0, 5), node("b", 53.0, 300)], channels={})
+    s3 = Sample(at=102.0, nodes=[node("a", 12.0, 15), node("b", 53.0, 300)], channels={})
+    f2 = frame("u", s2, s1)
+    assert [n.deliveries for n in f2.nodes] == [5.0, 100.0]  # b: 300 over its 3 s
+    f3 = frame("u", s3, s2, f2)
+    assert [n.deliveries for n in f3.nodes] == [10.0, 100.0]  # b: no new reading, held
+    assert frame("u", s3, s2).nodes[1].deliveries is None  # nothing shown before: unknown

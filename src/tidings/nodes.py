@@ -59,6 +59,7 @@ class NodeDirectory:
         hub = self.hub
         channels = list(hub.channels)
         m = hub.metrics
+        uptime = time.monotonic() - self.started
         return NodeInfo(
             uid=hub.node_id,
             name=self.name,
@@ -67,8 +68,11 @@ class NodeDirectory:
             num_users=len(hub.users),
             num_channels=len(channels),
             num_subs=sum(hub.subscribers(c) for c in channels),
-            uptime=int(time.monotonic() - self.started),
+            uptime=int(uptime),
             metrics={
+                # when the figures were taken, to the microsecond: rates of another node's
+                # counters are taken over the time between its announcements
+                "tidings_uptime_seconds": round(uptime, 6),
                 "tidings_publications": float(m.published),
                 "tidings_deliveries": float(m.delivered),
                 "tidings_slow_clients": float(m.slow_clients),

@@ -457,5 +457,3 @@ class ServerApi:
         """Every node: this one's figures now, the others' as they last announced them through
         the broker (every ``node_info_interval`` seconds; see :mod:`tidings.nodes`)."""
         return {"nodes": as_results(self.hub.directory.nodes())}
-
-

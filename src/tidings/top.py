@@ -13,7 +13,9 @@ A client command: it imports no FastAPI, uvicorn or server module, only httpx an
 
 and shows rates (per second) as the difference between two consecutive answers divided by the
 time between them, so the first frame has none and ``--once`` takes two samples an interval
-apart before it prints its one frame.
+apart before it prints its one frame. Another node's figures are those it last announced (every
+``node_info_interval`` seconds), so its rates are over the time between its own announcements
+and hold between them.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 PUBLICATIONS = "tidings_publications"
 DELIVERIES = "tidings_deliveries"
 SLOW = "tidings_slow_clients"
+RATES = (PUBLICATIONS, DELIVERIES, SLOW)
+#: when the node took its figures (seconds since it started)
+UPTIME = "tidings_uptime_seconds"
 
 
 class TopError(Exception):
@@ -143,17 +148,28 @@ class Frame:
         return sum(known) if known else None
 
 
-def frame(url: str, current: Sample, previous: Sample | None) -> Frame:
-    """The figures of ``current`` with rates since ``previous`` (same node uid, same channel)."""
+def frame(url: str, current: Sample, previous: Sample | None, shown: Frame | None = None) -> Frame:
+    """The figures of ``current`` with rates since ``previous`` (same node uid, same channel).
+
+    A node's rates are over the time between its two readings (``tidings_uptime_seconds``,
+    taken when the node reported them; the time between the samples for a server without
+    it). Another node reports only every ``node_info_interval`` seconds: while its figures
+    are the same reading as in ``previous``, its rates are those ``shown`` last."""
     seconds = current.at - previous.at if previous is not None else None
     before_nodes = {n.get("uid"): _items(n) for n in previous.nodes} if previous else {}
+    last_rows = {r.info.get("uid"): r for r in shown.nodes} if shown is not None else {}
     nodes = []
     for node in current.nodes:
         now, before = _items(node), before_nodes.get(node.get("uid"))
-        rates = [
-            _rate(now.get(k), before.get(k), seconds or 0) if before is not None else None
-            for k in (PUBLICATIONS, DELIVERIES, SLOW)
-        ]
+        rates: list[float | None] = [None, None, None]
+        if before is not None:
+            span = seconds or 0.0
+            if UPTIME in now and UPTIME in before:
+                span = now[UPTIME] - before[UPTIME]
+            if span > 0:
+                rates = [_rate(now.get(k), before.get(k), span) for k in RATES]
+            elif (last := last_rows.get(node.get("uid"))) is not None:
+                rates = [last.publications, last.deliveries, last.slow]
         nodes.append(NodeRow(node, *rates))
     before_channels = previous.channels if previous else {}
     channels = []
@@ -349,6 +365,7 @@ def _live(console: Any, http: httpx.Client, url: str, interval: float, limit: in
     from rich.text import Text
 
     previous: Sample | None = None
+    shown: Frame | None = None
     with (
         contextlib.suppress(KeyboardInterrupt),
         Live(
@@ -362,9 +379,10 @@ def _live(console: Any, http: httpx.Client, url: str, interval: float, limit: in
                 if "API key" in str(exc):
                     raise
                 live.update(Text(f"{exc} (retrying every {interval:g} s)", style="red"))
-                previous = None
+                previous = shown = None
             else:
-                live.update(render(frame(url, current, previous), limit))
+                shown = frame(url, current, previous, shown)
+                live.update(render(shown, limit))
                 previous = current
             live.refresh()
             time.sleep(interval)
