@@ -59,11 +59,11 @@ class Tidings:
         self.raw_endpoint = RawEndpoint(self)
         self.centrifuge_endpoint = CentrifugeEndpoint(self)
         self.router = self._routes()
-        if self.admin is not None:  # /admin, its files and /admin/login
-            self.router.include_router(build_admin_router(self))
 
     def _routes(self) -> APIRouter:
         router = build_router(self)
+        if self.admin is not None:  # /admin, its files and /admin/login
+            router.include_router(build_admin_router(self))
         router.routes.append(WebSocketRoute("/ws/{channel}", self.raw_endpoint, name="raw"))
         router.routes.append(
             WebSocketRoute("/connection/websocket", self.centrifuge_endpoint, name="centrifuge")

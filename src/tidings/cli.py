@@ -20,7 +20,6 @@ from rich.console import Console
 from rich.panel import Panel
 
 from .config import Settings
-from .top import top
 
 app = typer.Typer(
     help="tidings: real-time channels for Python.", no_args_is_help=True, add_completion=False
@@ -311,12 +310,14 @@ async def _subscribe(url: str, count: int | None) -> None:
         delay = min(delay * 2, 10.0)
 
 
-# `tidings top`: a client of the server API (tidings/top.py), like publish and subscribe
-app.command(name="top")(top)
-
-
 def main() -> None:
     app()
+
+
+# `tidings top`: a client of the server API, in its own module like the other client commands
+from .top import top  # noqa: E402
+
+app.command(name="top")(top)
 
 
 if __name__ == "__main__":

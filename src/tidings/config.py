@@ -122,15 +122,6 @@ class Settings(BaseSettings):
     api_max_body_size: int = Field(
         1_048_576, ge=1024, description="Largest server API request body (a batch too), bytes."
     )
-    api_batch_parallelism: int = Field(
-        64, ge=1, description="Commands of a parallel batch run at once."
-    )
-    idempotency_ttl: float = Field(
-        300.0, ge=0, description="Seconds a publish idempotency_key is remembered (per node)."
-    )
-    idempotency_max_keys: int = Field(
-        10_000, ge=0, description="Idempotency keys remembered per node (oldest dropped first)."
-    )
     node_info_interval: float = Field(
         3.0, gt=0, description="Seconds between this node's announcements to the others (info)."
     )
@@ -147,6 +138,15 @@ class Settings(BaseSettings):
     )
     admin_login_attempts: int = Field(
         5, ge=1, description="Failed admin logins allowed per client address per minute."
+    )
+    api_batch_parallelism: int = Field(
+        64, ge=1, description="Commands of a parallel batch run at once."
+    )
+    idempotency_ttl: float = Field(
+        300.0, ge=0, description="Seconds a publish idempotency_key is remembered (per node)."
+    )
+    idempotency_max_keys: int = Field(
+        10_000, ge=0, description="Idempotency keys remembered per node (oldest dropped first)."
     )
     demo: bool = Field(True, description="Serve the demo page at /.")
     log_level: str = Field("info", description="Logging level of `tidings serve`.")
