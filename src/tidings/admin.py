@@ -1,4 +1,4 @@
-"""The admin page (``/admin``): log in with the admin password, then drive the server API.
+"""The admin page's logins and tokens (``/admin``; its routes are in :mod:`tidings.admin_routes`).
 
 As in Centrifugo's admin web UI, the page itself holds no power: it trades the password for a
 short-lived admin token (``POST /admin/login``) and calls tidings' own server API
@@ -27,23 +27,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from importlib import resources
-from typing import TYPE_CHECKING, Any
 
 import jwt
-import orjson
-from fastapi import APIRouter, Request
-from fastapi.responses import Response
 
 from .config import Settings
-
-if TYPE_CHECKING:
-    from .app import Tidings
 
 #: the ``aud`` of admin tokens: no other token tidings verifies has it
 AUDIENCE = "tidings-admin"
@@ -51,21 +42,6 @@ AUDIENCE = "tidings-admin"
 WINDOW = 60.0
 #: client addresses whose failures are remembered at once (the oldest are forgotten first)
 MAX_ADDRESSES = 10_000
-#: largest login request body, bytes
-MAX_LOGIN_BODY = 4096
-
-#: the page's files under tidings/static/, by the name they are served as under /admin/
-ASSETS = {"admin.js": "text/javascript", "admin.css": "text/css"}
-#: headers of every admin page response
-PAGE_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
-        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    ),
-    "Cache-Control": "no-store",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
 
 
 class AdminError(Exception):
@@ -115,8 +91,9 @@ class LoginLimiter:
 
 
 class AdminAuth:
-    """Admin logins and the tokens they give; no web framework (the HTTP API checks tokens
-    with :meth:`allows` on both of `tidings serve`'s paths).
+    """Admin logins and the tokens they give. No web framework: the HTTP API
+    (:class:`tidings.api.HttpApi`) checks tokens with :meth:`allows` on both of `tidings
+    serve`'s paths.
 
     Raises ValueError if ``settings.admin_password`` is unset or empty, or if the admin page
     would be served in dev mode on an address other than loopback."""
@@ -179,82 +156,3 @@ class AdminAuth:
         a valid admin token."""
         scheme, _, value = headers.get("authorization", "").partition(" ")
         return scheme.lower() == "bearer" and bool(value.strip()) and self.verify(value.strip())
-
-
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _static(name: str) -> bytes:
-    return resources.files("tidings").joinpath("static", name).read_bytes()
-
-
-def build_admin_router(tidings: Tidings) -> APIRouter:
-    """``GET /admin`` (the page), its script and style, and ``POST /admin/login``.
-
-    Login: ``{"password": str}`` -> 200 ``{"token": str, "expires_in": seconds}``; 401 wrong
-    password; 429 (with ``Retry-After``) too many failures from the address; 400 a body that is
-    not that JSON; 403 (page and login) for a client off loopback in dev mode. Errors have
-    Centrifugo's shape, ``{"error": {"code", "message"}}``."""
-    auth = tidings.admin
-    assert auth is not None
-    local_only = tidings.settings.dev_mode
-    router = APIRouter(include_in_schema=False)
-
-    def refused(request: Request) -> Response | None:
-        """403 for a client off loopback in dev mode (the API behind the page is open)."""
-        if local_only and not _loopback(request.client.host if request.client else ""):
-            return error(403, "in dev mode the admin page answers only loopback clients")
-        return None
-
-    def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-        code = {401: 101, 403: 103, 429: 111}.get(status, 107)
-        body = orjson.dumps({"error": {"code": code, "message": message}})
-        return Response(body, status, headers=headers, media_type="application/json")
-
-    @router.get("/admin")
-    async def page(request: Request) -> Response:
-        if (no := refused(request)) is not None:
-            return no
-        return Response(_static("admin.html"), headers=PAGE_HEADERS, media_type="text/html")
-
-    @router.get("/admin/{asset}")
-    async def asset(asset: str) -> Response:
-        kind = ASSETS.get(asset)
-        if kind is None:
-            return error(404, "not found")
-        return Response(_static(asset), headers=PAGE_HEADERS, media_type=kind)
-
-    @router.post("/admin/login")
-    async def login(request: Request) -> Response:
-        if (no := refused(request)) is not None:
-            return no
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_LOGIN_BODY:
-                return error(413, "request body too large")
-        try:
-            payload: Any = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            payload = None
-        password = payload.get("password") if isinstance(payload, dict) else None
-        if not isinstance(password, str):
-            return error(400, 'the body must be {"password": "..."}')
-        address = request.client.host if request.client else ""
-        try:
-            token = auth.login(password, address)
-        except AdminError as exc:
-            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-            return error(exc.status, exc.message, headers)
-        answer = {"token": token, "expires_in": int(auth.ttl)}
-        return Response(
-            orjson.dumps(answer),
-            headers={"Cache-Control": "no-store"},
-            media_type="application/json",
-        )
-
-    return router

@@ -26,6 +26,7 @@ from .errors import BadRequest, MethodNotFound, TidingsError, Unauthorized
 from .server_api import Malformed
 
 if TYPE_CHECKING:
+    from .admin import AdminAuth
     from .app import Tidings
 
 #: an answer: HTTP status and JSON body
@@ -101,8 +102,6 @@ class HttpApi:
         self.settings = settings = tidings.settings
         self.hub = tidings.hub
         self.api = tidings.api
-        #: admin tokens (from /admin/login) open the API too, when the admin page is on
-        self.admin = tidings.admin
         #: ``/publish/{channel}`` and ``/push`` carry one message (plus a little JSON around it)
         self.text_limit = settings.max_message_size + 1024
         self.api_limit = settings.api_max_body_size
@@ -116,6 +115,8 @@ class HttpApi:
             ),
             401,
         )
+        #: admin tokens (from /admin/login) open the API too, when the admin page is on
+        self.admin: AdminAuth | None = None
 
     def authorized(self, headers: Headers) -> bool:
         """The API key (``X-API-Key`` or ``Authorization: apikey``), an admin token

@@ -15,14 +15,13 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.responses import HTMLResponse
 from starlette.requests import HTTPConnection
 from starlette.routing import WebSocketRoute
 
-from .admin import AdminAuth, build_admin_router
 from .api import HttpApi, build_router
 from .auth import TokenVerifier
 from .brokers import create_broker
@@ -32,6 +31,9 @@ from .endpoints import RawEndpoint
 from .hub import Hub
 from .metrics import exposition
 from .server_api import ServerApi
+
+if TYPE_CHECKING:
+    from .admin import AdminAuth
 
 log = logging.getLogger("tidings")
 
@@ -51,9 +53,9 @@ class Tidings:
         self.broker = create_broker(settings.broker_url)
         self.hub = Hub(self.broker, settings)
         self.tokens = TokenVerifier(settings)
-        self.api = ServerApi(self.hub, settings)
         #: admin logins and tokens, when ``admin_password`` is set (ValueError if unsafe)
-        self.admin = AdminAuth(settings) if settings.admin_enabled else None
+        self.admin = admin_auth(settings)
+        self.api = ServerApi(self.hub, settings)
         self.http = HttpApi(self)
         # one instance each: they register control-message handlers on the hub
         self.raw_endpoint = RawEndpoint(self)
@@ -62,8 +64,11 @@ class Tidings:
 
     def _routes(self) -> APIRouter:
         router = build_router(self)
-        if self.admin is not None:  # /admin, its files and /admin/login
-            router.include_router(build_admin_router(self))
+        if self.admin is not None:  # /admin and its login; its tokens open the HTTP API too
+            from .admin_routes import admin_router
+
+            self.http.admin = self.admin
+            router.include_router(admin_router(self))
         router.routes.append(WebSocketRoute("/ws/{channel}", self.raw_endpoint, name="raw"))
         router.routes.append(
             WebSocketRoute("/connection/websocket", self.centrifuge_endpoint, name="centrifuge")
@@ -123,6 +128,15 @@ class Tidings:
 
     def metrics_exposition(self) -> tuple[bytes, str]:
         return exposition(self.hub)
+
+
+def admin_auth(settings: Settings) -> AdminAuth | None:
+    """The admin page's logins, imported only when ``admin_password`` is set."""
+    if not settings.admin_enabled:
+        return None
+    from .admin import AdminAuth
+
+    return AdminAuth(settings)
 
 
 def get_hub(connection: HTTPConnection) -> Hub:
