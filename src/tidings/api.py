@@ -26,7 +26,6 @@ from .errors import BadRequest, MethodNotFound, TidingsError, Unauthorized
 from .server_api import Malformed
 
 if TYPE_CHECKING:
-    from .admin import AdminAuth
     from .app import Tidings
 
 #: an answer: HTTP status and JSON body
@@ -96,7 +95,7 @@ def _string(payload: dict[str, Any], key: str) -> str:
 class HttpApi:
     """The answers of the publishing endpoints, whichever server read the request."""
 
-    __slots__ = ("admin", "api", "api_limit", "denied", "hub", "open", "settings", "text_limit")
+    __slots__ = ("api", "api_limit", "bearer", "denied", "hub", "open", "settings", "text_limit")
 
     def __init__(self, tidings: Tidings) -> None:
         self.settings = settings = tidings.settings
@@ -115,8 +114,9 @@ class HttpApi:
             ),
             401,
         )
-        #: admin tokens (from /admin/login) open the API too, when the admin page is on
-        self.admin: AdminAuth | None = None
+        #: ``bearer(headers)``: whether they carry an admin token (``Authorization: Bearer``,
+        #: from /admin/login), which opens the API too; set when the admin page is on
+        self.bearer: Callable[[Headers], bool] | None = None
 
     def authorized(self, headers: Headers) -> bool:
         """The API key (``X-API-Key`` or ``Authorization: apikey``), an admin token
@@ -125,7 +125,7 @@ class HttpApi:
             return True
         if self.open is None and check_api_key(self.settings, headers):
             return True
-        return self.admin is not None and self.admin.allows(headers)
+        return self.bearer is not None and self.bearer(headers)
 
     async def _body(
         self, headers: Headers, read: ReadBody, limit: int, status: int

@@ -15,13 +15,14 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.responses import HTMLResponse
 from starlette.requests import HTTPConnection
 from starlette.routing import WebSocketRoute
 
+from .admin import AdminAuth
 from .api import HttpApi, build_router
 from .auth import TokenVerifier
 from .brokers import create_broker
@@ -31,9 +32,6 @@ from .endpoints import RawEndpoint
 from .hub import Hub
 from .metrics import exposition
 from .server_api import ServerApi
-
-if TYPE_CHECKING:
-    from .admin import AdminAuth
 
 log = logging.getLogger("tidings")
 
@@ -54,7 +52,7 @@ class Tidings:
         self.hub = Hub(self.broker, settings)
         self.tokens = TokenVerifier(settings)
         #: admin logins and tokens, when ``admin_password`` is set (ValueError if unsafe)
-        self.admin = admin_auth(settings)
+        self.admin = AdminAuth(settings) if settings.admin_enabled else None
         self.api = ServerApi(self.hub, settings)
         self.http = HttpApi(self)
         # one instance each: they register control-message handlers on the hub
@@ -67,7 +65,7 @@ class Tidings:
         if self.admin is not None:  # /admin and its login; its tokens open the HTTP API too
             from .admin_routes import admin_router
 
-            self.http.admin = self.admin
+            self.http.bearer = self.admin.allows
             router.include_router(admin_router(self))
         router.routes.append(WebSocketRoute("/ws/{channel}", self.raw_endpoint, name="raw"))
         router.routes.append(
@@ -128,15 +126,6 @@ class Tidings:
 
     def metrics_exposition(self) -> tuple[bytes, str]:
         return exposition(self.hub)
-
-
-def admin_auth(settings: Settings) -> AdminAuth | None:
-    """The admin page's logins, imported only when ``admin_password`` is set."""
-    if not settings.admin_enabled:
-        return None
-    from .admin import AdminAuth
-
-    return AdminAuth(settings)
 
 
 def get_hub(connection: HTTPConnection) -> Hub:
