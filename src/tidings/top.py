@@ -309,7 +309,11 @@ def top(
     url: Annotated[
         str,
         typer.Option(
-            "--url", envvar="TIDINGS_URL", show_envvar=True, help="Base URL of the tidings server."
+            "--url",
+            envvar="TIDINGS_URL",
+            show_envvar=True,
+            metavar="URL",
+            help="Base URL of the tidings server.",
         ),
     ] = DEFAULT_URL,
     api_key: Annotated[
@@ -318,16 +322,21 @@ def top(
             envvar="TIDINGS_API_KEY",
             show_envvar=True,
             show_default=False,
+            metavar="KEY",
             help="API key, if the server has one.",
         ),
     ] = None,
     interval: Annotated[
         float,
         typer.Option(
-            min=0.1, help="Seconds between refreshes (and between the samples of a rate)."
+            min=0.1,
+            metavar="SECONDS",
+            help="Seconds between refreshes (and between the samples of a rate).",
         ),
     ] = 2.0,
-    limit: Annotated[int, typer.Option(min=1, help="Channels shown in each top list.")] = 10,
+    limit: Annotated[
+        int, typer.Option(min=1, metavar="N", help="Channels shown in each top list.")
+    ] = 10,
     once: Annotated[
         bool,
         typer.Option(
