@@ -74,7 +74,7 @@ class HttpApi:
 
     ``api``: the server API's methods (its ``hub`` and ``settings`` are used here too)."""
 
-    __slots__ = ("api", "api_limit", "denied", "hub", "open", "settings", "text_limit")
+    __slots__ = ("api", "api_limit", "bearer", "denied", "hub", "open", "settings", "text_limit")
 
     def __init__(self, api: ServerApi) -> None:
         self.settings: Settings = api.settings
@@ -94,11 +94,18 @@ class HttpApi:
             ),
             401,
         )
+        #: ``bearer(headers)``: whether they carry an admin token (``Authorization: Bearer``,
+        #: from /admin/login), which opens the API too; set when the admin page is on
+        self.bearer: Callable[[Headers], bool] | None = None
 
     def authorized(self, headers: Headers) -> bool:
-        if self.open is not None:
-            return self.open
-        return check_api_key(self.settings, headers)
+        """The API key (``X-API-Key`` or ``Authorization: apikey``), an admin token
+        (``Authorization: Bearer``), or dev mode, which needs neither."""
+        if self.open:
+            return True
+        if self.open is None and check_api_key(self.settings, headers):
+            return True
+        return self.bearer is not None and self.bearer(headers)
 
     async def _body(
         self, headers: Headers, read: ReadBody, limit: int, status: int

@@ -24,6 +24,7 @@ from fastapi.responses import HTMLResponse
 from starlette.requests import HTTPConnection, Request
 from starlette.routing import NoMatchFound, WebSocketRoute
 
+from .admin import AdminAuth
 from .api import HttpApi
 from .auth import TokenVerifier
 from .brokers import create_broker
@@ -61,6 +62,8 @@ class Tidings:
         self.broker = create_broker(settings.broker_url)
         self.hub = Hub(self.broker, settings)
         self.tokens = TokenVerifier(settings)
+        #: admin logins and tokens, when ``admin_password`` is set (ValueError if unsafe)
+        self.admin = AdminAuth(settings) if settings.admin_enabled else None
         self.api = ServerApi(self.hub, settings)
         self.http = HttpApi(self.api)
         # one instance each: they register control-message handlers on the hub
@@ -73,6 +76,11 @@ class Tidings:
 
     def _routes(self) -> APIRouter:
         router = build_router(self)
+        if self.admin is not None:  # /admin and its login; its tokens open the HTTP API too
+            from .admin_routes import admin_router
+
+            self.http.bearer = self.admin.allows
+            router.include_router(admin_router(self))
         router.routes.append(WebSocketRoute("/ws/{channel}", self.raw_endpoint, name="raw"))
         router.routes.append(
             WebSocketRoute("/connection/websocket", self.centrifuge_endpoint, name="centrifuge")

@@ -363,5 +363,11 @@ def main() -> None:
     app()
 
 
+# `tidings top`: a client of the server API, in its own module like the other client commands
+from .top import top  # noqa: E402
+
+app.command(name="top")(top)
+
+
 if __name__ == "__main__":
     main()

@@ -138,6 +138,23 @@ class Settings(BaseSettings):
     api_max_body_size: int = Field(
         1_048_576, ge=1024, description="Largest server API request body (a batch too), bytes."
     )
+    node_info_interval: float = Field(
+        3.0, gt=0, description="Seconds between this node's announcements to the others (info)."
+    )
+    admin_password: SecretStr | None = Field(
+        None, description="Password of the admin page at /admin (unset: no admin page)."
+    )
+    admin_secret: SecretStr | None = Field(
+        None,
+        description="Key signing admin tokens; the same on every node behind one address "
+        "(unset: a random key per process).",
+    )
+    admin_token_ttl: float = Field(
+        900.0, gt=0, le=86400, description="Seconds an admin token (from /admin/login) is valid."
+    )
+    admin_login_attempts: int = Field(
+        5, ge=1, description="Failed admin logins allowed per client address per minute."
+    )
     api_batch_parallelism: int = Field(
         64, ge=1, description="Commands of a parallel batch run at once."
     )
@@ -237,6 +254,11 @@ class Settings(BaseSettings):
                 self.token_jwks_url,
             )
         )
+
+    @property
+    def admin_enabled(self) -> bool:
+        """An admin password is set: /admin and /admin/login are served."""
+        return self.admin_password is not None
 
     @property
     def anonymous_allowed(self) -> bool:

@@ -16,6 +16,14 @@ connection of the user), then the fields of the op, as the README documents::
     {"op": "refresh", "user": "u", "client": "", "expire_at": 1700000000, "expired": false}
     {"op": "disconnect", "user": "u", "client": "", "code": 3503, "reason": "force disconnect"}
 
+One message is about a node, not a user: every node announces its figures every
+``node_info_interval`` seconds, so the server API's ``info`` can answer for every node (as
+Centrifugo's node info messages do)::
+
+    {"op": "node", "uid": "a1b2c3", "name": "host_a1b2c3", "version": "0.1.0", "num_clients": 3,
+     "num_users": 2, "num_channels": 1, "num_subs": 3, "uptime": 12,
+     "metrics": {"tidings_publications": 7.0, ...}}
+
 Decoding is lenient where the documented form is: ``client`` may be missing or null, and so may
 the optional fields (their defaults apply); keys it does not know are ignored, so a node can read
 what a newer node adds. Anything else raises :class:`ControlError`.
@@ -23,7 +31,7 @@ what a newer node adds. Anything else raises :class:`ControlError`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import orjson
@@ -32,6 +40,8 @@ __all__ = [
     "ControlError",
     "ControlMessage",
     "DisconnectUser",
+    "Message",
+    "NodeInfo",
     "RefreshUser",
     "SubscribeUser",
     "UnknownOp",
@@ -180,13 +190,70 @@ class DisconnectUser(_Message):
 
 ControlMessage = SubscribeUser | UnsubscribeUser | RefreshUser | DisconnectUser
 
+
+def _count(value: Any, name: str) -> int:
+    if _whole(value, name) < 0:
+        raise ControlError(f"{name} must not be negative")
+    return int(value)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeInfo:
+    """A node's figures, announced to every node (the server API's ``info`` lists them).
+
+    The fields are those of a node in Centrifugo's ``info`` result (counts are whole numbers
+    >= 0, ``uptime`` in seconds); ``metrics`` maps counter names (those of ``/metrics``, e.g.
+    ``tidings_deliveries``) to their totals on that node since it started. Invalid values raise
+    :class:`ControlError`."""
+
+    op: ClassVar[str] = "node"
+    uid: str
+    name: str = ""
+    version: str = ""
+    num_clients: int = 0
+    num_users: int = 0
+    num_channels: int = 0
+    num_subs: int = 0
+    uptime: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not _text(self.uid, "uid"):
+            raise ControlError("uid must not be empty")
+        _text(self.name, "name")
+        _text(self.version, "version")
+        for name in ("num_clients", "num_users", "num_channels", "num_subs", "uptime"):
+            _count(getattr(self, name), name)
+        if not isinstance(self.metrics, dict):
+            raise ControlError("metrics must be an object")
+        for key, value in self.metrics.items():
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ControlError(f"metrics.{key} must be a number")
+
+    @classmethod
+    def from_object(cls, obj: dict[str, Any]) -> Any:
+        known = {f.name for f in fields(cls)}
+        given = {k: v for k, v in obj.items() if k in known}
+        return cls(**{**given, "uid": obj.get("uid")})  # a missing uid: checked, ControlError
+
+    def as_result(self) -> dict[str, Any]:
+        """The node as Centrifugo's ``info`` result shows one (``metrics`` as
+        ``{"interval", "items"}``; tidings' counters are totals, so ``interval`` is 0)."""
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["metrics"] = {"interval": 0.0, "items": dict(self.metrics)}
+        return out
+
+
+#: whatever travels on the control plane
+Message = ControlMessage | NodeInfo
+
 #: every message type by its ``op``
-OPS: dict[str, type[ControlMessage]] = {
-    cls.op: cls for cls in (SubscribeUser, UnsubscribeUser, RefreshUser, DisconnectUser)
+OPS: dict[str, type[Message]] = {
+    cls.op: cls for cls in (SubscribeUser, UnsubscribeUser, RefreshUser, DisconnectUser, NodeInfo)
 }
 
 
-def encode(message: ControlMessage) -> bytes:
+def encode(message: Message) -> bytes:
     """The JSON bytes of ``message``: ``op``, then its fields in declaration order."""
     body: dict[str, Any] = {"op": message.op}
     for f in fields(message):
@@ -194,7 +261,7 @@ def encode(message: ControlMessage) -> bytes:
     return orjson.dumps(body)
 
 
-def decode(data: bytes) -> ControlMessage:
+def decode(data: bytes) -> Message:
     """The message in ``data``; :class:`UnknownOp` for an op this node does not know,
     :class:`ControlError` for anything else that is not a valid message."""
     try:
@@ -209,5 +276,5 @@ def decode(data: bytes) -> ControlMessage:
     cls = OPS.get(op)
     if cls is None:
         raise UnknownOp(op)
-    message: ControlMessage = cls.from_object(obj)
+    message: Message = cls.from_object(obj)
     return message

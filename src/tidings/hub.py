@@ -34,6 +34,7 @@ from .config import Settings
 from .delivery import Flusher, fan_out
 from .errors import SHUTDOWN, TOO_MANY, BadRequest, Disconnect
 from .frames import Frame
+from .nodes import NodeDirectory
 from .session import Session
 from .wheel import Member, Wheel
 
@@ -78,6 +79,8 @@ class _Local:
     #: a copy of such a publication delivered late by the broker is not sent again
     floor: dict[Session, int] = field(default_factory=dict)
     count: int = 0
+    #: publications the broker delivered for this channel since its first local subscriber
+    published: int = 0
     subscribed: bool = False  # the broker delivers this channel to us
     op: asyncio.Future[None] | None = None  # a broker (un)subscribe in flight
     #: the stream position this node delivered last, to notice publications the broker lost
@@ -124,6 +127,8 @@ class Hub:
         self.rpc_handlers: dict[str, RpcHandler] = {}
         self.send_handlers: list[SendHandler] = []
         self.started = False
+        #: every node's figures (this one's and those announced through the broker)
+        self.directory = NodeDirectory(self, self.settings.node_info_interval)
 
     # -- life ------------------------------------------------------------------------------------
 
@@ -131,6 +136,7 @@ class Hub:
         if not self.started:
             await self.broker.start(self)
             self.started = True
+            self.directory.start()
 
     async def stop(self) -> None:
         """Close every session (3001 shutdown), then the broker."""
@@ -140,6 +146,7 @@ class Hub:
             await asyncio.sleep(0)
         if self.started:
             self.started = False
+            await self.directory.stop()
             await self.broker.close()
 
     async def __aenter__(self) -> Hub:
@@ -284,6 +291,12 @@ class Hub:
         local = self._local.get(channel)
         return local.count if local is not None else 0
 
+    def channel_publications(self, channel: str) -> int:
+        """Publications this node received for ``channel`` since it got its first local
+        subscriber (0 without local subscribers; the count starts again when it has some)."""
+        local = self._local.get(channel)
+        return local.published if local is not None else 0
+
     @property
     def channels(self) -> Iterable[str]:
         return self._local.keys()
@@ -343,6 +356,7 @@ class Hub:
         local = self._local.get(publication.channel)
         if local is None:
             return
+        local.published += 1
         for held in local.buffering.values():
             held.append(publication)
         if local.healing is not None:
@@ -439,6 +453,9 @@ class Hub:
             message = control.decode(data)
         except control.ControlError as exc:
             self._ignore(exc)
+            return
+        if isinstance(message, control.NodeInfo):
+            self.directory.on_node(message)
             return
         if isinstance(message, control.DisconnectUser):
             self._disconnect_local(message)

@@ -1,4 +1,4 @@
-"""Centrifugo's server API methods (publish, broadcast, history, presence, ...) over the hub.
+r"""Centrifugo's server API methods (publish, broadcast, history, presence, ...) over the hub.
 
 Requests and results have the shapes of Centrifugo's HTTP API (``internal/apiproto/api.proto``)
 so its client libraries (``cent``, gocent, ...) work unchanged. This module knows nothing of
@@ -10,7 +10,10 @@ Differences from Centrifugo, on purpose or for now:
 - data is JSON: ``b64data`` must decode to a JSON document (tidings carries JSON only);
 - ``subscribe`` forwards only ``user``, ``client`` and ``channel``; ``info``, ``data``,
   ``override`` and ``recover_since`` are ignored;
-- ``channels`` and ``info`` describe this node only (the broker carries no node info yet);
+- ``channels`` describes this node only; ``info`` lists every node that announced itself
+  through the broker within the last three ``node_info_interval`` seconds (:mod:`tidings.nodes`);
+- ``channels`` adds ``num_pubs`` to each channel, ``info`` adds ``metrics.items`` (the node's
+  ``/metrics`` counters, totals since it started) to each node;
 - ``session``, ``whitelist``, ``all_users``, ``label_filter`` and ``delta`` are ignored;
 - ``idempotency_key`` is remembered per node (``idempotency_ttl``, ``idempotency_max_keys``).
 """
@@ -21,12 +24,10 @@ import asyncio
 import base64
 import binascii
 import logging
-import socket
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from fnmatch import fnmatchcase
-from importlib import metadata
 from typing import Any, TypeVar
 
 import orjson
@@ -37,6 +38,7 @@ from .channels import Channel
 from .config import Settings
 from .errors import BadRequest, MethodNotFound, NotAvailable, TidingsError, UnrecoverablePosition
 from .hub import Hub
+from .nodes import as_results
 
 log = logging.getLogger("tidings.api")
 
@@ -433,35 +435,25 @@ class ServerApi:
     # -- this node -------------------------------------------------------------------------------
 
     async def channels(self, params: Any) -> Json:
-        """Channels with subscribers on THIS node, filtered by a shell-style ``pattern``."""
+        """Channels with subscribers on THIS node, filtered by a shell-style ``pattern``.
+
+        Besides Centrifugo's ``num_clients`` each channel has ``num_pubs`` (a tidings
+        extension): publications this node received for it since its first local subscriber,
+        from which ``tidings top`` derives publications per second."""
         pattern = parse(_Channels, params).pattern
         hub = self.hub
         return {
             "channels": {
-                name: {"num_clients": hub.subscribers(name)}
+                name: {
+                    "num_clients": hub.subscribers(name),
+                    "num_pubs": hub.channel_publications(name),
+                }
                 for name in list(hub.channels)
                 if not pattern or fnmatchcase(name, pattern)
             }
         }
 
     async def info(self, params: Any) -> Json:
-        hub = self.hub
-        channels = list(hub.channels)
-        node = {
-            "uid": hub.node_id,
-            "name": f"{socket.gethostname()}_{hub.node_id}",
-            "version": _version(),
-            "num_clients": len(hub.sessions),
-            "num_users": len(hub.users),
-            "num_channels": len(channels),
-            "num_subs": sum(hub.subscribers(c) for c in channels),
-            "uptime": int(time.monotonic() - self.started),
-        }
-        return {"nodes": [node]}
-
-
-def _version() -> str:
-    try:
-        return metadata.version("tidings")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+        """Every node: this one's figures now, the others' as they last announced them through
+        the broker (every ``node_info_interval`` seconds; see :mod:`tidings.nodes`)."""
+        return {"nodes": as_results(self.hub.directory.nodes())}
