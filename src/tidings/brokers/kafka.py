@@ -270,9 +270,7 @@ class KafkaBroker(Broker):
         try:
             async with asyncio.timeout(self.timeout):
                 await self._ensure_topic()
-                self._producer = AIOKafkaProducer(
-                    **self._client_options(), acks="all", linger_ms=0
-                )
+                self._producer = AIOKafkaProducer(**self._client_options(), acks="all", linger_ms=0)
                 await self._producer.start()
                 self._consumer = self._consumer_for()
                 await self._consumer.start()
