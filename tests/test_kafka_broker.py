@@ -9,8 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -384,3 +388,69 @@ def test_url_options() -> None:
             create_broker(f"kafka://k:9092?{bad}")
     with pytest.raises(ValueError, match="names no server"):
         create_broker("kafka://?prefix=x")
+
+
+async def test_a_node_killed_with_sigkill_leaves_presence_that_expires(
+    serve: Serve, cluster: Cluster, tmp_path: Path
+) -> None:
+    """A `tidings serve` node on kafka:// (presence in Redis) is SIGKILLed with a subscriber
+    present: the entry expires after its presence_ttl and the other node keeps serving."""
+    from .cfutil import Raw
+
+    config = tmp_path / "tidings.toml"
+    config.write_text("[namespaces.room]\npresence = true\npresence_ttl = 1.0\n")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TIDINGS_")}
+    node_a = await asyncio.create_subprocess_exec(
+        *[
+            sys.executable,
+            "-m",
+            "tidings.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--broker",
+            cluster.url,
+            "--config",
+            str(config),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        async with httpx.AsyncClient(timeout=WAIT) as http:
+            async with asyncio.timeout(WAIT):
+                while True:
+                    with contextlib.suppress(httpx.HTTPError):
+                        if (await http.get(f"http://127.0.0.1:{port}/health")).is_success:
+                            break
+                    await asyncio.sleep(0.05)
+            client = await Raw.open(f"ws://127.0.0.1:{port}")
+            client_id = (await client.connect())["client"]
+            await client.subscribe("room:a")
+            node_b = await serve(
+                broker_url=cluster.url,
+                namespaces={"room": {"presence": True, "presence_ttl": 1.0}},
+            )
+
+            async def present() -> list[str]:
+                r = await http.post(f"{node_b.url}/api/presence", json={"channel": "room:a"})
+                return list(r.json()["result"]["presence"])
+
+            assert await present() == [client_id]
+            node_a.kill()
+            await node_a.wait()
+            async with asyncio.timeout(WAIT):
+                while await present():
+                    await asyncio.sleep(0.1)
+            r = await http.post(f"{node_b.url}/api/publish", json={"channel": "room:a", "data": 1})
+            assert r.json()["result"]["offset"] >= 1
+            with contextlib.suppress(Exception):
+                await client.close()
+    finally:
+        if node_a.returncode is None:
+            node_a.kill()
+            await node_a.wait()

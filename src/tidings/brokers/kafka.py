@@ -125,10 +125,10 @@ def _reachable(method: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, 
     async def call(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await method(*args, **kwargs)
-        except (KafkaError, OSError) as exc:
-            raise BrokerUnavailable(f"kafka: {exc!r}") from exc
-        except TimeoutError as exc:
-            raise BrokerUnavailable("kafka: no answer in time") from exc
+        except (KafkaError, OSError, TimeoutError) as exc:
+            broker = args[0]
+            assert isinstance(broker, KafkaBroker)
+            raise BrokerUnavailable(broker.describe(exc)) from exc
 
     call.__name__ = method.__name__
     call.__doc__ = method.__doc__
@@ -242,6 +242,12 @@ class KafkaBroker(Broker):
         self._started = False
         self._closed = False
 
+    def describe(self, exc: BaseException) -> str:
+        """A one-line account of a failure talking to the server."""
+        if isinstance(exc, TimeoutError) and not str(exc):
+            return f"kafka at {','.join(self.bootstrap)}: no answer within {self.timeout:g}s"
+        return f"kafka at {','.join(self.bootstrap)}: {exc!r}"
+
     # -- life ----------------------------------------------------------------------------------
 
     def _client_options(self) -> dict[str, Any]:
@@ -295,7 +301,7 @@ class KafkaBroker(Broker):
         except BaseException as exc:
             await self.close()
             if isinstance(exc, KafkaError | OSError | TimeoutError):
-                raise BrokerUnavailable(f"kafka: cannot start: {exc!r}") from exc
+                raise BrokerUnavailable(f"cannot start: {self.describe(exc)}") from exc
             raise
 
     async def _ensure_topic(self) -> None:
@@ -381,11 +387,11 @@ class KafkaBroker(Broker):
                 if self._consumer is None or not self._started:
                     await self._probe()
                 elif self._outage is not None:
-                    raise BrokerUnavailable(f"kafka unreachable: {self._outage}")
+                    raise BrokerUnavailable(f"unreachable: {self._outage}")
                 else:
                     await self._consumer.end_offsets(self._tps)
         except (KafkaError, OSError, TimeoutError) as exc:
-            raise BrokerUnavailable(f"kafka: {exc!r}") from exc
+            raise BrokerUnavailable(self.describe(exc)) from exc
         if self._presence is not None:
             await self._presence.ping()
 
@@ -509,8 +515,8 @@ class KafkaBroker(Broker):
                 raise
             except Exception as exc:
                 if self._outage is None:
-                    log.error("kafka unreachable: %r", exc)
-                self._outage = repr(exc)
+                    log.error("kafka unreachable: %s", self.describe(exc))
+                self._outage = self.describe(exc)
                 continue
             if lost is not None:
                 await self._reset(lost)
@@ -609,7 +615,7 @@ class KafkaBroker(Broker):
         self._require_started()
         assert self._producer is not None
         if self._outage is not None:
-            raise BrokerUnavailable(f"kafka unreachable: {self._outage}")
+            raise BrokerUnavailable(f"unreachable: {self._outage}")
         self._seq += 1
         rid = self.node_id + b":%d" % self._seq
         waiter: asyncio.Future[StreamPosition] | None = None
@@ -629,10 +635,11 @@ class KafkaBroker(Broker):
                 return None if waiter is None else await waiter
         except TimeoutError as exc:
             raise BrokerUnavailable(
-                f"kafka: the record was not confirmed within {self.timeout}s"
+                f"kafka at {','.join(self.bootstrap)}: the record was not confirmed within "
+                f"{self.timeout:g}s"
             ) from exc
-        except KafkaError as exc:
-            raise BrokerUnavailable(f"kafka: {exc!r}") from exc
+        except (KafkaError, OSError) as exc:
+            raise BrokerUnavailable(self.describe(exc)) from exc
         finally:
             self._pending.pop(rid, None)
 
