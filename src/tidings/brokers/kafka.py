@@ -35,7 +35,7 @@ URL options (in the query string):
   (default 5).
 - ``fetch_wait``: seconds a fetch waits on the server for new records (default 0.05); it bounds
   the delivery latency on servers that do not answer a waiting fetch as soon as records arrive
-  (Tansu holds it for the whole wait).
+  (Tansu).
 - ``check_interval``: seconds between two checks that the server is reachable and still holds the
   log this node read (default 1).
 - ``presence``: the URL of a second engine that keeps presence (``redis://...``, ``postgres://``
@@ -186,7 +186,7 @@ class _Ignore:
 
 
 class KafkaBroker(Broker):
-    """Kafka (or a Kafka-compatible server such as Tansu or Redpanda) as the broker; see the
+    """Kafka (or a Kafka-compatible server such as Tansu) as the broker; see the
     module documentation for the URL options, how offsets are counted and what fails how.
 
     Raises ValueError for a malformed URL option; every call raises :class:`BrokerUnavailable`
