@@ -1,10 +1,11 @@
 """The Kafka broker: ``kafka://host:port[,host:port...]?prefix=tidings&presence=redis://...``.
 
 One topic per deployment holds everything: publications, join/leave events, history removals
-and control messages. The channel is the record key, so a channel's records stay in one
-partition, in order. Every node reads every partition of the topic from its beginning (no
-consumer group: each node needs all of it) and keeps, per channel, what the log says: the
-offset, the epoch and the publications its history options keep.
+and control messages. The channel is the record key, and this engine picks its partition
+(CRC-32 of the channel modulo the topic's partitions; control messages go to partition 0), so a
+channel's records stay in one partition, in order. Every node reads every partition of the topic
+from its beginning (no consumer group: each node needs all of it) and keeps, per channel, what
+the log says: the offset, the epoch and the publications its history options keep.
 
 How offsets stay consistent without a coordinator: a channel's offset is the number of its
 publications since its stream started, counted from the log. Every node reads the same records
@@ -38,6 +39,8 @@ URL options (in the query string):
   (Tansu).
 - ``check_interval``: seconds between two checks that the server is reachable and still holds the
   log this node read (default 1).
+- ``repair``: ``1`` lets a node delete and create again a topic with a partition that cannot be
+  read (default 0: it logs what to do). See "Tansu" below.
 - ``presence``: the URL of a second engine that keeps presence (``redis://...``, ``postgres://``
   ...). Its own ``prefix`` defaults to this one's. Without it presence calls fail with
   :class:`~tidings.errors.NotAvailable`, whose message says how to configure one: Kafka has no
@@ -46,10 +49,19 @@ URL options (in the query string):
 Failure behaviour: while the server is unreachable, calls raise :class:`BrokerUnavailable`
 within ``timeout`` and ``ping()`` (``/health``) fails; the reader resumes where it stopped when
 the server is back (nothing is lost: the log kept it) and the hub is asked to resync. When the
-log itself is lost (a server restarted without its data, the topic deleted) the node notices
-within ``check_interval`` (at once if it publishes meanwhile), logs an error, forgets every
-stream and reads the new log from its beginning: every stream gets a new epoch, so subscribers
-are told they could not be recovered.
+log itself is lost (a server restarted without its data, the topic deleted or re-created with
+other partitions) the node notices within ``check_interval`` (sooner when it publishes), logs
+an error, forgets every stream and reads the new log from its beginning: every stream gets a
+new epoch, so subscribers are told they could not be recovered. A publication confirmed in the
+moment between the loss and its discovery is counted in the old epoch, then again in the new.
+
+Tansu (0.6, memory storage), found by the tests: a restart loses every topic; a client asking
+about a topic that does not exist makes Tansu create it with 4 partitions (nodes follow the
+topic's partitions, whatever their number); and a record sent right after a restart by a client
+that still believes in the old topic is acknowledged but can, depending on timing, never be
+read, after which its partition takes no other record. A node notices such a partition (its end
+stays ahead of where nothing can be read for ``max(timeout, 3 * check_interval)``); with
+``repair=1`` it deletes the topic and creates it again, otherwise it logs an error saying so.
 
 Limits: every node replays the whole topic when it starts, and keeps in memory the history its
 channels keep (bounded by their history size). Records must not be deleted from the topic by
@@ -65,8 +77,10 @@ import contextlib
 import hashlib
 import logging
 import math
+import random
 import re
 import time
+import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -76,9 +90,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, TopicAlreadyExistsError
 
-from ..errors import NotAvailable
+from ..errors import LimitExceeded, NotAvailable
 from .base import (
     DEFAULT_META_TTL,
     Broker,
@@ -96,6 +110,48 @@ from .redis_scripts import decode_info, encode_info
 
 log = logging.getLogger("tidings.brokers.kafka")
 
+
+class _Once(logging.Filter):
+    """Let each distinct aiokafka warning or error through once per ``every`` seconds.
+
+    While a server is down aiokafka logs every reconnection attempt (about ten lines a second
+    per client); this engine logs the outage itself, once."""
+
+    def __init__(self, every: float = 30.0) -> None:
+        super().__init__()
+        self.every = every
+        self._seen: dict[tuple[str, object], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.msg)
+        now = time.monotonic()
+        if now - self._seen.get(key, -math.inf) < self.every:
+            return False
+        if len(self._seen) > 1000:
+            self._seen.clear()
+        self._seen[key] = now
+        return True
+
+
+#: the aiokafka modules that log connection trouble (each logs under its module name, and a
+#: filter applies only to the logger it is attached to)
+_AIOKAFKA_LOGGERS = (
+    "aiokafka",
+    "aiokafka.admin.client",
+    "aiokafka.cluster",
+    "aiokafka.conn",
+    "aiokafka.consumer.consumer",
+    "aiokafka.consumer.fetcher",
+    "aiokafka.consumer.group_coordinator",
+    "aiokafka.producer.producer",
+    "aiokafka.producer.sender",
+)
+_ONCE = _Once()
+for _name in _AIOKAFKA_LOGGERS:
+    logging.getLogger(_name).addFilter(_ONCE)
+
 OPTIONS = (
     "prefix",
     "topic",
@@ -104,6 +160,7 @@ OPTIONS = (
     "timeout",
     "fetch_wait",
     "check_interval",
+    "repair",
     "presence",
 )
 
@@ -217,6 +274,10 @@ class KafkaBroker(Broker):
         self.timeout = _number(options, "timeout", 5.0)
         self.fetch_wait = _number(options, "fetch_wait", 0.05)
         self.check_interval = _number(options, "check_interval", 1.0)
+        repair = options.get("repair", "0").lower()
+        if repair not in ("0", "1", "true", "false", "yes", "no"):
+            raise ValueError(f"kafka URL option repair={repair!r}: expected 1 or 0")
+        self.repair = repair in ("1", "true", "yes")
         self.presence_url = options.get("presence") or None
         self._presence: Broker | None = None
         if self.presence_url is not None:
@@ -228,12 +289,19 @@ class KafkaBroker(Broker):
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._checker: AIOKafkaConsumer | None = None
+        self._admin: AIOKafkaAdminClient | None = None
         self._tps: list[TopicPartition] = []
         self._positions: dict[int, int] = {}  # partition -> next Kafka offset to apply
         self._last: dict[int, tuple[int, int, bytes]] = {}  # partition -> (offset, ts, id)
         self._streams: dict[str, _Stream] = {}
         self._channels: set[str] = set()
         self._pending: dict[bytes, asyncio.Future[StreamPosition]] = {}
+        self._touching: dict[str, asyncio.Future[StreamPosition | None]] = {}
+        self._lost: str | None = None  # why the log is lost, until a reset succeeded
+        #: (partition, position) where nothing can be read: the topic must be deleted and
+        #: created again (see _stuck_partition and _reset)
+        self._broken: tuple[int, int] | None = None
+        self._stuck: dict[int, tuple[int, float]] = {}  # partition -> (position, since)
         self._advanced = asyncio.Event()
         self._check_now = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
@@ -275,6 +343,8 @@ class KafkaBroker(Broker):
             raise BrokerUnavailable("kafka: the broker was closed")
         try:
             async with asyncio.timeout(self.timeout):
+                self._admin = AIOKafkaAdminClient(**self._client_options())
+                await self._admin.start()
                 await self._ensure_topic()
                 self._producer = AIOKafkaProducer(**self._client_options(), acks="all", linger_ms=0)
                 await self._producer.start()
@@ -305,35 +375,41 @@ class KafkaBroker(Broker):
             raise
 
     async def _ensure_topic(self) -> None:
-        admin = AIOKafkaAdminClient(**self._client_options())
-        await admin.start()
-        try:
-            if self.topic in await admin.list_topics():
-                return
-            topic = NewTopic(
-                self.topic,
-                self.partitions,
-                self.replication,
-                topic_configs={"retention.ms": "-1"},
-            )
-            with contextlib.suppress(TopicAlreadyExistsError):  # another node was first
-                response = await admin.create_topics([topic])
-                for name, code, *_ in response.topic_errors:
-                    if code not in (0, TopicAlreadyExistsError.errno):
-                        raise BrokerUnavailable(f"kafka: cannot create topic {name}: error {code}")
-            log.info("created kafka topic %s (%d partitions)", self.topic, self.partitions)
-        finally:
-            await admin.close()
+        assert self._admin is not None
+        if await self._layout() is not None:
+            return
+        topic = NewTopic(
+            self.topic, self.partitions, self.replication, topic_configs={"retention.ms": "-1"}
+        )
+        with contextlib.suppress(TopicAlreadyExistsError):  # another node was first
+            response = await self._admin.create_topics([topic])
+            for name, code, *_ in response.topic_errors:
+                if code not in (0, TopicAlreadyExistsError.errno):
+                    raise BrokerUnavailable(f"kafka: cannot create topic {name}: error {code}")
+                if code == 0:
+                    log.info("created kafka topic %s (%d partitions)", name, self.partitions)
+
+    async def _layout(self) -> set[int] | None:
+        """The topic's partitions now (None: no such topic). Asks about every topic, not this
+        one by name: a server that creates topics on demand (Tansu) would create it."""
+        assert self._admin is not None
+        for topic in await self._admin.describe_topics():
+            if topic["topic"] == self.topic and topic["error_code"] == 0:
+                return {p["partition"] for p in topic["partitions"]} or None
+        return None
+
+    async def _delete_topic(self) -> None:
+        assert self._admin is not None
+        await self._admin.delete_topics([self.topic])
 
     async def _assign(self) -> None:
         """Read every partition of the topic from its beginning."""
         assert self._consumer is not None and self._checker is not None
-        partitions: set[int] | None = None
-        while not partitions:  # metadata for a topic just created can take a moment
-            await self._consumer.topics()
-            partitions = self._consumer.partitions_for_topic(self.topic)
-            if not partitions:
-                await asyncio.sleep(0.05)
+        partitions = await self._layout()
+        while not partitions:  # a topic just created can take a moment to show
+            await asyncio.sleep(0.05)
+            partitions = await self._layout()
+        await self._consumer.topics()  # the consumers' own metadata, for the fetches
         self._tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
         self._consumer.assign(self._tps)
         self._checker.assign(self._tps)
@@ -371,9 +447,20 @@ class KafkaBroker(Broker):
         self._pending.clear()
         for client in (self._producer, self._consumer, self._checker):
             if client is not None:
-                with contextlib.suppress(Exception):
+                try:
                     await client.stop()
+                except asyncio.CancelledError:
+                    # aiokafka's consumer re-raises the cancellation of its own fetch task
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise
+                except Exception as exc:
+                    log.debug("stopping a kafka client: %r", exc)
         self._producer = self._consumer = self._checker = None
+        if self._admin is not None:
+            with contextlib.suppress(Exception):
+                await self._admin.close()
+            self._admin = None
         if self._presence is not None:
             await self._presence.close()
         self._streams.clear()
@@ -450,6 +537,11 @@ class KafkaBroker(Broker):
                 who = decode_info(orjson.loads(record.value))
                 self.handler.on_join_leave(JoinLeave(channel, who, kind == _JOIN))
             return
+        if kind in (_PUB, _TOUCH, _REMOVE) and partition != self._partition_of(record.key or b""):
+            # written by a node that counted partitions differently: every node skips it, so
+            # no stream is counted from two partitions (its writer times out, never succeeds)
+            log.warning("ignoring a record of channel %r in partition %d", channel, partition)
+            return
         stream = self._streams.get(channel)
         if kind == _REMOVE:
             if stream is not None:
@@ -492,14 +584,38 @@ class KafkaBroker(Broker):
             waiter.set_result(position or StreamPosition(0, ""))
 
     async def _caught_up(self, ends: dict[TopicPartition, int] | None) -> None:
-        """Wait until the reader applied everything up to ``ends`` (None: the log's end now)."""
+        """Wait until the reader applied everything up to ``ends`` (None: the log's end now).
+
+        Raises TimeoutError when the reader makes no progress for ``timeout`` seconds (a long
+        replay that keeps moving is waited for)."""
         assert self._consumer is not None
         if ends is None:
-            ends = await self._consumer.end_offsets(self._tps)
-        while any(self._positions.get(tp.partition, 0) < end for tp, end in ends.items()):
+            async with asyncio.timeout(self.timeout):
+                ends = await self._consumer.end_offsets(self._tps)
+        loop = asyncio.get_running_loop()
+        progress, since = -1, loop.time()
+        while True:
+            behind = [
+                (tp.partition, end)
+                for tp, end in ends.items()
+                if self._positions.get(tp.partition, 0) < end
+            ]
+            if not behind:
+                return
             if self._reader is None or self._reader.done():
-                raise BrokerUnavailable("kafka: the reader stopped")
-            await self._advanced.wait()
+                raise BrokerUnavailable(
+                    f"kafka: the log was lost ({self._lost}); not reading it yet"
+                    if self._lost
+                    else "kafka: the reader stopped"
+                )
+            done = sum(self._positions.get(p, 0) for p, _ in behind)
+            if done != progress:
+                progress, since = done, loop.time()
+            left = since + self.timeout - loop.time()
+            if left <= 0:
+                raise TimeoutError
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._advanced.wait(), left)
 
     # -- watching the server and the log -------------------------------------------------------
 
@@ -510,7 +626,11 @@ class KafkaBroker(Broker):
             self._check_now.clear()
             try:
                 async with asyncio.timeout(self.timeout):
-                    lost = await self._verify()
+                    if self._lost is None:
+                        self._lost = await self._verify()
+                if self._lost is not None:
+                    await self._reset(self._lost)
+                    self._lost = None
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -518,17 +638,28 @@ class KafkaBroker(Broker):
                     log.error("kafka unreachable: %s", self.describe(exc))
                 self._outage = self.describe(exc)
                 continue
-            if lost is not None:
-                await self._reset(lost)
-            elif self._outage is not None:
+            if self._outage is not None:
                 log.warning("kafka reachable again; the reader resumes where it stopped")
                 self._outage = None
-                self.handler.on_resync()
+                self._resync()
+
+    def _resync(self) -> None:
+        try:
+            self.handler.on_resync()
+        except Exception:  # the handler's failure must not stop the watcher
+            log.exception("resync after a kafka outage failed")
 
     async def _verify(self) -> str | None:
         """Why the log this node read is gone (None: it is not): a partition now ends before
-        what this node read, or the last record it read is no longer there."""
-        assert self._consumer is not None and self._checker is not None
+        what this node read, or the last record it read is no longer there, or a partition
+        holds records nobody can read (then ``self._broken`` is set: see :meth:`_reset`)."""
+        assert self._consumer is not None
+        layout = await self._layout()
+        known = {tp.partition for tp in self._tps}
+        if layout is None:
+            return f"topic {self.topic} is gone"
+        if layout != known:
+            return f"topic {self.topic} now has {len(layout)} partitions, not {len(known)}"
         ends = await self._consumer.end_offsets(self._tps)
         for tp in self._tps:
             if ends[tp] < self._positions.get(tp.partition, 0):
@@ -538,49 +669,114 @@ class KafkaBroker(Broker):
                 )
         for partition, (offset, ts, rid) in list(self._last.items()):
             tp = TopicPartition(self.topic, partition)
-            self._checker.resume(tp)
-            try:
-                self._checker.seek(tp, offset)
-                found = await self._checker.getmany(tp, timeout_ms=int(self.timeout * 1000))
-            finally:
-                self._checker.pause(tp)
-            records = found.get(tp, [])
-            if not records:
+            record = await self._read_one(tp, offset)
+            if record is None:
                 continue  # no answer: inconclusive, checked again next time
-            record = records[0]
             if record.offset != offset:
                 if record.offset > offset and (await self._beginning(tp)) > offset:
                     continue  # deleted by retention, not lost
                 return f"record {offset} of partition {partition} is gone"
             if record.timestamp != ts or dict(record.headers or ()).get("i", b"") != rid:
                 return f"record {offset} of partition {partition} is not the one read before"
+        return await self._stuck_partition(ends)
+
+    async def _stuck_partition(self, ends: dict[TopicPartition, int]) -> str | None:
+        """A partition whose end offset stays ahead of a position where nothing can be read.
+
+        Tansu (0.6, memory storage) does this: a record produced, right after a restart, by a
+        client that still believes in the topic is acknowledged and counted, but can never be
+        read, and the partition refuses every later record. Only a new topic helps."""
+        now = asyncio.get_running_loop().time()
+        patience = max(self.timeout, 3 * self.check_interval)
+        for tp in self._tps:
+            position = self._positions.get(tp.partition, 0)
+            if position >= ends[tp]:
+                self._stuck.pop(tp.partition, None)
+                continue
+            seen, since = self._stuck.setdefault(tp.partition, (position, now))
+            if seen != position:
+                self._stuck[tp.partition] = (position, now)
+                continue
+            if now - since < patience or await self._read_one(tp, position) is not None:
+                continue
+            why = (
+                f"partition {tp.partition} ends at offset {ends[tp]} but nothing can be read "
+                f"from offset {position} on"
+            )
+            if self.repair:
+                self._broken = (tp.partition, position)
+                return why
+            if self._stuck.get(tp.partition) == (position, since):
+                log.error(
+                    "kafka topic %s: %s; delete the topic (every node starts its streams "
+                    "again) or set repair=1 in the broker URL to let tidings do it",
+                    self.topic,
+                    why,
+                )
+                self._stuck[tp.partition] = (position, math.inf)  # said once
         return None
+
+    async def _still_stuck(self, partition: int, position: int) -> bool:
+        assert self._consumer is not None
+        if partition not in (await self._layout() or ()):
+            return False
+        tp = TopicPartition(self.topic, partition)
+        end = (await self._consumer.end_offsets([tp]))[tp]
+        return bool(end > position) and await self._read_one(tp, position) is None
+
+    async def _read_one(self, tp: TopicPartition, offset: int) -> Any:
+        """The first record at or after ``offset`` (None if none came in half the timeout)."""
+        assert self._checker is not None
+        self._checker.resume(tp)
+        try:
+            self._checker.seek(tp, offset)
+            # half the call's timeout: no answer is inconclusive, not an outage
+            found = await self._checker.getmany(tp, timeout_ms=int(self.timeout * 500))
+        finally:
+            self._checker.pause(tp)
+        records = found.get(tp, [])
+        return records[0] if records else None
 
     async def _beginning(self, tp: TopicPartition) -> int:
         assert self._consumer is not None
         return int((await self._consumer.beginning_offsets([tp]))[tp])
 
     async def _reset(self, why: str) -> None:
-        """The log is lost: forget every stream and read the new log from its beginning."""
-        log.error(
-            "the kafka log of topic %s was lost (%s): every stream starts again with a new epoch",
-            self.topic,
-            why,
-        )
+        """The log is lost: forget every stream and read the new log from its beginning.
+        Raises (and is tried again by the watcher) if the server cannot be reached."""
         if self._reader is not None:
+            log.error(
+                "the kafka log of topic %s was lost (%s): every stream starts again with a "
+                "new epoch",
+                self.topic,
+                why,
+            )
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
-        self._streams.clear()
-        self._last.clear()
-        self._positions.clear()
-        try:
-            await self._ensure_topic()
-            await self._assign()
-        finally:
-            self._reader = asyncio.get_running_loop().create_task(self._read_forever())
+            self._reader = None
+            self._streams.clear()
+            self._last.clear()
+            self._positions.clear()
+            self._stuck.clear()
+        if self._broken is not None:
+            partition, position = self._broken
+            self._broken = None
+            # every node sees it at about the same time: one deletes, the others find the
+            # new topic fine when they look again
+            await asyncio.sleep(random.uniform(0, self.check_interval))
+            if await self._still_stuck(partition, position):
+                log.error(
+                    "deleting kafka topic %s to create it again: it cannot be read", self.topic
+                )
+                await self._delete_topic()
+        await self._ensure_topic()
+        await self._assign()
+        if self._producer is not None:  # so it writes to the partitions the reader reads
+            await self._producer.client.force_metadata_update()
+        self._reader = asyncio.get_running_loop().create_task(self._read_forever())
         self._outage = None
-        self.handler.on_resync()
+        self._resync()
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -616,6 +812,8 @@ class KafkaBroker(Broker):
         assert self._producer is not None
         if self._outage is not None:
             raise BrokerUnavailable(f"unreachable: {self._outage}")
+        if partition is None:
+            partition = self._partition_of(key)
         self._seq += 1
         rid = self.node_id + b":%d" % self._seq
         waiter: asyncio.Future[StreamPosition] | None = None
@@ -633,6 +831,16 @@ class KafkaBroker(Broker):
                 if sent.offset < self._positions.get(sent.partition, 0):
                     self._check_now.set()  # a record went where this node read another: lost?
                 return None if waiter is None else await waiter
+        except AssertionError as exc:  # aiokafka: a partition its metadata does not know (yet)
+            self._producer.client.force_metadata_update()
+            raise BrokerUnavailable(
+                f"kafka topic {self.topic}: partition {partition} is not known yet"
+            ) from exc
+        except MessageSizeTooLargeError as exc:
+            raise LimitExceeded(
+                f"a record of {len(value)} bytes is larger than the kafka broker takes "
+                "(1 MiB unless max.message.bytes says otherwise)"
+            ) from exc
         except TimeoutError as exc:
             raise BrokerUnavailable(
                 f"kafka at {','.join(self.bootstrap)}: the record was not confirmed within "
@@ -642,6 +850,11 @@ class KafkaBroker(Broker):
             raise BrokerUnavailable(self.describe(exc)) from exc
         finally:
             self._pending.pop(rid, None)
+
+    def _partition_of(self, key: bytes) -> int:
+        """The partition of a channel: chosen here rather than by the client library's
+        partitioner, which goes by the producer's own (possibly stale) partition count."""
+        return int(self._tps[zlib.crc32(key) % len(self._tps)].partition)
 
     async def publish(
         self,
@@ -704,12 +917,11 @@ class KafkaBroker(Broker):
         waits until this node read the log to its end); writes a touch record when the stream
         does not exist, is expired or is past half its ``meta_ttl``."""
         self._require_started()
-        async with asyncio.timeout(self.timeout):
-            await self._caught_up(None)
+        await self._caught_up(None)
         now = time.time()
         stream = self._streams.get(channel)
         if stream is None or stream.expires - now < meta_ttl / 2:
-            await self._write(_TOUCH, channel.encode(), b"", [("h", b"%r" % meta_ttl)])
+            await self._touch(channel, meta_ttl)
             stream = self._streams[channel]
         position = StreamPosition(stream.offset, stream.epoch)
         if limit == 0:
@@ -726,6 +938,17 @@ class KafkaBroker(Broker):
         if limit is not None and limit > 0:
             pubs = pubs[:limit]
         return HistoryResult(pubs, position)
+
+    async def _touch(self, channel: str, meta_ttl: float) -> None:
+        """Start or refresh ``channel``'s stream; concurrent callers share one record."""
+        touching = self._touching.get(channel)
+        if touching is None:
+            touching = asyncio.ensure_future(
+                self._write(_TOUCH, channel.encode(), b"", [("h", b"%r" % meta_ttl)])
+            )
+            self._touching[channel] = touching
+            touching.add_done_callback(lambda _: self._touching.pop(channel, None))
+        await asyncio.shield(touching)
 
     async def remove_history(self, channel: str) -> None:
         await self._write(_REMOVE, channel.encode(), b"")
