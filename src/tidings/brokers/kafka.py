@@ -67,7 +67,7 @@ Limits: every node replays the whole topic when it starts, and keeps in memory t
 channels keep (bounded by their history size). Records must not be deleted from the topic by
 retention while it is in use: a node started after a deletion would count offsets from a
 different point than older nodes (a node that finds a partition not starting at 0 logs an
-error). Partitions added to the topic after a node started are not read by that node.
+error). Adding partitions to the topic is a new log: every stream starts a new epoch.
 """
 
 from __future__ import annotations
