@@ -660,17 +660,25 @@ class KafkaBroker(Broker):
             return f"topic {self.topic} is gone"
         if layout != known:
             return f"topic {self.topic} now has {len(layout)} partitions, not {len(known)}"
+        # what was read before asking: the answer describes the log at some moment after this,
+        # while the reader may read on (past the answer) before it arrives
+        read = dict(self._positions)
         ends = await self._consumer.end_offsets(self._tps)
-        for tp in self._tps:
-            if ends[tp] < self._positions.get(tp.partition, 0):
-                return (
-                    f"partition {tp.partition} now ends at offset {ends[tp]}, "
-                    f"this node had read up to {self._positions[tp.partition]}"
-                )
+        # A partition that ends before what this node read was probably lost; but Tansu's end
+        # offsets lag behind what it already serves under load, so the last record read decides.
+        short = {tp.partition: ends[tp] for tp in self._tps if ends[tp] < read.get(tp.partition, 0)}
+        for partition, end in short.items():
+            if partition not in self._last:
+                return f"partition {partition} now ends at offset {end}, before {read[partition]}"
         for partition, (offset, ts, rid) in list(self._last.items()):
             tp = TopicPartition(self.topic, partition)
             record = await self._read_one(tp, offset)
             if record is None:
+                if partition in short:
+                    return (
+                        f"partition {partition} now ends at offset {short[partition]}, "
+                        f"this node had read up to {read[partition]}"
+                    )
                 continue  # no answer: inconclusive, checked again next time
             if record.offset != offset:
                 if record.offset > offset and (await self._beginning(tp)) > offset:
@@ -828,8 +836,12 @@ class KafkaBroker(Broker):
                     partition=partition,
                     headers=[("k", kind), ("i", rid), *(headers or ())],
                 )
-                if sent.offset < self._positions.get(sent.partition, 0):
-                    self._check_now.set()  # a record went where this node read another: lost?
+                if (
+                    waiter is not None
+                    and not waiter.done()
+                    and sent.offset < self._positions.get(sent.partition, 0)
+                ):
+                    self._check_now.set()  # read past where it went, without it: lost log?
                 return None if waiter is None else await waiter
         except AssertionError as exc:  # aiokafka: a partition its metadata does not know (yet)
             self._producer.client.force_metadata_update()
