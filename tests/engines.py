@@ -212,6 +212,7 @@ class Recorder:
     """An EventHandler that remembers everything and lets a test wait for it."""
 
     events: list[object] = field(default_factory=list)
+    resyncs: int = 0  # times the broker said deliveries may have been lost (not an event)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def on_publication(self, publication: Publication) -> None:
@@ -222,6 +223,10 @@ class Recorder:
 
     def on_control(self, data: bytes) -> None:
         self._add(data)
+
+    def on_resync(self) -> None:
+        self.resyncs += 1
+        self._changed.set()
 
     def _add(self, event: object) -> None:
         self.events.append(event)

@@ -157,7 +157,8 @@ async def test_a_dropped_link_resumes_where_it_stopped_and_loses_nothing(
     broker = create_broker(url)
     assert isinstance(broker, KafkaBroker)
     publisher = create_broker(url)
-    await publisher.start(Recorder())
+    publisher_events = Recorder()
+    await publisher.start(publisher_events)
     confirmed: list[StreamPosition] = []
     try:
         async with Hub(broker, Settings()) as hub:
@@ -192,6 +193,7 @@ async def test_a_dropped_link_resumes_where_it_stopped_and_loses_nothing(
                         except BrokerUnavailable:
                             await asyncio.sleep(0.05)
                 assert "reachable again" in caplog.text
+                await publisher_events.until(lambda: publisher_events.resyncs > 0)
             # aiokafka logs each reconnection attempt; the engine lets each line through once
             noise = [(r.name, r.msg) for r in caplog.records if r.name.startswith("aiokafka")]
             assert len(noise) == len(set(noise))
