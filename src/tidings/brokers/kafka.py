@@ -553,6 +553,10 @@ class KafkaBroker(Broker):
         elif kind == _PUB:
             size_raw, ttl_raw, meta_raw = headers["h"].split(b" ")
             size, ttl, meta_ttl = int(size_raw), float(ttl_raw), float(meta_raw)
+            # parsed before anything changes: a malformed record changes nothing
+            meta = orjson.loads(headers["m"]) if "m" in headers else {}
+            info = decode_info(meta["i"]) if "i" in meta else None
+            tags = meta.get("g")
         else:
             return
         if stream is None or at > stream.expires:
@@ -562,9 +566,6 @@ class KafkaBroker(Broker):
             self._resolve(rid, None)
             return
         stream.offset += 1
-        meta = orjson.loads(headers["m"]) if "m" in headers else {}
-        info = decode_info(meta["i"]) if "i" in meta else None
-        tags = meta.get("g")
         data: bytes = record.value or b""
         if size > 0:
             items = stream.items
