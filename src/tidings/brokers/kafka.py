@@ -55,7 +55,9 @@ an error, forgets every stream and reads the new log from its beginning: every s
 new epoch, so subscribers are told they could not be recovered. A publication confirmed in the
 moment between the loss and its discovery is counted in the old epoch, then again in the new.
 
-Tansu (0.6, memory storage), found by the tests: a restart loses every topic; a client asking
+Tansu (0.6, memory storage), found by the tests: a restart loses every topic; its end offsets
+can lag behind records it already serves (so the last record read, not the end offset, proves
+the log is still the one read); a client asking
 about a topic that does not exist makes Tansu create it with 4 partitions (nodes follow the
 topic's partitions, whatever their number); and a record sent right after a restart by a client
 that still believes in the old topic is acknowledged but can, depending on timing, never be
