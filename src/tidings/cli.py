@@ -54,6 +54,13 @@ def serve(
     log_level: Annotated[
         str | None, typer.Option(help="Log level [env TIDINGS_LOG_LEVEL].")
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Worker processes sharing the port, each a node joined through the broker "
+            "(> 1 needs redis://, postgresql://, nats:// or kafka://) [env TIDINGS_WORKERS]."
+        ),
+    ] = None,
 ) -> None:
     """Run a tidings hub (default: in-memory broker on http://127.0.0.1:8000)."""
     try:
@@ -64,6 +71,7 @@ def serve(
             broker_url=broker,
             insecure=insecure,
             log_level=log_level,
+            workers=workers,
         )
     except ValidationError as exc:
         raise _fail(f"bad configuration{_source(config)}:\n{_problems(exc)}") from None
@@ -75,7 +83,22 @@ def serve(
             "TIDINGS_TOKEN_HMAC_SECRET set): anyone could publish. Set a secret, bind "
             "127.0.0.1, or pass --insecure."
         )
+    if settings.workers > 1:
+        _serve_workers(settings)
     run(settings)
+
+
+def _serve_workers(settings: Settings) -> None:
+    """`tidings serve --workers N`, N > 1: the supervisor of tidings.workers."""
+    from .workers import WorkersError, check, supervise
+
+    try:
+        check(settings, settings.workers)
+        banner(settings)
+        status = supervise(settings, settings.workers)
+    except WorkersError as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(status)
 
 
 def _source(config: Path | None) -> str:
@@ -147,6 +170,18 @@ def run(settings: Settings) -> None:
     # it. They run while connections pour in, and each one is a pause every delivery waits out.
     gc.collect()
     gc.freeze()
+    banner(settings)
+    uvicorn.run(
+        application,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        **server_options(settings),
+    )
+
+
+def banner(settings: Settings) -> None:
+    """The start-up lines of `tidings serve`: dev mode warning, address, broker, workers."""
     url = f"http://{settings.host}:{settings.port}"
     if settings.dev_mode:
         err.print(
@@ -158,14 +193,8 @@ def run(settings: Settings) -> None:
             )
         )
     broker = redact(settings.broker_url)
-    err.print(f"tidings on [bold]{url}[/]  broker [bold]{broker}[/]  demo {url}/")
-    uvicorn.run(
-        application,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        **server_options(settings),
-    )
+    workers = f"  workers [bold]{settings.workers}[/]" if settings.workers > 1 else ""
+    err.print(f"tidings on [bold]{url}[/]  broker [bold]{broker}[/]{workers}  demo {url}/")
 
 
 def redact(url: str) -> str:
