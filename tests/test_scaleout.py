@@ -36,6 +36,10 @@ history_ttl = 600
 presence = true
 join_leave = true
 allow_publish = true
+
+[namespaces.short]
+presence = true
+presence_ttl = 2
 """
 
 
@@ -286,6 +290,32 @@ async def test_history_recovery_and_presence_across_nodes(
             assert not stale.get("publications") and stale["epoch"] == epoch
         finally:
             await client.close()
+
+
+async def test_presence_of_a_node_killed_with_sigkill_expires_and_the_other_serves_on(
+    tmp_path: Path, broker_url: str, config: Path, procs: list[Proc]
+) -> None:
+    node_a, node_b = await start_nodes(tmp_path, broker_url, config, procs, "a", "b")
+    channel = "short:room"
+    async with httpx.AsyncClient(base_url=node_a.url, timeout=WAIT) as on_a:
+        client = await Raw.open(node_b.ws)
+        try:
+            me = (await client.connect())["client"]
+            await client.subscribe(channel)
+            assert list((await api(on_a, "presence", channel=channel))["presence"]) == [me]
+            assert node_b.popen is not None
+            node_b.popen.kill()  # no goodbye: its entries stay until they expire
+            node_b.popen.wait(WAIT)
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()
+        # presence_ttl is 2 s; waited for as an event (a loaded machine is slow), not timed
+        async with asyncio.timeout(SLOW_WAIT):
+            while (await api(on_a, "presence", channel=channel))["presence"]:
+                await asyncio.sleep(0.1)
+        result = await api(on_a, "publish", channel=channel, data="still here")
+        assert result["offset"] >= 1
+        assert node_a.health() == 200
 
 
 # -- tidings serve --workers 2 ---------------------------------------------------------------

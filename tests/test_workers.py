@@ -202,3 +202,28 @@ def test_workers_share_the_port_a_dead_one_comes_back_sigterm_stops_all(
     now = _workers(proc)
     assert proc.stop() == 0
     assert not any(_alive(pid) for pid in now.values())
+
+
+def test_workers_that_cannot_start_stop_the_command(tmp_path: Path) -> None:
+    """A worker that fails before serving (here: no Redis there) ends `tidings serve --workers`
+    with an error instead of being restarted forever."""
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    proc = tidings_serve(tmp_path, nowhere, "--workers", "2").start()
+    try:
+        assert proc.wait_exit() == 1
+    finally:
+        proc.stop()
+    assert "before serving; stopping" in proc.output()
+
+
+def test_a_port_in_use_is_refused_before_any_worker_starts(tmp_path: Path, redis_url: str) -> None:
+    """With SO_REUSEPORT a worker could otherwise join whatever else listens there."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = tidings_serve(tmp_path, redis_url, "--workers", "2", port=port).start()
+        assert proc.wait_exit() == 2
+        out = " ".join(proc.output().split())
+        assert f"cannot listen on 127.0.0.1:{port}" in out, out
+        assert "worker 0 started" not in out
