@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -67,8 +68,9 @@ def procs() -> Iterator[list[Proc]]:
 async def start_nodes(
     tmp: Path, url: str, config: Path, procs: list[Proc], *names: str, args: tuple[str, ...] = ()
 ) -> list[Proc]:
+    level = "info" if "--workers" in args else "warning"  # info: the workers' "serves" lines
     nodes = [
-        tidings_serve(tmp, url, "--config", str(config), "--log-level", "warning", *args, name=n)
+        tidings_serve(tmp, url, "--config", str(config), "--log-level", level, *args, name=n)
         for n in names
     ]
     for node in nodes:
@@ -332,6 +334,13 @@ async def test_two_workers_on_redis_share_subscribers_and_deliver_everything(
 ) -> None:
     (server,) = await start_nodes(
         tmp_path, redis_url, config, procs, "workers", args=("--workers", "2")
+    )
+    # both workers listen before anyone connects, or the first would get every connection
+    await asyncio.to_thread(
+        server.wait_until,
+        lambda: len(re.findall(r"worker \d+ \(pid \d+\) serves", server.output())) == 2,
+        "both workers serving",
+        SLOW_WAIT,
     )
     channel = "spread"
     subs: list[Sub] = list(await asyncio.gather(*(RawSub.open(server, channel) for _ in range(50))))
