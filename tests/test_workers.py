@@ -227,3 +227,20 @@ def test_a_port_in_use_is_refused_before_any_worker_starts(tmp_path: Path, redis
         out = " ".join(proc.output().split())
         assert f"cannot listen on 127.0.0.1:{port}" in out, out
         assert "worker 0 started" not in out
+
+
+def test_check_refuses_what_several_workers_cannot_serve() -> None:
+    from tidings import Settings
+    from tidings.workers import WorkersError, check
+
+    redis = "redis://127.0.0.1:6379/0"
+    check(Settings(broker_url=redis, port=8000), 4)
+    check(Settings(port=0), 1)  # one worker: anything goes
+    for settings, workers, message in (
+        (Settings(port=8000), 2, "memory:// keeps everything inside one process"),
+        (Settings(broker_url="memory://shared", port=8000), 2, "needs a broker"),
+        (Settings(broker_url=redis, port=0), 2, "fixed --port"),
+        (Settings(broker_url=redis, port=8000), 0, "at least 1"),
+    ):
+        with pytest.raises(WorkersError, match=message):
+            check(settings, workers)

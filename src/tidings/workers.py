@@ -51,9 +51,12 @@ class WorkersError(Exception):
 
 def check(settings: Settings, workers: int) -> None:
     """Raise :class:`WorkersError` if ``workers`` processes cannot serve ``settings``:
-    fewer than 1, or more than 1 on a broker that keeps everything in one process."""
+    fewer than 1, or more than 1 on port 0 or on a broker that keeps everything in one
+    process."""
     if workers < 1:
         raise WorkersError(f"--workers must be at least 1, not {workers}")
+    if workers > 1 and settings.port == 0:
+        raise WorkersError("--workers needs a fixed --port: with 0 each worker would pick its own")
     scheme = urlsplit(settings.broker_url).scheme.lower()
     if workers > 1 and scheme in PROCESS_LOCAL:
         raise WorkersError(
