@@ -244,3 +244,39 @@ def test_check_refuses_what_several_workers_cannot_serve() -> None:
     ):
         with pytest.raises(WorkersError, match=message):
             check(settings, workers)
+
+
+WITHOUT_REUSEPORT = """
+import sys
+import tidings.workers
+from tidings.cli import main
+
+tidings.workers.reuse_port_available = lambda: False  # as on a system without SO_REUSEPORT
+sys.argv = ["tidings", *sys.argv[1:]]
+main()
+"""
+
+
+def test_without_so_reuseport_the_supervisor_shares_one_socket(
+    tmp_path: Path, procs: list[Proc], redis_url: str
+) -> None:
+    port = free_port()
+    args = [sys.executable, "-c", WITHOUT_REUSEPORT, "serve", "--workers", "2",
+            "--broker", redis_url, "--port", str(port)]  # fmt: skip
+    proc = Proc(args, clean_env(), tmp_path / "shared.log", port)
+    procs.append(proc.start())
+    proc.wait_until(lambda: len(_workers(proc)) == 2, "two workers serving", 60)
+    assert proc.health() == 200
+    # one listening socket, held by the supervisor and both workers
+    from tidings import processes
+
+    held = [
+        {
+            inode
+            for link in processes._fd_links(pid).values()
+            if (inode := processes._socket_inode(link)) is not None
+        }
+        for pid in (proc.pid, *_workers(proc).values())
+    ]
+    assert set.intersection(*held)
+    assert proc.stop() == 0
