@@ -280,3 +280,23 @@ def test_without_so_reuseport_the_supervisor_shares_one_socket(
     ]
     assert set.intersection(*held)
     assert proc.stop() == 0
+
+
+def test_children_found_by_scanning_proc_match_the_kernels_list() -> None:
+    """The fallback for kernels without /proc/PID/task/TID/children finds the same pids."""
+    from tidings import processes
+
+    sleepers = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+                for _ in range(2)]  # fmt: skip
+    try:
+        listed: set[int] = set()
+        for task in os.listdir("/proc/self/task"):
+            listed.update(
+                int(p) for p in Path(f"/proc/self/task/{task}/children").read_text().split()
+            )
+        assert {p.pid for p in sleepers} <= listed
+        assert set(processes._children_by_scan(os.getpid())) == listed
+    finally:
+        for sleeper in sleepers:
+            sleeper.kill()
+            sleeper.wait()

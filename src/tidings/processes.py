@@ -82,12 +82,14 @@ def siblings() -> list[int]:
         return []
     pids: set[int] = set()
     tasks = PROC / str(parent) / "task"
-    try:
+    read = False
+    with contextlib.suppress(OSError):
         # every thread's children: a supervisor may start workers from any thread
         for task in os.listdir(tasks):
             with contextlib.suppress(OSError, ValueError):
                 pids.update(int(p) for p in (tasks / task / "children").read_text().split())
-    except OSError:
+                read = True
+    if not read:  # a kernel without CONFIG_PROC_CHILDREN
         pids = set(_children_by_scan(parent))
     pids.discard(me)
     return sorted(pids)
