@@ -47,7 +47,9 @@ import orjson
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import parse_url
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ClusterDownError, ReadOnlyError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -194,7 +196,14 @@ class RedisBroker(Broker):
             kwargs: dict[str, Any] = dict(parse_url(urlunsplit(stand_in)))
             for key in ("host", "port", "connection_class"):
                 kwargs.pop(key, None)
-            sentinel_kwargs = {}
+            # redis-py retries each connection 10 times (about 3 s) by default, the one to a
+            # sentinel inside the one to the primary: seconds before a caller hears of an
+            # outage. A few quick tries answer promptly; the hub's reconnection loop and the
+            # clients retry anyway.
+            kwargs["retry"] = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.05), 2)
+            sentinel_kwargs: dict[str, Any] = {
+                "retry": Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.05), 1)
+            }
             if options.get("sentinel_password"):
                 sentinel_kwargs["password"] = options["sentinel_password"]
             self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
