@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = (ROOT / ".." / "shared" / "bench").resolve()
+from bench import ROOT, shared_dir
+
+SHARED = shared_dir()
 PY = sys.executable
 
 
@@ -308,6 +309,17 @@ def run(args: argparse.Namespace) -> Path:
         if scenario == "redis":
             plan += _redis_plan()
             continue
+        if scenario == "brokers":
+            # bench/brokers.py for TIDINGS_BENCH_BROKERS (space-separated URLs; default: the
+            # Redis URL): tidings and broadcaster, two nodes each, latency and throughput
+            from bench import brokers
+
+            for url in os.environ.get("TIDINGS_BENCH_BROKERS", REDIS_URL).split():
+                options = brokers.parser().parse_args(["--broker", url, "--out", str(out)])
+                options.repeats = args.repeats
+                brokers.run(options)
+                print(brokers.table(out), file=sys.stderr, flush=True)
+            continue
         if scenario == "centrifuge":
             for name in args.servers:
                 spec = CENTRIFUGE.get(name) or (
@@ -375,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         "--scenarios",
         nargs="+",
         default=DEFAULT_SCENARIOS,
-        choices=[*SCENARIOS, "http", "inproc", "centrifuge", "redis"],
+        choices=[*SCENARIOS, "http", "inproc", "centrifuge", "redis", "brokers"],
         help=f"default: {' '.join(DEFAULT_SCENARIOS)}",
     )
     ap.add_argument("--repeats", type=int, default=1)

@@ -69,6 +69,8 @@ async def _nats_cleanup(url: str, prefix: str) -> None:
                 await js.delete_stream(stream)
     finally:
         await nc.close()
+
+
 class Tansu:
     """A Kafka-compatible Tansu broker (memory storage) on a free loopback port.
 
@@ -162,6 +164,70 @@ async def _kafka_cleanup(url: str, prefix: str) -> None:
         await admin.close()
 
 
+# -- Redis Cluster and Sentinel: a private deployment started on first use (tests/redis_servers.py)
+# unless TIDINGS_TEST_REDIS_CLUSTER_URL / TIDINGS_TEST_REDIS_SENTINEL_URL name one
+
+_PRIVATE_ERRORS: dict[str, str] = {}
+
+
+def _private_url(kind: str) -> str:
+    """The URL of the session's private cluster/sentinel; on failure a URL nobody answers
+    (the reason is kept, and the check raises it)."""
+    from . import redis_servers
+
+    given = os.environ.get(f"TIDINGS_TEST_REDIS_{kind.upper()}_URL")
+    if given:
+        return given
+    if kind not in _PRIVATE_ERRORS:
+        try:
+            started = (
+                redis_servers.shared_cluster() if kind == "cluster" else
+                redis_servers.shared_sentinel()
+            )  # fmt: skip
+            return started.url
+        except Exception as exc:
+            _PRIVATE_ERRORS[kind] = f"cannot start a private Redis {kind}: {exc!r}"
+    return f"redis+{kind}://127.0.0.1:1/tidings"
+
+
+async def _private_check(kind: str, url: str) -> None:
+    if kind in _PRIVATE_ERRORS:
+        raise RuntimeError(_PRIVATE_ERRORS[kind])
+    await _redis_check(url)
+
+
+async def _cluster_cleanup(url: str, prefix: str) -> None:
+    from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
+
+    broker = create_broker(url)
+    assert isinstance(broker._redis, RedisCluster)  # type: ignore[attr-defined]
+    cluster: RedisCluster = broker._redis  # type: ignore[attr-defined]
+    try:
+        await cluster.initialize()
+        for node in cluster.get_primaries():
+            client = Redis(host=node.host, port=node.port)
+            try:
+                keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=500)]
+                for key in keys:  # one by one: keys of several slots
+                    await client.delete(key)
+            finally:
+                await client.aclose()
+    finally:
+        await broker.close()
+
+
+async def _sentinel_cleanup(url: str, prefix: str) -> None:
+    broker = create_broker(url)
+    client = broker._redis  # type: ignore[attr-defined]
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=500)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await broker.close()
+
+
 async def _memory_cleanup(url: str, prefix: str) -> None:
     memory_engine._shared.pop(prefix, None)
 
@@ -207,6 +273,20 @@ ENGINES: dict[str, Engine] = {
         lambda: (
             f"kafka://127.0.0.1:{free_port()}?timeout=2&presence=redis://127.0.0.1:{free_port()}/0"
         ),
+    ),
+    "redis_cluster": Engine(
+        "redis_cluster",
+        lambda prefix: with_prefix(_private_url("cluster"), prefix),
+        lambda url: _private_check("cluster", url),
+        _cluster_cleanup,
+        lambda: f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{free_port()}/",
+    ),
+    "redis_sentinel": Engine(
+        "redis_sentinel",
+        lambda prefix: with_prefix(_private_url("sentinel"), prefix),
+        lambda url: _private_check("sentinel", url),
+        _sentinel_cleanup,
+        lambda: f"redis+sentinel://127.0.0.1:{free_port()}/tidings",
     ),
 }
 

@@ -127,7 +127,8 @@ async def test_every_key_is_under_the_prefix_and_expires(cluster: Cluster, clien
     await a.publish("k", b"1", HistoryOptions(size=5, ttl=30, meta_ttl=600))
     await a.add_presence("k", ClientInfo("c"), 20)
     keys = sorted([k.decode() async for k in client.scan_iter(match=f"{a.prefix}:*")])
-    assert keys == [f"{a.prefix}:{kind}:k" for kind in ("hist", "meta", "pres", "presz")]
+    # {k}: the channel is the hash tag, so its keys share a Redis Cluster slot
+    assert keys == [f"{a.prefix}:{kind}:{{k}}" for kind in ("hist", "meta", "pres", "presz")]
     ttls = {k.rsplit(":", 2)[1]: await client.pttl(k) for k in keys}
     assert 0 < ttls["hist"] <= 30_000
     assert 30_000 < ttls["meta"] <= 600_000
@@ -157,12 +158,41 @@ def test_url_options_are_ours_and_the_rest_go_to_redis_py() -> None:
     assert default.prefix == "tidings"
     assert tuned.prefix == "app1"
     assert (tuned._pubsub.subscribe_timeout, tuned._pubsub.ping_interval) == (3.0, 4.0)
-    kwargs = tuned._pool.connection_kwargs
+    kwargs = tuned._redis.connection_pool.connection_kwargs
     assert (kwargs["db"], kwargs["socket_timeout"], kwargs["port"]) == (2, 7.0, 6380)
+    assert default.mode == tuned.mode == "single"
+    with pytest.raises(ValueError, match="braces"):
+        create_broker("redis://127.0.0.1/0?prefix=a{b}")
     assert with_prefix("redis://h/0?x=1", "p") == "redis://h/0?x=1&prefix=p"
     for bad in ("subscribe_timeout=soon", "ping_interval=0", "ping_interval=-1"):
         with pytest.raises(ValueError, match=bad.partition("=")[0]):
             create_broker(f"redis://127.0.0.1/0?{bad}")
+
+
+def test_cluster_and_sentinel_urls() -> None:
+    cluster = create_broker(
+        "redis+cluster://u:pw@10.0.0.1:7000,10.0.0.2,[::1]:7002/?prefix=c&socket_timeout=3"
+    )
+    assert isinstance(cluster, RedisBroker) and cluster.mode == "cluster"
+    pools = cluster._pubsub._pools
+    assert [(p.connection_kwargs["host"], p.connection_kwargs["port"]) for p in pools] == [
+        ("10.0.0.1", 7000), ("10.0.0.2", 6379), ("::1", 7002)
+    ]  # fmt: skip
+    assert {p.connection_kwargs["password"] for p in pools} == {"pw"}
+    assert pools[0].connection_kwargs["protocol"] == 2
+    sentinel = create_broker(
+        "redis+sentinel://:pw@s1:26379,s2/mymaster/3?prefix=s&sentinel_password=spw"
+    )
+    assert isinstance(sentinel, RedisBroker) and sentinel.mode == "sentinel"
+    assert sentinel._sentinel is not None
+    assert [c.connection_pool.connection_kwargs["port"] for c in sentinel._sentinel.sentinels] == [
+        26379, 26379
+    ]  # fmt: skip
+    assert sentinel._sentinel.sentinels[0].connection_pool.connection_kwargs["password"] == "spw"
+    (pool,) = sentinel._pubsub._pools
+    assert (pool.connection_kwargs["db"], pool.connection_kwargs["password"]) == (3, "pw")
+    with pytest.raises(ValueError, match="service"):
+        create_broker("redis+sentinel://s1:26379/")
 
 
 class BlackHole:

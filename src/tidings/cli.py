@@ -18,6 +18,7 @@ import typer.core
 if TYPE_CHECKING:
     from pydantic import ValidationError
 
+    from .config import Settings
 
 
 class Command(typer.core.TyperCommand):
@@ -151,6 +152,17 @@ def serve(
             help="text, or json: one JSON object per line.",
         ),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            envvar="TIDINGS_WORKERS",
+            metavar="N",
+            show_envvar=True,
+            show_default="1",
+            help="Worker processes sharing the port, each a node joined through the broker "
+            "(more than 1 needs a broker other than memory://).",
+        ),
+    ] = None,
 ) -> None:
     """Run a tidings hub: WebSocket subscriptions, the HTTP API and the demo page at /."""
     from pydantic import ValidationError
@@ -166,6 +178,7 @@ def serve(
             insecure=insecure or None,
             log_level=log_level,
             log_format=log_format,
+            workers=workers,
         )
     except ValidationError as exc:
         raise _fail(f"bad configuration{_source(config)}:\n{_problems(exc)}") from None
@@ -177,9 +190,23 @@ def serve(
             "TIDINGS_TOKEN_HMAC_SECRET set): anyone could publish. Set a secret, bind "
             "127.0.0.1, or pass --insecure."
         )
+    if settings.workers > 1:
+        _serve_workers(settings)
     from .serve.server import run
 
     run(settings)
+
+
+def _serve_workers(settings: Settings) -> None:
+    """`tidings serve --workers N`, N > 1: the supervisor of :mod:`tidings.serve.workers`."""
+    from .serve.workers import WorkersError, check, supervise
+
+    try:
+        check(settings, settings.workers)
+        status = supervise(settings, settings.workers)
+    except WorkersError as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(status)
 
 
 def _source(config: Path | None) -> str:

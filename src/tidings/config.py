@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address `tidings serve` binds.")
     port: int = Field(8000, ge=0, le=65535, description="Port `tidings serve` binds.")
     insecure: bool = Field(False, description="Allow dev mode on a non-loopback address.")
+    workers: int = Field(
+        1,
+        ge=1,
+        description="Processes `tidings serve` runs on its port, each a node joined through "
+        "the broker (more than 1 needs a networked broker).",
+    )
     broker_url: str = Field("memory://", description="Broker engine, chosen by URL scheme.")
     api_key: SecretStr | None = Field(None, description="Key required by the HTTP API.")
     token_hmac_secret: SecretStr | None = Field(

@@ -22,6 +22,9 @@ ENGINES: dict[str, str] = {
     "memory": "tidings.brokers.memory:MemoryBroker",
     "redis": "tidings.brokers.redis:RedisBroker",
     "rediss": "tidings.brokers.redis:RedisBroker",
+    "redis+cluster": "tidings.brokers.redis:RedisBroker",
+    "rediss+cluster": "tidings.brokers.redis:RedisBroker",
+    "redis+sentinel": "tidings.brokers.redis:RedisBroker",
     "postgresql": "tidings.brokers.postgres:PostgresBroker",
     "postgres": "tidings.brokers.postgres:PostgresBroker",
     "kafka": "tidings.brokers.kafka:KafkaBroker",
@@ -51,7 +54,9 @@ def create_broker(url: str) -> Broker:
 
 
 def _extra(scheme: str) -> str:
-    return {"rediss": "redis", "postgresql": "postgres"}.get(scheme, scheme)
+    if scheme.startswith(("redis+", "rediss")):
+        return "redis"
+    return {"postgresql": "postgres"}.get(scheme, scheme)
 
 
 __all__ = [

@@ -3,11 +3,19 @@
 ``memory://`` gives each broker a private store (one node). ``memory://NAME`` shares one store
 among every broker in the process with that name, so tests can run several hubs as if they were
 several nodes and check the same contract as the networked engines.
+
+Either way nothing leaves the process, so several worker processes behind one port would be
+several hubs that do not see each other's publications. :meth:`MemoryBroker.start` refuses to
+start in a worker of a pre-fork server (``uvicorn --workers N``, gunicorn with uvicorn workers:
+see :mod:`tidings.processes`), and a worker that only sees its siblings later (they started after
+it) fails ``ping()``, hence ``/health``, and logs an error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -16,6 +24,7 @@ from urllib.parse import urlsplit
 from .base import (
     DEFAULT_META_TTL,
     Broker,
+    BrokerUnavailable,
     ClientInfo,
     EventHandler,
     HistoryOptions,
@@ -28,6 +37,27 @@ from .base import (
 )
 
 SWEEP_INTERVAL = 30.0
+#: seconds between checks for sibling workers: often at first (a pre-fork server starts its
+#: workers together), then rarely
+WATCH_INTERVALS = (1.0,) * 10 + (5.0,) * 10
+WATCH_INTERVAL_LATER = 60.0
+
+log = logging.getLogger("tidings.brokers.memory")
+
+
+class SeveralWorkers(RuntimeError):
+    """``memory://`` in one of several worker processes serving one socket: refused."""
+
+
+def several_workers_message(pids: list[int]) -> str:
+    others = ", ".join(str(p) for p in pids)
+    return (
+        f"memory:// keeps channels inside one process, but this process ({os.getpid()}) is one "
+        f"of several workers serving the same socket (also pid {others}): each would be a "
+        "separate hub and a publication would reach only the subscribers of the worker that "
+        "took it. Run one worker, or join the workers through a broker: "
+        "TIDINGS_BROKER_URL=redis://127.0.0.1:6379 (or postgresql://, nats://, kafka://)"
+    )
 
 
 #: a kept publication: (expires, offset, data, time, info, tags). A plain tuple, not a
@@ -66,21 +96,38 @@ class MemoryBroker(Broker):
         self._store = _shared.setdefault(name, _Store()) if name else _Store()
         self._channels: set[str] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        #: why this node is not a whole deployment (sibling workers seen), for ping()
+        self.split: str | None = None
 
     async def start(self, handler: EventHandler) -> None:
+        """Start; :class:`SeveralWorkers` if this process is one of several workers serving
+        the same listening socket (a pre-fork server: see :mod:`tidings.processes`)."""
+        from .. import processes
+
+        pids = processes.sharing_siblings()
+        if pids:
+            message = several_workers_message(pids)
+            log.error("refusing to start: %s", message)
+            raise SeveralWorkers(message)
         await super().start(handler)
         self._store.nodes.add(self)
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.create_task(self._sweep_forever())
+        self._watcher = loop.create_task(self._watch_siblings())
 
     async def close(self) -> None:
         self._store.nodes.discard(self)
         self._channels.clear()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        for task in (self._sweeper, self._watcher):
+            if task is not None:
+                task.cancel()
+        self._sweeper = self._watcher = None
 
     async def ping(self) -> None:
-        return None
+        """Raise :class:`BrokerUnavailable` once sibling workers were seen (see start)."""
+        if self.split is not None:
+            raise BrokerUnavailable(self.split)
 
     async def subscribe(self, channel: str) -> None:
         self._channels.add(channel)
@@ -201,6 +248,22 @@ class MemoryBroker(Broker):
                 del entries[cid]
             if not entries:
                 del self._store.presence[channel]
+
+    async def _watch_siblings(self) -> None:
+        """Look again for sibling workers: those started after this one are not seen by
+        start(). The first sighting fails ping() for good and is logged as an error."""
+        from .. import processes
+
+        inodes: set[int] = set()
+        intervals = iter(WATCH_INTERVALS)
+        while self.split is None:
+            await asyncio.sleep(next(intervals, WATCH_INTERVAL_LATER))
+            if not inodes:  # found once, kept: the listening socket does not change
+                inodes = await asyncio.to_thread(processes.listening_sockets)
+            pids = await asyncio.to_thread(processes.sharing_siblings, inodes)
+            if pids:
+                self.split = several_workers_message(pids)
+                log.error("%s; /health fails from now on", self.split)
 
     async def _sweep_forever(self) -> None:
         while True:

@@ -14,6 +14,24 @@ URL options (removed before the URL reaches redis-py, which reads its own, e.g.
 ``subscribe_timeout`` is how long to wait for Redis to confirm a subscription (default 10 s);
 ``ping_interval`` is how often the pub/sub connection is pinged (default 10 s): three intervals
 without a byte count as a lost connection.
+
+Three deployments, by URL scheme:
+
+* ``redis://[[user]:password@]host:6379/0`` (``rediss://`` for TLS): one Redis, or the primary
+  of a replicated one;
+* ``redis+cluster://[[user]:password@]host1:7000,host2:7001/`` (``rediss+cluster://``): a Redis
+  Cluster, found from any of the listed nodes. A channel's keys carry one hash tag
+  (``prefix:meta:{CH}``, ``prefix:hist:{CH}``, ...), so they share a slot and each Lua script
+  touches one shard. Delivery uses classic pub/sub, which a cluster broadcasts to every node:
+  the node's pub/sub connection goes to any cluster node (the next listed one when it drops).
+  Sharded pub/sub (``SSUBSCRIBE``) would keep each message within its shard but needs one
+  connection per shard that follows slot migrations; not used;
+* ``redis+sentinel://[[user]:password@]sentinel1:26379,sentinel2:26379/SERVICE[/DB]``: the
+  primary that Redis Sentinel names for ``SERVICE``, asked again after every lost connection,
+  so a failover costs a reconnection (and the gap is healed from history as after any
+  reconnection; publications the old primary accepted but did not replicate are lost with it:
+  Redis replication is asynchronous). ``sentinel_password`` (URL option) authenticates to the
+  sentinels themselves.
 """
 
 from __future__ import annotations
@@ -27,6 +45,12 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import parse_url
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ClusterDownError, ReadOnlyError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
@@ -50,7 +74,18 @@ from .redis_scripts import decode, decode_info, encode_info
 
 log = logging.getLogger("tidings.brokers.redis")
 
-OPTIONS = ("prefix", "subscribe_timeout", "ping_interval")
+OPTIONS = ("prefix", "subscribe_timeout", "ping_interval", "sentinel_password")
+#: what redis-py raises when the deployment cannot serve right now (down, failing over, a
+#: cluster slot without a primary, a demoted primary): all BrokerUnavailable
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    RedisClusterException,
+    ReadOnlyError,
+    OSError,
+)
 
 
 def _ms(seconds: float) -> int:
@@ -93,31 +128,109 @@ def _reachable(method: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, 
     async def call(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await method(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except UNAVAILABLE as exc:
             raise BrokerUnavailable(f"redis: {exc}") from exc
 
     return call
 
 
+def _hosts(netloc: str, default_port: int) -> tuple[str, list[tuple[str, int]]]:
+    """``user:pass@h1:p1,h2`` -> (``user:pass@``, [(h1, p1), (h2, default_port)])."""
+    credentials, _, hosts = netloc.rpartition("@")
+    found = []
+    for item in hosts.split(","):
+        host, port = item, default_port
+        if item.startswith("["):  # [v6]:port
+            host, _, rest = item[1:].partition("]")
+            port = int(rest[1:]) if rest.startswith(":") else default_port
+        elif item.count(":") == 1:
+            host, _, raw = item.partition(":")
+            port = int(raw)
+        if host:
+            found.append((host, port))
+    if not found:
+        raise ValueError(f"no host in redis URL netloc {netloc!r}")
+    return (credentials + "@" if credentials else ""), found
+
+
+def _netloc(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class RedisBroker(Broker):
-    schemes = ("redis", "rediss")
+    schemes = ("redis", "rediss", "redis+cluster", "rediss+cluster", "redis+sentinel")
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0") -> None:
         super().__init__(url)
         redis_url, options = _split_options(url)
         self.prefix = options.get("prefix") or "tidings"
-        self._pool: ConnectionPool = ConnectionPool.from_url(redis_url)
-        self._redis = Redis(connection_pool=self._pool)
+        if "{" in self.prefix or "}" in self.prefix:
+            # a brace would move the hash tag that keeps a channel's keys in one cluster slot
+            raise ValueError(f"redis URL option prefix={self.prefix!r}: no braces allowed")
+        parts = urlsplit(redis_url)
+        scheme = parts.scheme.lower()
+        name = f"tidings-{self.prefix}-{new_epoch()}".replace(" ", "_")
+        #: "single", "cluster" or "sentinel"
+        self.mode = scheme.partition("+")[2] or "single"
+        self._sentinel: Sentinel | None = None
+        self._redis: Redis | RedisCluster
+        pubsub_pools: list[ConnectionPool]
+        if self.mode == "cluster":
+            base = scheme.partition("+")[0]
+            credentials, hosts = _hosts(parts.netloc, 6379)
+            urls = [
+                urlunsplit((base, credentials + _netloc(h, p), "", parts.query, ""))
+                for h, p in hosts
+            ]
+            self._redis = RedisCluster.from_url(
+                urls[0], startup_nodes=[ClusterNode(h, p) for h, p in hosts[1:]]
+            )
+            pubsub_pools = [ConnectionPool.from_url(u, protocol=2, client_name=name) for u in urls]
+        elif self.mode == "sentinel":
+            credentials, hosts = _hosts(parts.netloc, 26379)
+            service, _, db = parts.path.strip("/").partition("/")
+            if not service:
+                raise ValueError("a redis+sentinel:// URL needs the service: .../SERVICE[/DB]")
+            # redis-py's own options (password, db, socket_timeout, ...) from a stand-in URL
+            stand_in = ("redis", credentials + "x", "/" + (db or "0"), parts.query, "")
+            kwargs: dict[str, Any] = dict(parse_url(urlunsplit(stand_in)))
+            for key in ("host", "port", "connection_class"):
+                kwargs.pop(key, None)
+            # redis-py retries each connection 10 times (about 3 s) by default, the one to a
+            # sentinel inside the one to the primary: seconds before a caller hears of an
+            # outage. A few quick tries answer promptly; the hub's reconnection loop and the
+            # clients retry anyway.
+            kwargs["retry"] = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.05), 2)
+            sentinel_kwargs: dict[str, Any] = {
+                "retry": Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.05), 1)
+            }
+            if options.get("sentinel_password"):
+                sentinel_kwargs["password"] = options["sentinel_password"]
+            self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+                hosts, sentinel_kwargs=sentinel_kwargs, **kwargs
+            )
+            self._redis = self._sentinel.master_for(service, redis_class=Redis)
+            pubsub_pools = [
+                SentinelConnectionPool(  # type: ignore[no-untyped-call]
+                    service, self._sentinel, protocol=2, client_name=name, **kwargs
+                )
+            ]
+        elif self.mode == "single":
+            self._redis = Redis.from_pool(ConnectionPool.from_url(redis_url))
+            pubsub_pools = [ConnectionPool.from_url(redis_url, protocol=2, client_name=name)]
+        else:
+            raise ValueError(f"unknown redis URL scheme {scheme!r}")
         self._publish = self._redis.register_script(lua.PUBLISH)
         self._history = self._redis.register_script(lua.HISTORY)
         self._add_presence = self._redis.register_script(lua.ADD_PRESENCE)
+        self._remove_presence = self._redis.register_script(lua.REMOVE_PRESENCE)
         self._presence = self._redis.register_script(lua.PRESENCE)
         self._topic_prefix = f"{self.prefix}:ch:"
         self._control = f"{self.prefix}:control"
         self._closed = False
         self._pubsub = PubSub(
-            redis_url,
-            f"tidings-{self.prefix}-{new_epoch()}".replace(" ", "_"),
+            pubsub_pools,
+            name,
             self._on_message,
             subscribe_timeout=_seconds(options, "subscribe_timeout", 10.0),
             ping_interval=_seconds(options, "ping_interval", 10.0),
@@ -132,7 +245,8 @@ class RedisBroker(Broker):
     # -- keys ----------------------------------------------------------------------------------
 
     def _key(self, kind: str, channel: str) -> str:
-        return f"{self.prefix}:{kind}:{channel}"
+        # {channel} is the hash tag: a channel's keys share one cluster slot (see the docstring)
+        return f"{self.prefix}:{kind}:{{{channel}}}"
 
     def _topic(self, channel: str) -> str:
         return self._topic_prefix + channel
@@ -155,7 +269,9 @@ class RedisBroker(Broker):
         self._closed = True
         await self._pubsub.close()
         await self._redis.aclose()
-        await self._pool.disconnect()
+        if self._sentinel is not None:
+            for client in self._sentinel.sentinels:
+                await client.aclose()
 
     @_reachable
     async def ping(self) -> None:
@@ -266,10 +382,8 @@ class RedisBroker(Broker):
 
     @_reachable
     async def remove_presence(self, channel: str, client: str) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hdel(self._key("pres", channel), client)
-            pipe.zrem(self._key("presz", channel), client)
-            await pipe.execute()
+        keys = [self._key("pres", channel), self._key("presz", channel)]
+        await self._remove_presence(keys, [client])
 
     @_reachable
     async def presence(self, channel: str) -> dict[str, ClientInfo]:

@@ -5,6 +5,8 @@ confirmations; that is how a publication made right after subscribing gets lost.
 reads the connection: a confirmation wakes whoever asked for it, a message goes to
 ``on_message(topic, data)`` in arrival order. When the connection dies (an error, or no byte for
 three ping intervals) it is replaced with backoff, and every wanted topic is subscribed again.
+Given several pools (the nodes of a Redis Cluster, where classic pub/sub reaches every node),
+each new connection is tried on the next one.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.asyncio import ConnectionPool
@@ -33,7 +35,7 @@ _SUB, _UNSUB = b"subscribe", b"unsubscribe"
 class PubSub:
     def __init__(
         self,
-        url: str,
+        pools: Sequence[ConnectionPool],
         name: str,
         on_message: Callable[[str, bytes], None],
         *,
@@ -41,10 +43,13 @@ class PubSub:
         ping_interval: float,
         on_resync: Callable[[], None] = lambda: None,
     ) -> None:
-        # RESP2: under RESP3 redis-py hands subscribe confirmations to a push handler, not us
-        self._pool: ConnectionPool = ConnectionPool.from_url(url, protocol=2, client_name=name)
-        # idle is normal here; _ping_forever keeps traffic so a read timeout means a dead link
-        self._pool.connection_kwargs["socket_timeout"] = None
+        # The pools must speak RESP2 (protocol=2): under RESP3 redis-py hands subscribe
+        # confirmations to a push handler, not us.
+        self._pools = list(pools)
+        self._next_pool = 0
+        for pool in self._pools:
+            # idle is normal here; _ping_forever keeps traffic so a read timeout means a dead link
+            pool.connection_kwargs["socket_timeout"] = None
         self.name = name
         self.on_message = on_message
         self.on_resync = on_resync
@@ -82,7 +87,8 @@ class PubSub:
                     waiter.set_exception(BrokerUnavailable("the broker was closed"))
         self._waiters.clear()
         self._wanted.clear()
-        await self._pool.disconnect()
+        for pool in self._pools:
+            await pool.disconnect()
 
     async def subscribe(self, topic: str) -> None:
         await self._request(_SUB, topic)
@@ -92,8 +98,14 @@ class PubSub:
 
     async def _connect(self) -> AbstractConnection:
         """A new connection subscribed to every wanted topic (the reader sees the replies)."""
-        conn: AbstractConnection = self._pool.make_connection()  # type: ignore[no-untyped-call]
-        await conn.connect()  # type: ignore[no-untyped-call]
+        pool = self._pools[self._next_pool % len(self._pools)]
+        self._next_pool += 1
+        conn: AbstractConnection = pool.make_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.connect()  # type: ignore[no-untyped-call]
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
         topics: list[str] = []
         for topic in self._wanted:  # one SUBSCRIBE per waiter so each gets its confirmation
             topics += [topic] * max(1, len(self._waiters.get((_SUB, topic), ())))

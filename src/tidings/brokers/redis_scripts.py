@@ -111,6 +111,12 @@ end
 """
 )
 
+# KEYS: pres, presz. ARGV: client.
+REMOVE_PRESENCE = """
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+"""
+
 # KEYS: pres, presz. Drops expired entries, returns the rest as a flat {client, info, ...}.
 PRESENCE = (
     _NOW
