@@ -22,13 +22,16 @@ from .conftest import IN_CI, free_port
 
 WAIT = 10.0  # seconds a test waits for an event before failing
 REDIS_URL = os.environ.get("TIDINGS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get(
+    "TIDINGS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
 
 
 def with_prefix(url: str, prefix: str) -> str:
     return f"{url}{'&' if '?' in url else '?'}prefix={prefix}"
 
 
-async def _redis_check(url: str) -> None:
+async def _ping(url: str) -> None:
     broker = create_broker(url)
     try:
         await broker.ping()
@@ -46,6 +49,17 @@ async def _redis_cleanup(url: str, prefix: str) -> None:
             await client.delete(*keys)
     finally:
         await client.aclose()
+
+
+async def _postgres_cleanup(url: str, prefix: str) -> None:
+    """Drop the test's schema (the prefix names it) and whatever it holds."""
+    import asyncpg
+
+    conn = await asyncpg.connect(POSTGRES_URL, timeout=10)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{prefix}" CASCADE')
+    finally:
+        await conn.close()
 
 
 async def _memory_cleanup(url: str, prefix: str) -> None:
@@ -74,9 +88,16 @@ ENGINES: dict[str, Engine] = {
     "redis": Engine(
         "redis",
         lambda prefix: with_prefix(REDIS_URL, prefix),
-        _redis_check,
+        _ping,
         lambda url, prefix: _redis_cleanup(REDIS_URL, prefix),
         lambda: f"redis://127.0.0.1:{free_port()}/0",
+    ),
+    "postgres": Engine(
+        "postgres",
+        lambda prefix: with_prefix(POSTGRES_URL, prefix),
+        _ping,  # ping() connects and creates the schema: the engine works
+        _postgres_cleanup,
+        lambda: f"postgresql://postgres@127.0.0.1:{free_port()}/test",
     ),
 }
 
