@@ -545,7 +545,13 @@ def test_url_options_are_ours_and_the_rest_go_to_asyncpg() -> None:
     assert tuned.listener_name.startswith("tidings-app1-") and len(tuned.listener_name) < 64
     long = create_broker("postgresql://h/db?prefix=" + "p" * 60)
     assert isinstance(long, PostgresBroker) and len(long.notify_channel.encode()) <= 63
-    for bad in ("pool_size=0", "command_timeout=soon", "ping_interval=-1", "prefix=" + "p" * 64):
+    for bad in (
+        "pool_size=0",
+        "command_timeout=soon",
+        "ping_interval=-1",
+        "prefix=" + "p" * 64,
+        "prefix=pg_x",
+    ):
         with pytest.raises(ValueError, match=bad.partition("=")[0]):
             create_broker(f"postgresql://h/db?{bad}")
 

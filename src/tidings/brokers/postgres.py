@@ -167,8 +167,11 @@ class PostgresBroker(Broker):
         super().__init__(url)
         self._dsn, options = _split_options(url)
         self.prefix = options.get("prefix") or "tidings"
-        if len(self.prefix.encode()) > 63:
-            raise ValueError(f"postgresql URL option prefix={self.prefix!r}: at most 63 bytes")
+        if len(self.prefix.encode()) > 63 or self.prefix.lower().startswith("pg_"):
+            raise ValueError(
+                f"postgresql URL option prefix={self.prefix!r}: a schema name of at most 63 "
+                "bytes, not starting with pg_ (reserved by PostgreSQL)"
+            )
         self.pool_size = int(_positive(options, "pool_size", 10))
         t = {name: _positive(options, name, default) for name, default in SECONDS.items()}
         self.connect_timeout = t["connect_timeout"]
