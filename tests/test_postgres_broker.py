@@ -291,6 +291,11 @@ async def test_a_silently_dead_listening_link_is_noticed_and_replaced(
         await broker.subscribe("quiet")
         with caplog.at_level(logging.WARNING, logger="tidings.brokers.postgres"):
             hole.swallow_existing()
+            # returns only once a round trip proved the (new) listening connection alive, so
+            # one publication made after it is delivered
+            await broker.subscribe("fresh")
+            await a.publish("fresh", b"1", KEEP)
+            await got.wait_publications("fresh", 1)
             async with asyncio.timeout(WAIT):
                 while not got.publications("quiet"):
                     await a.publish("quiet", b"probe", KEEP)

@@ -133,7 +133,13 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 #: what asyncpg and the socket raise when the server cannot be used right now
-_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,  # e.g. a protocol state broken by the server leaving
+    OSError,
+    TimeoutError,
+)
 
 
 def _reachable(method: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -198,6 +204,8 @@ class PostgresBroker(Broker):
         self._channels: set[str] = set()
         self._listening = asyncio.Event()
         self._listener: asyncpg.Connection | None = None
+        # one round trip on the listening connection serves every caller meanwhile
+        self._confirming: tuple[asyncpg.Connection, asyncio.Task[None]] | None = None
         self._queue: deque[object] = deque()
         self._draining: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -287,7 +295,8 @@ class PostgresBroker(Broker):
             self._listener = None
         if self._pool is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._pool.close(), self.command_timeout)
+                # graceful for a healthy link; a dead one must not hold the shutdown up
+                await asyncio.wait_for(self._pool.close(), min(self.command_timeout, 2.0))
             self._pool.terminate()
         self._channels.clear()
         self._queue.clear()
@@ -356,14 +365,28 @@ class PostgresBroker(Broker):
                 await asyncio.wait_for(lost.wait(), self.ping_interval)
             if lost.is_set() or conn.is_closed():
                 return
-            await conn.fetchval("SELECT 1", timeout=self.ping_interval)
+            await self._round_trip(conn)
+
+    async def _round_trip(self, conn: asyncpg.Connection) -> None:
+        """One ``SELECT 1`` on the listening connection, shared by whoever asks meanwhile (a
+        connection runs one query at a time). Raises if the link is dead."""
+        shared = self._confirming
+        if shared is None or shared[0] is not conn or shared[1].done():
+            task = asyncio.get_running_loop().create_task(self._select_1(conn))
+            # its error reaches the callers; if all of them gave up, it is not worth a log line
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            shared = self._confirming = (conn, task)
+        await asyncio.shield(shared[1])
+
+    async def _select_1(self, conn: asyncpg.Connection) -> None:
+        await conn.fetchval("SELECT 1", timeout=self.ping_interval)
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         """asyncpg calls this in arrival order (call_soon); what needs a read waits its turn."""
         if self._queue or payload[:1] in ("R", "N"):
             self._enqueue(payload)
         else:
-            self._handle(payload)
+            self._emit(self._decode(payload))
 
     def _enqueue(self, item: object) -> None:
         self._queue.append(item)
@@ -381,33 +404,44 @@ class PostgresBroker(Broker):
                 elif isinstance(item, str) and item[:1] == "N":
                     await self._read_note(item)
                 elif isinstance(item, str):
-                    self._handle(item)
+                    self._emit(self._decode(item))
             except Exception:  # whatever arrives, the reader must go on
                 log.exception("handling a notification failed")
             self._queue.popleft()
 
-    def _handle(self, payload: str) -> None:
-        """An inline notification: decode it and pass it on if someone here wants it."""
+    def _decode(self, payload: str) -> Publication | JoinLeave | bytes | None:
+        """An inline notification, or None if nobody here wants it (or it is malformed)."""
         kind = payload[:1]
         try:
             if kind == "P":
                 head, data = payload[1:].split("\n", 1)
                 offset, epoch, meta_raw = head.split(" ", 2)
                 meta = orjson.loads(meta_raw)
-                if meta["c"] in self._channels:
-                    self.handler.on_publication(
-                        _publication(meta, int(offset), epoch, data.encode())
-                    )
-            elif kind in ("J", "L"):
+                if meta["c"] not in self._channels:
+                    return None
+                return _publication(meta, int(offset), epoch, data.encode())
+            if kind in ("J", "L"):
                 channel, info = orjson.loads(payload[1:])
-                if channel in self._channels:
-                    self.handler.on_join_leave(JoinLeave(channel, decode_info(info), kind == "J"))
-            elif kind == "C":
-                self.handler.on_control(payload[1:].encode())
-            else:
-                raise ValueError(f"unknown notification kind {kind!r}")
-        except Exception:
+                if channel not in self._channels:
+                    return None
+                return JoinLeave(channel, decode_info(info), kind == "J")
+            if kind == "C":
+                return payload[1:].encode()
+            raise ValueError(f"unknown notification kind {kind!r}")
+        except Exception:  # whatever arrives, the reader must go on
             log.warning("ignoring a malformed notification %r", payload[:80])
+            return None
+
+    def _emit(self, event: Publication | JoinLeave | bytes | None) -> None:
+        try:
+            if isinstance(event, Publication):
+                self.handler.on_publication(event)
+            elif isinstance(event, JoinLeave):
+                self.handler.on_join_leave(event)
+            elif event is not None:
+                self.handler.on_control(event)
+        except Exception:
+            log.exception("handling a notification failed")
 
     async def _fetch(self, payload: str) -> None:
         """A publication too large to notify: read it, unless nobody here wants it."""
@@ -421,10 +455,8 @@ class PostgresBroker(Broker):
             # gone (its fetch window passed, or the stream restarted): the hub finds the gap
             log.warning("publication %s of channel %r is no longer stored", offset, channel)
             return
-        if channel in self._channels:
-            self.handler.on_publication(
-                _publication(orjson.loads(row["head"]), int(offset), epoch, row["data"])
-            )
+        if channel in self._channels:  # it may have been unsubscribed during the read
+            self._emit(_publication(orjson.loads(row["head"]), int(offset), epoch, row["data"]))
 
     async def _read_note(self, payload: str) -> None:
         async with self._conn() as conn:
@@ -432,9 +464,9 @@ class PostgresBroker(Broker):
         if body is None:
             log.warning("note %s is no longer stored", payload[1:])
         elif body[:1] == b"C":  # control data goes on as the bytes it was
-            self.handler.on_control(body[1:])
+            self._emit(bytes(body[1:]))
         else:
-            self._handle(body.decode())
+            self._emit(self._decode(body.decode()))
 
     # -- the cleanup ---------------------------------------------------------------------------
 
@@ -459,18 +491,40 @@ class PostgresBroker(Broker):
     # -- pub/sub -------------------------------------------------------------------------------
 
     async def subscribe(self, channel: str) -> None:
+        """Deliver ``channel`` here: every node already LISTENs to the whole deployment, so
+        this adds it to the local filter, then makes one round trip on the listening connection
+        (shared by concurrent callers) to know it is alive: a publication committed after that
+        is delivered. While the connection is being replaced this waits for the new one, at
+        most ``subscribe_timeout`` seconds, then raises BrokerUnavailable."""
         if not self._started or self._closed:
             raise RuntimeError("the PostgreSQL broker is not started")
         self._channels.add(channel)
-        if self._listening.is_set():
-            return
-        try:  # the listening connection is being replaced: delivery starts with it
-            await asyncio.wait_for(self._listening.wait(), self.subscribe_timeout)
+        try:
+            async with asyncio.timeout(self.subscribe_timeout):
+                while True:
+                    await self._listening.wait()
+                    conn = self._listener
+                    if conn is None:
+                        await asyncio.sleep(0)
+                        continue
+                    live: asyncpg.Connection = conn
+                    try:
+                        await self._round_trip(live)
+                        return
+                    except _ERRORS as exc:
+                        # dead: make the watcher replace it now, and wait for the new one
+                        if self._listener is live:
+                            self._listening.clear()
+                        log.warning("postgresql listening connection failed a round trip: %r", exc)
+                        live.terminate()
         except TimeoutError:
             self._channels.discard(channel)
             raise BrokerUnavailable(
                 f"postgresql: no listening connection within {self.subscribe_timeout}s"
             ) from None
+        except BaseException:
+            self._channels.discard(channel)
+            raise
 
     async def unsubscribe(self, channel: str) -> None:
         self._channels.discard(channel)
