@@ -31,7 +31,7 @@ payload shorter than 8,000 bytes, no NUL):
 from __future__ import annotations
 
 #: bump when a table or function below changes: nodes then re-run the DDL at start
-VERSION = 1
+VERSION = 2
 
 #: PostgreSQL refuses a NOTIFY payload of 8,000 bytes or more (BLCKSZ - NAMEDATALEN - 128)
 PAYLOAD_MAX = 7999
@@ -121,9 +121,13 @@ def ddl(schema: str) -> list[str]:
                 VALUES (p_channel, v_top, v_epoch, p_head, p_data, v_hist, v_fetch,
                         greatest(v_hist, v_fetch));
             END IF;
-            IF p_size > 0 THEN  -- the ring: what fell out of it, unless a node may still fetch it
+            -- The ring: the one row that fell out of it, unless a node may still fetch it. One
+            -- row by its key, not a range: a range would walk every dead index entry the
+            -- earlier deletes left until vacuum. Rows left over (history_size shrank, a large
+            -- publication still being fetched) are hidden by hist_size and go at keep_until.
+            IF p_size > 0 AND v_top > p_size THEN
                 DELETE FROM {s}.tidings_publications
-                WHERE channel = p_channel AND "offset" <= v_top - p_size
+                WHERE channel = p_channel AND "offset" = v_top - p_size
                   AND (fetch_until IS NULL OR fetch_until <= t);
             END IF;
             IF p_inline THEN
