@@ -379,9 +379,11 @@ async def test_a_large_publication_is_readable_until_fetch_ttl_then_cleaned(
 
 
 async def test_nodes_starting_together_create_the_schema_once(
-    cluster: Cluster, db: asyncpg.Connection
+    cluster: Cluster, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
-    nodes = await asyncio.gather(*(cluster.node() for _ in range(6)))
+    with caplog.at_level(logging.WARNING, logger="tidings.brokers.postgres"):
+        nodes = await asyncio.gather(*(cluster.node() for _ in range(6)))
+    assert "SET" not in caplog.text  # created as wanted: nothing rewritten
     broker = nodes[0][0]
     assert isinstance(broker, PostgresBroker)
     tables = await db.fetch(
@@ -559,6 +561,32 @@ def test_url_options_are_ours_and_the_rest_go_to_asyncpg() -> None:
     ):
         with pytest.raises(ValueError, match=bad.partition("=")[0]):
             create_broker(f"postgresql://h/db?{bad}")
+
+
+async def test_unlogged_switches_the_durable_tables(
+    cluster: Cluster, db: asyncpg.Connection
+) -> None:
+    base = cluster.url
+    cluster.url = base + "&unlogged=true"
+    fast, _ = await cluster.node()
+    assert isinstance(fast, PostgresBroker) and fast.unlogged
+    kinds = (
+        "SELECT relname::text, relpersistence::text FROM pg_class "
+        "WHERE relnamespace = $1::regnamespace AND relkind = 'r' ORDER BY relname"
+    )
+    assert dict(await db.fetch(kinds, fast.prefix)) == {
+        "tidings_notes": "u",
+        "tidings_presence": "u",
+        "tidings_publications": "u",
+        "tidings_schema": "p",
+        "tidings_streams": "u",
+    }
+    position = await fast.publish("u", b"1", KEEP)
+    cluster.url = base
+    durable, _ = await cluster.node()
+    assert dict(await db.fetch(kinds, fast.prefix))["tidings_streams"] == "p"
+    assert [p.data for p in (await durable.history("u")).publications] == [b"1"]
+    assert (await durable.history("u")).position == position
 
 
 async def test_position_survives_a_new_node(cluster: Cluster) -> None:

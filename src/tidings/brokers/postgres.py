@@ -47,6 +47,12 @@ server settings; ``sslmode`` etc. work as in libpq):
 * ``ping_interval``: seconds between pings on the listening connection (default 10);
 * ``cleanup_interval``: seconds between cleanups (default 60);
 * ``fetch_ttl``: seconds a large publication not kept by history stays readable (default 60).
+* ``unlogged``: ``true`` makes the stream, history and notes tables UNLOGGED (default
+  ``false``): no WAL, so a publication does not wait for a disk flush (several times the
+  publishes/s), but a server crash empties them (and replicas do not have them): every stream
+  then starts over with a new epoch, so subscribers are told (``recovered: false``) rather
+  than misled. Every node of a deployment must use the same value; a node starting with the
+  other one rewrites the tables (ALTER TABLE ... SET LOGGED/UNLOGGED).
 
 Use a direct connection or a session-pooling PgBouncer: LISTEN needs a session.
 """
@@ -98,7 +104,7 @@ SECONDS = {
     "cleanup_interval": 60.0,
     "fetch_ttl": 60.0,
 }
-OPTIONS = ("prefix", "pool_size", *SECONDS)
+OPTIONS = ("prefix", "pool_size", "unlogged", *SECONDS)
 
 #: room kept in a notification for the offset and epoch the server writes into it
 _HEADROOM = 48
@@ -179,6 +185,10 @@ class PostgresBroker(Broker):
                 "bytes, not starting with pg_ (reserved by PostgreSQL)"
             )
         self.pool_size = int(_positive(options, "pool_size", 10))
+        unlogged = options.get("unlogged", "false").lower()
+        if unlogged not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            raise ValueError(f"postgresql URL option unlogged={unlogged!r}: expected true or false")
+        self.unlogged = unlogged in ("true", "1", "yes", "on")
         t = {name: _positive(options, name, default) for name, default in SECONDS.items()}
         self.connect_timeout = t["connect_timeout"]
         self.command_timeout = t["command_timeout"]
@@ -256,10 +266,19 @@ class PostgresBroker(Broker):
                 "SELECT to_regclass($1) IS NOT NULL",
                 f"{sql.ident(self.prefix)}.tidings_schema",
             )
-            if exists and await conn.fetchval(self._sql.version) == sql.VERSION:
-                return
-            for statement in sql.ddl(self.prefix):
-                await conn.execute(statement)
+            if not exists or await conn.fetchval(self._sql.version) != sql.VERSION:
+                for statement in sql.ddl(self.prefix):
+                    await conn.execute(statement)
+            wanted = "u" if self.unlogged else "p"
+            for table in sql.DURABLE:
+                name = f"{sql.ident(self.prefix)}.{table}"
+                persistence = await conn.fetchval(
+                    "SELECT relpersistence::text FROM pg_class WHERE oid = $1::regclass", name
+                )
+                if persistence != wanted:  # rewrites the table, once, when the option changed
+                    mode = "UNLOGGED" if self.unlogged else "LOGGED"
+                    log.warning("postgresql: ALTER TABLE %s SET %s", name, mode)
+                    await conn.execute(f"ALTER TABLE {name} SET {mode}")
 
     # -- life ----------------------------------------------------------------------------------
 

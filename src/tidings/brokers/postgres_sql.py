@@ -33,6 +33,9 @@ from __future__ import annotations
 #: bump when a table or function below changes: nodes then re-run the DDL at start
 VERSION = 2
 
+#: the tables the ``unlogged`` URL option switches between LOGGED and UNLOGGED
+DURABLE = ("tidings_streams", "tidings_publications", "tidings_notes")
+
 #: PostgreSQL refuses a NOTIFY payload of 8,000 bytes or more (BLCKSZ - NAMEDATALEN - 128)
 PAYLOAD_MAX = 7999
 
