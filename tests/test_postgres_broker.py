@@ -149,6 +149,7 @@ class Proxy:
         self.links: list[asyncio.StreamWriter] = []
         self.dead: set[asyncio.StreamWriter] = set()
         self.down = False
+        self.black_hole = False  # new links swallow every byte too
         self.server: asyncio.Server | None = None
 
     async def start(self) -> int:
@@ -173,6 +174,8 @@ class Proxy:
             return
         up_reader, up_writer = await asyncio.open_connection(*self.target)
         self.links.append(writer)
+        if self.black_hole:
+            self.dead.add(writer)
 
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             while data := await src.read(65536):
@@ -265,10 +268,13 @@ async def test_publishing_into_a_black_hole_fails_within_command_timeout(
     cluster: Cluster, proxy: tuple[Proxy, int]
 ) -> None:
     hole, port = proxy
-    broker = create_broker(via(cluster.url, port, command_timeout=0.5, ping_interval=0.5))
+    broker = create_broker(
+        via(cluster.url, port, command_timeout=0.5, ping_interval=0.5, connect_timeout=0.5)
+    )
     try:
         await broker.start(Recorder())
         await broker.publish("c", b"1", KEEP)
+        hole.black_hole = True
         hole.swallow_existing()
         async with asyncio.timeout(WAIT):  # never a hang, never a false success
             with pytest.raises(BrokerUnavailable):
