@@ -410,6 +410,30 @@ async def test_nodes_starting_together_create_the_schema_once(
     assert (await again.history("x")).position.offset == 1
 
 
+async def test_a_user_without_create_on_the_database_uses_a_schema_made_for_it(
+    cluster: Cluster, db: asyncpg.Connection
+) -> None:
+    prefix = urlsplit(cluster.url).query.rpartition("prefix=")[2]
+    role = f"{prefix}_user"
+    await db.execute(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        # namespace() made the schema as the superuser; made again, for the user, as a DBA would
+        await db.execute(f'DROP SCHEMA "{prefix}" CASCADE')
+        await db.execute(f'CREATE SCHEMA "{prefix}" AUTHORIZATION "{role}"')
+        parts = urlsplit(cluster.url)
+        cluster.url = urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}"))
+        a, _ = await cluster.node()
+        b, got = await cluster.node()
+        await b.subscribe("c")
+        await a.publish("c", b"1", KEEP)
+        assert [p.data for p in await got.wait_publications("c", 1)] == [b"1"]
+        await cluster.close()
+        cluster.brokers.clear()
+    finally:
+        await db.execute(f'DROP SCHEMA IF EXISTS "{prefix}" CASCADE')
+        await db.execute(f'DROP ROLE "{role}"')
+
+
 async def test_channel_names_of_any_length_and_characters(cluster: Cluster) -> None:
     a, _ = await cluster.node()
     b, got = await cluster.node()

@@ -267,7 +267,13 @@ class PostgresBroker(Broker):
                 f"{sql.ident(self.prefix)}.tidings_schema",
             )
             if not exists or await conn.fetchval(self._sql.version) != sql.VERSION:
-                for statement in sql.ddl(self.prefix):
+                statements = sql.ddl(self.prefix)
+                schema = sql.ident(self.prefix)
+                if await conn.fetchval("SELECT to_regnamespace($1) IS NOT NULL", schema):
+                    # CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the
+                    # schema exists: a schema made for a user without it must do
+                    statements = statements[1:]
+                for statement in statements:
                     await conn.execute(statement)
             wanted = "u" if self.unlogged else "p"
             for table in sql.DURABLE:
@@ -309,13 +315,17 @@ class PostgresBroker(Broker):
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        # graceful for a healthy link (the server logs no unexpected EOF); a dead one must
+        # not hold the shutdown up
+        grace = min(self.command_timeout, 2.0)
         if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._listener.close(), grace)
             self._listener.terminate()
             self._listener = None
         if self._pool is not None:
             with contextlib.suppress(Exception):
-                # graceful for a healthy link; a dead one must not hold the shutdown up
-                await asyncio.wait_for(self._pool.close(), min(self.command_timeout, 2.0))
+                await asyncio.wait_for(self._pool.close(), grace)
             self._pool.terminate()
         self._channels.clear()
         self._queue.clear()
