@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import time
 import uuid
 
@@ -41,6 +42,60 @@ class Counter:
     def on_control(self, data: bytes) -> None: ...
 
     def on_resync(self) -> None: ...
+
+
+# A node in its own process that subscribes only "start" and "end": the CPU it spends between
+# them, divided by what was published to other channels meanwhile, is what one notification
+# it does not want costs it, asyncpg's parsing and the event loop included.
+LISTENER = """
+import asyncio, sys, time
+import uvloop
+from tidings.brokers import create_broker
+class H:
+    def __init__(self):
+        self.marks = {}
+        self.done = asyncio.Event()
+    def on_publication(self, p):
+        self.marks[p.channel] = time.process_time()
+        if p.channel == "end":
+            self.done.set()
+    def on_join_leave(self, e): ...
+    def on_control(self, d): ...
+    def on_resync(self): ...
+async def main():
+    h = H()
+    b = create_broker(sys.argv[1])
+    await b.start(h)
+    await b.subscribe("start")
+    await b.subscribe("end")
+    print("ready", flush=True)
+    await asyncio.wait_for(h.done.wait(), 600)
+    print(h.marks["end"] - h.marks["start"], flush=True)
+    await b.close()
+uvloop.install()  # as tidings serve runs
+asyncio.run(main())
+"""
+
+
+async def dropped_cost(url: str, a: object, count: int, data: bytes) -> float:
+    """µs of CPU a node spends per notification of a channel it does not subscribe."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", LISTENER, url, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    assert await proc.stdout.readline() == b"ready\n"
+    publish = a.publish  # type: ignore[attr-defined]
+    await publish("start", data, KEEP)
+
+    async def worker(k: int) -> None:
+        for i in range(k, count, 16):
+            await publish(f"other{i % 1000}", data, KEEP)
+
+    await asyncio.gather(*(worker(k) for k in range(16)))
+    await publish("end", data, KEEP)
+    cpu = float((await proc.stdout.readline()).decode())
+    await proc.wait()
+    return cpu / count * 1e6
 
 
 def report(**fields: object) -> None:
@@ -107,6 +162,11 @@ async def main(url: str, count: int) -> None:
                 what=f"notification {name} by a node (engine code only)",
                 us_per_notification=round(statistics.median(runs), 2),
             )
+
+        report(
+            what="CPU of a node per notification it drops (own process, asyncpg included)",
+            us_per_notification=round(await dropped_cost(url, a, count, data), 2),
+        )
 
         # 4. 1 MiB publications (by reference: the node reads them back from the table)
         big = b'"' + b"y" * (1024 * 1024 - 2) + b'"'

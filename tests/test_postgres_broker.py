@@ -77,6 +77,10 @@ async def kill_listener(db: asyncpg.Connection, broker: PostgresBroker) -> None:
     assert await db.fetchval("SELECT pg_terminate_backend($1)", pids[0]["pid"])
 
 
+def prefix_of(url: str) -> str:
+    return urlsplit(url).query.rpartition("prefix=")[2]
+
+
 def large(n: int, size: int = MIB) -> bytes:
     """A JSON string of ``size`` bytes, different for each ``n``."""
     body = (b"%08d" % n) * ((size - 2) // 8)
@@ -413,7 +417,7 @@ async def test_nodes_starting_together_create_the_schema_once(
 async def test_a_user_without_create_on_the_database_uses_a_schema_made_for_it(
     cluster: Cluster, db: asyncpg.Connection
 ) -> None:
-    prefix = urlsplit(cluster.url).query.rpartition("prefix=")[2]
+    prefix = prefix_of(cluster.url)
     role = f"{prefix}_user"
     await db.execute(f'CREATE ROLE "{role}" LOGIN')
     try:
@@ -594,11 +598,14 @@ def test_url_options_are_ours_and_the_rest_go_to_asyncpg() -> None:
 
 
 async def test_unlogged_switches_the_durable_tables(
-    cluster: Cluster, db: asyncpg.Connection
+    cluster: Cluster, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
     base = cluster.url
     cluster.url = base + "&unlogged=true"
-    fast, _ = await cluster.node()
+    await db.execute(f'DROP SCHEMA "{prefix_of(base)}" CASCADE')  # made by namespace()
+    with caplog.at_level(logging.WARNING, logger="tidings.brokers.postgres"):
+        fast, _ = await cluster.node()
+    assert "SET" not in caplog.text  # created UNLOGGED, not altered
     assert isinstance(fast, PostgresBroker) and fast.unlogged
     kinds = (
         "SELECT relname::text, relpersistence::text FROM pg_class "

@@ -267,7 +267,7 @@ class PostgresBroker(Broker):
                 f"{sql.ident(self.prefix)}.tidings_schema",
             )
             if not exists or await conn.fetchval(self._sql.version) != sql.VERSION:
-                statements = sql.ddl(self.prefix)
+                statements = sql.ddl(self.prefix, self.unlogged)
                 schema = sql.ident(self.prefix)
                 if await conn.fetchval("SELECT to_regnamespace($1) IS NOT NULL", schema):
                     # CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the

@@ -45,22 +45,24 @@ def ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def ddl(schema: str) -> list[str]:
-    """The statements that create (or bring up to date) the schema; each is idempotent."""
+def ddl(schema: str, unlogged: bool = False) -> list[str]:
+    """The statements that create (or bring up to date) the schema; each is idempotent.
+    ``unlogged``: the tables in :data:`DURABLE` are created UNLOGGED."""
     s = ident(schema)
+    u = "UNLOGGED " if unlogged else ""
     return [
         f"CREATE SCHEMA IF NOT EXISTS {s}",
         f"CREATE TABLE IF NOT EXISTS {s}.tidings_schema (version int NOT NULL)",
         # fillfactor: every publication updates its stream row; room on the page keeps those
         # updates HOT (no index changes), and no index covers the columns that change
-        f"""CREATE TABLE IF NOT EXISTS {s}.tidings_streams (
+        f"""CREATE {u}TABLE IF NOT EXISTS {s}.tidings_streams (
             channel text COLLATE "C" PRIMARY KEY,
             top bigint NOT NULL,
             epoch text NOT NULL,
             hist_size int NOT NULL DEFAULT 0,
             expires timestamptz NOT NULL
         ) WITH (fillfactor = 70)""",
-        f"""CREATE TABLE IF NOT EXISTS {s}.tidings_publications (
+        f"""CREATE {u}TABLE IF NOT EXISTS {s}.tidings_publications (
             channel text COLLATE "C" NOT NULL,
             "offset" bigint NOT NULL,
             epoch text NOT NULL,
@@ -80,7 +82,7 @@ def ddl(schema: str) -> list[str]:
             expires timestamptz NOT NULL,
             PRIMARY KEY (channel, client)
         )""",
-        f"""CREATE TABLE IF NOT EXISTS {s}.tidings_notes (
+        f"""CREATE {u}TABLE IF NOT EXISTS {s}.tidings_notes (
             id bigserial PRIMARY KEY,
             body bytea NOT NULL,
             keep_until timestamptz NOT NULL
