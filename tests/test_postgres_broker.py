@@ -32,7 +32,7 @@ from tidings.brokers.postgres import PostgresBroker
 from tidings.hub import Hub
 from tidings.session import Session
 
-from .conftest import Serve
+from .conftest import Serve, free_port
 from .engines import ENGINES, POSTGRES_URL, WAIT, Cluster, Recorder, namespace
 from .test_broker_contract import KEEP, sentinel
 from .test_hub import CountingEncoder as PassThrough
@@ -524,36 +524,60 @@ async def test_malformed_notifications_are_skipped(
 
 # -- presence of a node that dies ----------------------------------------------------------------
 
-NODE = """
-import asyncio, sys
-from tidings.brokers import ClientInfo, create_broker
-async def main():
-    broker = create_broker(sys.argv[1])
-    await broker.add_presence("room", ClientInfo("doomed", "u"), float(sys.argv[2]))
-    print("present", flush=True)
-    await asyncio.sleep(3600)
-asyncio.run(main())
-"""
 
-
-async def test_presence_of_a_node_killed_with_sigkill_expires(cluster: Cluster) -> None:
+async def test_presence_of_a_tidings_serve_killed_with_sigkill_expires(cluster: Cluster) -> None:
+    """A real `tidings serve` node keeps its subscriber's presence alive (refreshing it every
+    third of presence_ttl); killed with SIGKILL, nobody removes it, and it expires."""
     a, _ = await cluster.node()
-    ttl = 1.0
+    ttl = 1.5
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TIDINGS_")}
+    env |= {
+        "TIDINGS_BROKER_URL": cluster.url,
+        "TIDINGS_DEFAULTS__PRESENCE": "true",
+        "TIDINGS_DEFAULTS__PRESENCE_TTL": str(ttl),
+    }
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", NODE, cluster.url, str(ttl), stdout=asyncio.subprocess.PIPE
+        sys.executable,
+        "-m",
+        "tidings.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     try:
-        assert proc.stdout is not None
-        async with asyncio.timeout(WAIT):
-            assert await proc.stdout.readline() == b"present\n"
-        assert list(await a.presence("room")) == ["doomed"]
-    finally:
-        with contextlib.suppress(ProcessLookupError):
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            async with asyncio.timeout(30):
+                while True:
+                    with contextlib.suppress(httpx.HTTPError):
+                        if (await http.get("/health")).status_code == 200:
+                            break
+                    await asyncio.sleep(0.05)
+        async with websockets.connect(f"ws://127.0.0.1:{port}/connection/websocket") as ws:
+            await ws.send('{"id":1,"connect":{}}\n{"id":2,"subscribe":{"channel":"room"}}')
+            async with asyncio.timeout(WAIT):
+                replies = ""
+                while '"id":2' not in replies:
+                    replies += str(await ws.recv())
+            assert '"error"' not in replies, replies
+            [client] = list(await a.presence("room"))
+            await asyncio.sleep(2 * ttl)  # outlives its ttl while the node refreshes it
+            assert list(await a.presence("room")) == [client]
             os.kill(proc.pid, signal.SIGKILL)
-        await proc.wait()
-    async with asyncio.timeout(WAIT):  # gone once presence_ttl passed, nobody cleaning up
-        while await a.presence("room"):
-            await asyncio.sleep(0.1)
+            await proc.wait()
+            async with asyncio.timeout(WAIT):  # nobody refreshes it any more: it expires
+                while await a.presence("room"):
+                    await asyncio.sleep(0.1)
+        assert (await a.publish("room", b"1", KEEP)).offset == 1  # the others keep serving
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 # -- URL options -------------------------------------------------------------------------------
