@@ -7,9 +7,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -20,6 +23,7 @@ import websockets
 
 from tidings import Settings
 from tidings.brokers import (
+    Broker,
     BrokerUnavailable,
     ClientInfo,
     HistoryOptions,
@@ -32,7 +36,7 @@ from tidings.brokers.postgres import PostgresBroker
 from tidings.hub import Hub
 from tidings.session import Session
 
-from .conftest import Serve, free_port
+from .conftest import IN_CI, Serve, free_port
 from .engines import ENGINES, POSTGRES_URL, WAIT, Cluster, Recorder, namespace
 from .test_broker_contract import KEEP, sentinel
 from .test_hub import CountingEncoder as PassThrough
@@ -657,3 +661,135 @@ async def test_position_survives_a_new_node(cluster: Cluster) -> None:
     await a.close()
     b, _ = await cluster.node()
     assert await b.publish("durable", b"2", KEEP) == StreamPosition(2, first.epoch)
+
+
+# -- a private PostgreSQL server, restarted --------------------------------------------------------
+
+
+def _bindir() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    if found:
+        return found[-1].parent
+    which = shutil.which("pg_ctl")
+    return Path(which).parent if which else None
+
+
+class PrivateServer:
+    """A PostgreSQL server of this test's own, in a temporary directory, on a free port, that
+    the test may restart or crash (never the shared one)."""
+
+    def __init__(self, bindir: Path, root: Path) -> None:
+        self.bindir = bindir
+        self.data = root / "data"
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        # initdb refuses to run as root: run the server as the postgres user then
+        self.prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.prefix:
+            shutil.chown(root, "postgres")
+
+    async def _run(self, *args: str) -> None:
+        # output to a file, not a pipe: the server pg_ctl starts would hold a pipe open
+        with tempfile.TemporaryFile() as out:
+            proc = await asyncio.create_subprocess_exec(*self.prefix, *args, stdout=out, stderr=out)
+            async with asyncio.timeout(60):
+                await proc.wait()
+            out.seek(0)
+            assert proc.returncode == 0, out.read().decode(errors="replace")
+
+    async def init(self) -> None:
+        await self._run(
+            str(self.bindir / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
+            "--no-sync",
+        )  # fmt: skip
+
+    async def start(self) -> None:
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.data} -c fsync=off"
+        await self._run(
+            str(self.bindir / "pg_ctl"), "-D", str(self.data), "-o", options, "-w", "-l",
+            str(self.data / "log"), "start",
+        )  # fmt: skip
+
+    async def stop(self, mode: str = "fast") -> None:
+        """``fast``: a clean shutdown; ``immediate``: a crash (recovery at the next start)."""
+        await self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "stop")
+
+
+@pytest.fixture
+async def private() -> AsyncIterator[PrivateServer]:
+    bindir = _bindir()
+    if bindir is None or (os.geteuid() == 0 and not shutil.which("runuser")):
+        message = "PostgreSQL server binaries (pg_ctl, initdb) not found"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    # not under pytest's tmp_path: its parents are private to root, the server runs as postgres
+    root = Path(tempfile.mkdtemp(prefix="tidings-pg-"))
+    try:
+        server = PrivateServer(bindir, root)
+        await server.init()
+        await server.start()
+        try:
+            yield server
+        finally:
+            with contextlib.suppress(AssertionError):
+                await server.stop("immediate")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def publish_until_it_works(broker: Broker, channel: str, data: bytes) -> StreamPosition:
+    """Publishing while the server is away fails (BrokerUnavailable); retried until it is back."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            try:
+                return await broker.publish(channel, data, KEEP)
+            except BrokerUnavailable:
+                await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+async def test_a_server_restart_keeps_offsets_epoch_and_history(
+    private: PrivateServer, mode: str
+) -> None:
+    """WAL-logged tables survive a restart, clean or after a crash: the epoch stays, offsets go
+    on, history is whole, and the nodes' listening connections come back by themselves."""
+    nodes = Cluster(private.url + "?prefix=restart&connect_timeout=2")
+    try:
+        a, _ = await nodes.node()
+        b, got = await nodes.node()
+        await b.subscribe("feed")
+        before = [await a.publish("feed", b"%d" % i, KEEP) for i in range(3)]
+        await got.wait_publications("feed", 3)
+        await private.stop(mode)
+        with pytest.raises(BrokerUnavailable):
+            await a.publish("feed", b"lost", KEEP)
+        await private.start()
+        after = await publish_until_it_works(a, "feed", b"3")
+        assert after == StreamPosition(4, before[0].epoch)
+        history = await b.history("feed")
+        assert [p.data for p in history.publications] == [b"0", b"1", b"2", b"3"]
+        async with asyncio.timeout(WAIT):  # b's listener is back: live delivery resumes
+            while not [p for p in got.publications("feed") if p.offset > 4]:
+                await a.publish("feed", b"more", KEEP)
+                await asyncio.sleep(0.05)
+    finally:
+        await nodes.close()
+
+
+async def test_a_crash_empties_unlogged_tables_and_streams_start_a_new_epoch(
+    private: PrivateServer,
+) -> None:
+    nodes = Cluster(private.url + "?prefix=crash&unlogged=true&connect_timeout=2")
+    try:
+        a, _ = await nodes.node()
+        old = [await a.publish("feed", b"%d" % i, KEEP) for i in range(3)][-1]
+        await private.stop("immediate")
+        await private.start()
+        new = await publish_until_it_works(a, "feed", b"after")
+        assert new.offset == 1 and new.epoch != old.epoch  # recovering clients are told
+        # a client recovering from the old position sees the epoch changed: recovered false
+        assert (await a.history("feed", since=old)).position == new
+        assert [p.data for p in (await a.history("feed")).publications] == [b"after"]
+    finally:
+        await nodes.close()
