@@ -50,8 +50,8 @@ server settings; ``sslmode`` etc. work as in libpq):
 * ``unlogged``: ``true`` makes the stream, history and notes tables UNLOGGED (default
   ``false``): no WAL, so a publication does not wait for a disk flush (several times the
   publishes/s), but a server crash empties them (and replicas do not have them): every stream
-  then starts over with a new epoch, so subscribers are told (``recovered: false``) rather
-  than misled. Every node of a deployment must use the same value; a node starting with the
+  then starts over with a new epoch, so a client recovering from a position of the old one
+  gets ``recovered: false`` rather than a silent splice. Every node of a deployment must use the same value; a node starting with the
   other one rewrites the tables (ALTER TABLE ... SET LOGGED/UNLOGGED).
 
 Use a direct connection or a session-pooling PgBouncer: LISTEN needs a session.
