@@ -51,8 +51,9 @@ server settings; ``sslmode`` etc. work as in libpq):
   ``false``): no WAL, so a publication does not wait for a disk flush (several times the
   publishes/s), but a server crash empties them (and replicas do not have them): every stream
   then starts over with a new epoch, so a client recovering from a position of the old one
-  gets ``recovered: false`` rather than a silent splice. Every node of a deployment must use the same value; a node starting with the
-  other one rewrites the tables (ALTER TABLE ... SET LOGGED/UNLOGGED).
+  gets ``recovered: false`` rather than a silent splice. Every node of a deployment must use
+  the same value; a node starting with the other one rewrites the tables (ALTER TABLE ... SET
+  LOGGED/UNLOGGED).
 
 Use a direct connection or a session-pooling PgBouncer: LISTEN needs a session.
 """
@@ -434,6 +435,10 @@ class PostgresBroker(Broker):
                     await self._read_note(item)
                 elif isinstance(item, str):
                     self._emit(self._decode(item))
+            except _ERRORS as exc:
+                # the server is away: this node misses that one; the hub finds the gap at the
+                # channel's next publication (or at the resync) and fills it from history
+                log.warning("postgresql: could not read a referenced notification: %r", exc)
             except Exception:  # whatever arrives, the reader must go on
                 log.exception("handling a notification failed")
             self._queue.popleft()
