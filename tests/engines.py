@@ -51,6 +51,17 @@ async def _redis_cleanup(url: str, prefix: str) -> None:
         await client.aclose()
 
 
+async def _postgres_check(url: str) -> None:
+    """Reachable, without creating the test's schema yet (a failed check has no cleanup)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(POSTGRES_URL, timeout=10)
+    try:
+        await conn.fetchval("SELECT 1")
+    finally:
+        await conn.close()
+
+
 async def _postgres_cleanup(url: str, prefix: str) -> None:
     """Drop the test's schema (the prefix names it) and whatever it holds."""
     import asyncpg
@@ -95,7 +106,7 @@ ENGINES: dict[str, Engine] = {
     "postgres": Engine(
         "postgres",
         lambda prefix: with_prefix(POSTGRES_URL, prefix),
-        _ping,  # ping() connects and creates the schema: the engine works
+        _postgres_check,
         _postgres_cleanup,
         lambda: f"postgresql://postgres@127.0.0.1:{free_port()}/test",
     ),
