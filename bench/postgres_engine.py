@@ -104,7 +104,7 @@ def report(**fields: object) -> None:
 
 async def main(url: str, count: int) -> None:
     prefix = f"bench{uuid.uuid4().hex[:8]}"
-    url = f"{url}{'&' if '?' in url else '?'}prefix={prefix}"
+    url = f"{url}{'&' if '?' in url else '?'}prefix={prefix}&pool_size=10"
     a = create_broker(url)
     b = create_broker(url)
     got = Counter()

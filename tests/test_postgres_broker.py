@@ -620,7 +620,7 @@ def test_url_options_are_ours_and_the_rest_go_to_asyncpg() -> None:
     assert (default.prefix, default.notify_channel, default.pool_size) == (
         "tidings",
         "tidings.tidings",
-        10,
+        5,
     )
     assert tuned.prefix == "app1" and tuned.notify_channel == "tidings.app1"
     assert tuned._dsn == "postgres://u:p@db.example:6543/app?sslmode=disable"

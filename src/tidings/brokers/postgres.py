@@ -38,7 +38,7 @@ server settings; ``sslmode`` etc. work as in libpq):
 * ``prefix``: the schema holding the tables, and the notification channel's name (default
   ``tidings``); deployments with different prefixes share a database without seeing each
   other;
-* ``pool_size``: most pooled connections per node (default 10);
+* ``pool_size``: most pooled connections per node (default 5);
 * ``connect_timeout``: seconds to open a connection (default 5);
 * ``command_timeout``: seconds a query may take, including waiting for a pooled connection
   (default 10);
@@ -185,7 +185,7 @@ class PostgresBroker(Broker):
                 f"postgresql URL option prefix={self.prefix!r}: a schema name of at most 63 "
                 "bytes, not starting with pg_ (reserved by PostgreSQL)"
             )
-        self.pool_size = int(_positive(options, "pool_size", 10))
+        self.pool_size = int(_positive(options, "pool_size", 5))
         unlogged = options.get("unlogged", "false").lower()
         if unlogged not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
             raise ValueError(f"postgresql URL option unlogged={unlogged!r}: expected true or false")
