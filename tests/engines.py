@@ -31,7 +31,7 @@ def with_prefix(url: str, prefix: str) -> str:
     return f"{url}{'&' if '?' in url else '?'}prefix={prefix}"
 
 
-async def _ping(url: str) -> None:
+async def _redis_check(url: str) -> None:
     broker = create_broker(url)
     try:
         await broker.ping()
@@ -99,7 +99,7 @@ ENGINES: dict[str, Engine] = {
     "redis": Engine(
         "redis",
         lambda prefix: with_prefix(REDIS_URL, prefix),
-        _ping,
+        _redis_check,
         lambda url, prefix: _redis_cleanup(REDIS_URL, prefix),
         lambda: f"redis://127.0.0.1:{free_port()}/0",
     ),
