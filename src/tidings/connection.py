@@ -74,7 +74,7 @@ class Client:
     Kept small, as there is one per idle connection: slots, no timer of its own (its deadlines
     are one entry in the hub's wheel, kept by ``creds``) and no task set until it spawns one."""
 
-    __slots__ = ("_last", "_tasks", "_tokens", "creds", "session", "subs", "tidings")
+    __slots__ = ("_last", "_tasks", "_tokens", "creds", "extra", "session", "subs", "tidings")
 
     def __init__(self, tidings: Tidings, session: Session) -> None:
         self.tidings = tidings
@@ -87,6 +87,8 @@ class Client:
         self._tokens = float(settings.command_burst)
         self._last = time.monotonic()
         self._tasks: set[asyncio.Task[Any]] | None = None
+        #: fields the transport adds to the connect result (emulation: ``session``, ``node``)
+        self.extra: dict[str, Any] | None = None
         session.protocol = self
 
     @property
@@ -178,6 +180,7 @@ class Client:
                 "ttl": ttl,
                 "subs": subs,
                 "node": self.hub.node_id,
+                **(self.extra or {}),
             }
         )
 
