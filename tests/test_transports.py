@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +20,7 @@ import websockets
 from .cfutil import SECRET, token
 from .conftest import IN_CI, Serve
 from .engines import ENGINES, WAIT, namespace
+from .test_limits import wait_for
 
 API = {"x-api-key": "key"}
 
@@ -324,3 +326,46 @@ async def test_uni_websocket_without_a_connect_request_is_closed(serve: Serve) -
                 while True:
                     await ws.recv()
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 3501
+
+
+async def test_a_stream_that_stops_reading_is_closed_as_slow(serve: Serve) -> None:
+    """A client that stops reading its stream fills only its own outbox and is dropped (3008);
+    a subscriber that reads gets everything, and the publisher never waits for the slow one."""
+    srv = await serve(
+        token_hmac_secret=SECRET, api_key="key", outbox_limit=64 * 1024, max_message_size=60_000
+    )
+    body = orjson.dumps({"token": token("slow", channels=["firehose"])})
+    stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(("127.0.0.1", srv.port))
+    stalled.sendall(
+        b"POST /connection/uni_http_stream HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    reading = orjson.dumps({"token": token("fast", channels=["firehose"])})
+    try:
+        async with (
+            httpx.AsyncClient(base_url=srv.url, timeout=WAIT) as http,
+            http.stream("POST", "/connection/uni_http_stream", content=reading) as r,
+        ):
+            stream = Lines(r)
+            assert "connect" in await stream.next()
+            await wait_for(lambda: srv.hub.subscribers("firehose") == 2, "two subscribers")
+            got: list[str] = []
+
+            async def read_all() -> None:
+                while len(got) < 300:
+                    got.append((await stream.until("pub"))["pub"]["data"])
+
+            reader = asyncio.create_task(read_all())
+            payload = "x" * 50_000
+            for i in range(300):
+                # a deadline, not a measurement: a publisher held up by the stalled client
+                # would never get its answer
+                await asyncio.wait_for(srv.hub.publish("firehose", f"{i}:{payload}"), 10)
+            await asyncio.wait_for(reader, 30)
+            assert [m.split(":", 1)[0] for m in got] == [str(i) for i in range(300)]
+            assert srv.hub.metrics.slow_clients == 1
+            await wait_for(lambda: srv.hub.subscribers("firehose") == 1, "the slow one dropped")
+    finally:
+        stalled.close()
