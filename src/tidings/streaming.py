@@ -325,6 +325,10 @@ class StreamingEndpoints:
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         given = query.get(CONNECT_PARAM, [""])[0]
         await transport.accept()
+        if not check_origin(scope):
+            log_refused(scope["path"], 1008, "origin not allowed", log)
+            await transport.close(1008, "origin not allowed")
+            return
         fmt = self.encoders.wire_format(takes_frames(transport), uni=True)
         session = Session(self.tidings.hub, transport, fmt, pong_timeout=settings.pong_timeout)
         if not await admit(session):
