@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +22,7 @@ import websockets
 from .cfutil import SECRET, token
 from .conftest import IN_CI, Serve
 from .engines import ENGINES, WAIT, namespace
+from .nodes import tidings_serve
 from .test_limits import wait_for
 
 API = {"x-api-key": "key"}
@@ -369,3 +372,44 @@ async def test_a_stream_that_stops_reading_is_closed_as_slow(serve: Serve) -> No
             await wait_for(lambda: srv.hub.subscribers("firehose") == 1, "the slow one dropped")
     finally:
         stalled.close()
+
+
+async def test_tidings_serve_ends_open_streams_when_it_stops(tmp_path: Path) -> None:
+    """A stream has no close frame: on SIGTERM `tidings serve` ends each one with a disconnect
+    push (3001) instead of waiting for it forever, then exits."""
+    proc = tidings_serve(tmp_path, "memory://").start()
+    try:
+        await asyncio.to_thread(proc.wait_healthy)
+        async with (
+            httpx.AsyncClient(base_url=proc.url, timeout=WAIT) as http,
+            http.stream("POST", "/connection/uni_http_stream", content=b"{}") as uni,
+            http.stream(
+                "POST", "/connection/http_stream", content=b'{"id":1,"connect":{}}'
+            ) as bidi,
+        ):
+            uni_lines, bidi_lines = Lines(uni), Lines(bidi)
+            assert "connect" in await uni_lines.next()
+            assert "connect" in await bidi_lines.next()
+            proc.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            shutdown = {"code": 3001, "reason": "shutdown"}
+            assert await uni_lines.until("disconnect") == {"disconnect": shutdown}
+            assert await bidi_lines.until("push") == {"push": {"disconnect": shutdown}}
+        # uvicorn re-raises the signal it stopped on, once it has shut down
+        assert await asyncio.to_thread(proc.wait_exit, WAIT) in (0, -signal.SIGTERM)
+    finally:
+        proc.stop()
+
+
+async def test_unidirectional_pings_need_no_pong(serve: Serve) -> None:
+    """A unidirectional client cannot answer pings: they keep coming, the stream stays open
+    (a bidirectional client would be closed 3012 after the first unanswered one)."""
+    srv = await serve(ping_interval=0.2, pong_timeout=0.2)
+    async with (
+        httpx.AsyncClient(base_url=srv.url, timeout=WAIT) as http,
+        http.stream("POST", "/connection/uni_http_stream", content=b"") as r,
+    ):
+        stream = Lines(r)
+        assert "pong" not in (await stream.next())["connect"]
+        for _ in range(3):
+            assert await stream.next() == {}
+        assert srv.hub.sessions and not srv.hub.metrics.slow_clients

@@ -45,7 +45,14 @@ from starlette.types import Receive, Scope, Send
 from .control import Emulation
 from .delivery import takes_frames
 from .endpoints import admit, log_closed, log_refused
-from .errors import BadRequest, Disconnect, TidingsError, TokenExpired, Unavailable
+from .errors import (
+    SHUTDOWN,
+    BadRequest,
+    Disconnect,
+    TidingsError,
+    TokenExpired,
+    Unavailable,
+)
 from .frames import Frame
 from .protocol import centrifuge as wire
 from .session import Session
@@ -152,6 +159,8 @@ class StreamingEndpoints:
         #: streaming subscribers alike
         self.encoders: wire.CentrifugeEncoders = tidings.centrifuge_endpoint.encoders
         self.sessions: dict[str, Session] = {}
+        #: every session on a stream of this node (emulated and unidirectional)
+        self.streams: set[Session] = set()
         self.http_stream = _App(self._http_stream)
         self.sse = _App(self._sse)
         self.emulation = _App(self._emulation)
@@ -373,6 +382,13 @@ class StreamingEndpoints:
 
     # -- shared ----------------------------------------------------------------------------------
 
+    def shutdown(self) -> None:
+        """End every stream now with a disconnect push (3001 shutdown). A server that stops
+        waits for its responses to finish, and a stream has no close frame it could send on
+        its own (as it does for a WebSocket): `tidings serve` calls this when it stops."""
+        for session in list(self.streams):
+            session.close(SHUTDOWN)
+
     async def _open(self, transport: StreamTransport, uni: bool) -> Session | None:
         hub, settings = self.tidings.hub, self.tidings.settings
         await transport.accept()
@@ -381,6 +397,7 @@ class StreamingEndpoints:
         if not await admit(session):
             await transport.end()
             return None
+        self.streams.add(session)
         return session
 
     def _client(self, session: Session, extra: dict[str, Any]) -> Client:
@@ -393,6 +410,7 @@ class StreamingEndpoints:
     async def _finish(
         self, path: str, session: Session, client: Client, transport: StreamTransport
     ) -> None:
+        self.streams.discard(session)
         try:
             await client.close()
         finally:
