@@ -236,7 +236,7 @@ class StreamingEndpoints:
         if session is None:
             return
         sid = str(uuid.uuid4())
-        client = self._client(session, {"session": sid})
+        client = self._client(session, path, {"session": sid})
         self.sessions[sid] = session
         transport.deliver(frame)  # the reader handles it first: the connect command
         try:
@@ -322,7 +322,7 @@ class StreamingEndpoints:
         session = await self._open(transport, uni=True)
         if session is None:
             return
-        client = self._client(session, {"session": str(uuid.uuid4()), "pong": False})
+        client = self._client(session, path, {"session": str(uuid.uuid4()), "pong": False})
         try:
             await self._uni_serve(session, client, request)
         finally:
@@ -342,8 +342,8 @@ class StreamingEndpoints:
         session = Session(self.tidings.hub, transport, fmt, pong_timeout=settings.pong_timeout)
         if not await admit(session):
             return
-        client = self._client(session, {"session": str(uuid.uuid4()), "pong": False})
         path = scope["path"]
+        client = self._client(session, path, {"session": str(uuid.uuid4()), "pong": False})
         try:
             raw: Frame | None = given
             if not raw:  # the first message is the connect request
@@ -400,10 +400,10 @@ class StreamingEndpoints:
         self.streams.add(session)
         return session
 
-    def _client(self, session: Session, extra: dict[str, Any]) -> Client:
+    def _client(self, session: Session, path: str, extra: dict[str, Any]) -> Client:
         from .connection import Client  # the connection module imports this one's neighbours
 
-        client = Client(self.tidings, session)
+        client = Client(self.tidings, session, path)
         client.extra = extra
         return client
 
