@@ -22,7 +22,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.responses import HTMLResponse
 from starlette.requests import HTTPConnection, Request
-from starlette.routing import NoMatchFound, WebSocketRoute
+from starlette.routing import NoMatchFound, Route, WebSocketRoute
 
 from .admin import AdminAuth
 from .api import HttpApi
@@ -35,6 +35,7 @@ from .hub import Hub
 from .metrics import exposition
 from .router import build_router
 from .server_api import ServerApi
+from .streaming import StreamingEndpoints
 
 log = logging.getLogger("tidings")
 
@@ -69,6 +70,8 @@ class Tidings:
         # one instance each: they register control-message handlers on the hub
         self.raw_endpoint = RawEndpoint(self)
         self.centrifuge_endpoint = CentrifugeEndpoint(self)
+        #: http_stream, sse, /emulation and the unidirectional transports
+        self.streaming = StreamingEndpoints(self)
         self.demo_router = demo_router()
         self.router = self._routes()
         if demo:
@@ -85,6 +88,13 @@ class Tidings:
         router.routes.append(
             WebSocketRoute("/connection/websocket", self.centrifuge_endpoint, name="centrifuge")
         )
+        streaming = self.streaming
+        for path, endpoint in streaming.paths.items():  # the endpoints check methods themselves
+            router.routes.append(Route(path, endpoint, name=path.rsplit("/", 1)[-1]))
+        uni_websocket = WebSocketRoute(
+            "/connection/uni_websocket", streaming.uni_websocket, name="uni_websocket"
+        )
+        router.routes.append(uni_websocket)
         return router
 
     async def start(self) -> None:

@@ -74,10 +74,22 @@ class Client:
     Kept small, as there is one per idle connection: slots, no timer of its own (its deadlines
     are one entry in the hub's wheel, kept by ``creds``) and no task set until it spawns one."""
 
-    __slots__ = ("_last", "_tasks", "_tokens", "creds", "session", "subs", "tidings")
+    __slots__ = (
+        "_last",
+        "_tasks",
+        "_tokens",
+        "creds",
+        "extra",
+        "path",
+        "session",
+        "subs",
+        "tidings",
+    )
 
-    def __init__(self, tidings: Tidings, session: Session) -> None:
+    def __init__(self, tidings: Tidings, session: Session, path: str = PATH) -> None:
         self.tidings = tidings
+        #: the endpoint it came through (without the query string), for log lines
+        self.path = path
         self.session = session
         hub, settings = tidings.hub, tidings.settings
         by_name: dict[str, Subscription] = {}
@@ -87,6 +99,8 @@ class Client:
         self._tokens = float(settings.command_burst)
         self._last = time.monotonic()
         self._tasks: set[asyncio.Task[Any]] | None = None
+        #: fields the transport adds to the connect result (emulation: ``session``, ``node``)
+        self.extra: dict[str, Any] | None = None
         session.protocol = self
 
     @property
@@ -157,7 +171,7 @@ class Client:
 
     async def connect(self, request: Request, activations: Activations) -> dict[str, Any]:
         ttl = await self.creds.connect(request.get("token"))
-        log_connected(PATH, self.session, log)
+        log_connected(self.path, self.session, log)
         subs: dict[str, Any] = {}
         given = request.get("subs")
         wanted: dict[str, Any] = given if isinstance(given, dict) else {}
@@ -178,6 +192,7 @@ class Client:
                 "ttl": ttl,
                 "subs": subs,
                 "node": self.hub.node_id,
+                **(self.extra or {}),
             }
         )
 

@@ -16,6 +16,11 @@ connection of the user), then the fields of the op, as the README documents::
     {"op": "refresh", "user": "u", "client": "", "expire_at": 1700000000, "expired": false}
     {"op": "disconnect", "user": "u", "client": "", "code": 3503, "reason": "force disconnect"}
 
+Commands a client of an emulated transport posts to another node's session travel to that node
+(:class:`Emulation`)::
+
+    {"op": "emulation", "node": "a1b2c3", "session": "5f0c...", "data": "{\"id\":2,...}"}
+
 One message is about a node, not a user: every node announces its figures every
 ``node_info_interval`` seconds, so the server API's ``info`` can answer for every node (as
 Centrifugo's node info messages do)::
@@ -40,6 +45,7 @@ __all__ = [
     "ControlError",
     "ControlMessage",
     "DisconnectUser",
+    "Emulation",
     "Message",
     "NodeInfo",
     "RefreshUser",
@@ -244,12 +250,39 @@ class NodeInfo:
         return out
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Emulation:
+    """Commands a client of an emulated transport (``http_stream``, ``sse``) posted to
+    ``/emulation`` on one node, for the node that holds its session (as Centrifugo's
+    emulation survey carries them). ``node``: that node's id; ``session``: the session id its
+    connect reply gave; ``data``: the commands, as the connection's frame (newline-separated
+    JSON). Every node receives it; only ``node`` acts on it."""
+
+    op: ClassVar[str] = "emulation"
+    node: str
+    session: str
+    data: str
+
+    def __post_init__(self) -> None:
+        if not _text(self.node, "node"):
+            raise ControlError("node must not be empty")
+        if not _text(self.session, "session"):
+            raise ControlError("session must not be empty")
+        _text(self.data, "data")
+
+    @classmethod
+    def from_object(cls, obj: dict[str, Any]) -> Any:
+        given: dict[str, Any] = {k: obj.get(k) for k in ("node", "session", "data")}
+        return cls(**given)  # checked by the constructor
+
+
 #: whatever travels on the control plane
-Message = ControlMessage | NodeInfo
+Message = ControlMessage | NodeInfo | Emulation
 
 #: every message type by its ``op``
 OPS: dict[str, type[Message]] = {
-    cls.op: cls for cls in (SubscribeUser, UnsubscribeUser, RefreshUser, DisconnectUser, NodeInfo)
+    cls.op: cls
+    for cls in (SubscribeUser, UnsubscribeUser, RefreshUser, DisconnectUser, NodeInfo, Emulation)
 }
 
 

@@ -122,6 +122,8 @@ class Hub:
         self._local: dict[str, _Local] = {}
         self._kept: dict[int, tuple[object, HistoryOptions]] = {}
         self._control_handlers: list[Callable[[control.ControlMessage], None]] = []
+        #: takes the emulation commands other nodes route to this one's sessions
+        self.on_emulation: Callable[[control.Emulation], None] | None = None
         self._control_faults: set[str] = set()  # kinds of invalid control message seen
         self._tasks: set[asyncio.Task[None]] = set()
         self.rpc_handlers: dict[str, RpcHandler] = {}
@@ -457,6 +459,10 @@ class Hub:
         if isinstance(message, control.NodeInfo):
             self.directory.on_node(message)
             return
+        if isinstance(message, control.Emulation):
+            if message.node == self.node_id and self.on_emulation is not None:
+                self.on_emulation(message)
+            return
         if isinstance(message, control.DisconnectUser):
             self._disconnect_local(message)
         for handler in self._control_handlers:
@@ -496,7 +502,7 @@ class Hub:
 
     # -- users (on every node, through the broker's control messages) ----------------------------
 
-    async def send_control(self, message: control.ControlMessage) -> None:
+    async def send_control(self, message: control.ControlMessage | control.Emulation) -> None:
         """Send ``message`` to every node (this one too), through the broker."""
         await self.broker.publish_control(control.encode(message))
 

@@ -284,9 +284,13 @@ class Session:
         if frame is None:
             return
         self.enqueue(frame)
-        if not self.closing:  # enqueue closes a slow client
+        if self.closing:  # enqueue closes a slow client
+            return
+        if getattr(self.format, "expects_pong", True):
             self._pinged = True
             self.hub.wheel.schedule(self, self.pong_timeout)
+        else:  # a unidirectional client cannot answer: the ping only keeps the stream alive
+            self._schedule_ping()
 
     def start_heartbeats(self, interval: float) -> None:
         """Start pinging now (protocols whose clients must not be pinged before a handshake)."""

@@ -187,6 +187,24 @@ def push(channel: str, kind: str, body: dict[str, Any]) -> str:
     return push_bytes(channel, kind, body).decode()
 
 
+def uni_push_bytes(channel: str, kind: str, body: dict[str, Any]) -> bytes:
+    """A push as the unidirectional transports send it: the push object itself, without the
+    ``{"push": ...}`` wrapper (Centrifugo's ``encodeReply`` on a unidirectional transport)."""
+    inner: dict[str, Any] = {"channel": channel} if channel else {}
+    inner[kind] = body
+    return orjson.dumps(inner)
+
+
+#: what every wrapped push starts with (:func:`push_bytes`)
+_WRAPPED = '{"push":'
+
+
+def unwrap(frame: str) -> str:
+    """A wrapped push (:func:`push`) as a unidirectional transport sends it; anything else as
+    it is."""
+    return frame[len(_WRAPPED) : -1] if frame.startswith(_WRAPPED) else frame
+
+
 class _LastPush:
     """The frame of the most recent publication, shared by the two encoders of one variant of
     one :class:`CentrifugeEncoders`; and (framed variant) the last batch packed with what it
@@ -212,6 +230,9 @@ class CentrifugeJson:
 
     __slots__ = ("_last", "_pair", "with_join_leave")
 
+    #: the client answers pings (``{}``) with pongs; unidirectional clients cannot
+    expects_pong = True
+
     def __init__(self, with_join_leave: bool, last: _LastPush) -> None:
         self.with_join_leave = with_join_leave
         self._last = last
@@ -234,10 +255,14 @@ class CentrifugeJson:
         """A push as this variant queues it (text here)."""
         return data.decode()
 
+    def _push(self, channel: str, kind: str, body: dict[str, Any]) -> bytes:
+        """A push's bytes as this variant sends it (wrapped in ``{"push": ...}`` here)."""
+        return push_bytes(channel, kind, body)
+
     def push(self, pub: Publication) -> Frame:
         last = self._last
         if last.pub is not pub:
-            last.frame = self._frame(push_bytes(pub.channel, "pub", publication(pub)))
+            last.frame = self._frame(self._push(pub.channel, "pub", publication(pub)))
             last.pub = pub
         return last.frame
 
@@ -245,7 +270,7 @@ class CentrifugeJson:
         if not self.with_join_leave:
             return None
         kind = "join" if event.join else "leave"
-        return self._frame(push_bytes(event.channel, kind, {"info": client_info(event.info)}))
+        return self._frame(self._push(event.channel, kind, {"info": client_info(event.info)}))
 
     def pack(self, frames: list[Frame]) -> list[Frame]:
         """Every queued reply and push in one WebSocket frame, newline-separated."""
@@ -287,6 +312,38 @@ class CentrifugeFramed(CentrifugeJson):
         return [last.packed]
 
 
+class _Unidirectional:
+    """What the unidirectional variants change (mixed in before a :class:`CentrifugeJson`):
+    pushes go out bare, as Centrifugo's ``uni_*`` transports send them, and pings expect no
+    pong (the client has no way to send one)."""
+
+    __slots__ = ()
+
+    expects_pong = False
+
+    def _push(self, channel: str, kind: str, body: dict[str, Any]) -> bytes:
+        return uni_push_bytes(channel, kind, body)
+
+    def pack(self, frames: list[Frame]) -> list[Frame]:
+        # the few pushes a connection queues itself (server-side subscribe/unsubscribe) are
+        # built wrapped; publications, the bulk, were built bare once by the encoder
+        bare = [unwrap(f) if isinstance(f, str) else f for f in frames]
+        return super().pack(bare)  # type: ignore[misc,no-any-return]
+
+
+class CentrifugeUni(_Unidirectional, CentrifugeJson):
+    """The unidirectional variant for transports that take text (ASGI, HTTP streaming)."""
+
+    __slots__ = ()
+
+
+class CentrifugeUniFramed(_Unidirectional, CentrifugeFramed):
+    """The unidirectional variant for direct transports (``uni_websocket`` under
+    `tidings serve`): bare pushes built once as complete WebSocket frames."""
+
+    __slots__ = ()
+
+
 class CentrifugeEncoders:
     """The Centrifugo encoders (and session wire formats) of one hub: a text pair for ASGI
     transports and a framed pair for direct ones.
@@ -295,15 +352,20 @@ class CentrifugeEncoders:
     made per hub (the Centrifugo endpoint of a :class:`~tidings.app.Tidings` makes it), never
     per process: two hubs in one process, on one thread or several, share no encoder state."""
 
-    __slots__ = ("framed", "text")
+    __slots__ = ("framed", "text", "uni_framed", "uni_text")
 
     def __init__(self) -> None:
         #: for transports that take text (ASGI): pushes are ``str``
         self.text: CentrifugeJson = CentrifugeJson.pair()
         #: for direct transports (`tidings serve`): pushes are complete WebSocket frames
         self.framed: CentrifugeJson = CentrifugeFramed.pair()
+        #: the unidirectional transports' bare pushes, as text and as frames
+        self.uni_text: CentrifugeJson = CentrifugeUni.pair()
+        self.uni_framed: CentrifugeJson = CentrifugeUniFramed.pair()
 
-    def wire_format(self, framed: bool) -> CentrifugeJson:
+    def wire_format(self, framed: bool, uni: bool = False) -> CentrifugeJson:
         """The session's format (and encoder without join/leave) for a transport that does or
-        does not write pre-built frames."""
+        does not write pre-built frames; ``uni``: for a unidirectional transport."""
+        if uni:
+            return self.uni_framed if framed else self.uni_text
         return self.framed if framed else self.text

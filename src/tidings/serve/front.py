@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ..api import HttpApi
     from ..connection import CentrifugeEndpoint
     from ..endpoints import RawEndpoint
+    from ..streaming import StreamingEndpoints
 
 log = logging.getLogger("tidings.front")
 
@@ -39,9 +40,10 @@ INTERNAL_ERROR = (500, b"Internal Server Error", b"text/plain; charset=utf-8")
 
 
 class Front:
-    """ASGI app for `tidings serve`: ``/ws/{channel}``, ``/connection/websocket``,
-    ``POST /api/{method}`` (the server API, ``publish`` included) and
-    ``POST /publish/{channel}`` directly; anything else through ``app``."""
+    """ASGI app for `tidings serve`: ``/ws/{channel}``, ``/connection/websocket``, the
+    streaming transports (:mod:`tidings.streaming`), ``POST /api/{method}`` (the server API,
+    ``publish`` included) and ``POST /publish/{channel}`` directly; anything else through
+    ``app``."""
 
     def __init__(self, app: FastAPI) -> None:
         self.app = app
@@ -50,6 +52,7 @@ class Front:
         self.raw: RawEndpoint = tidings.raw_endpoint
         self.centrifuge: CentrifugeEndpoint = tidings.centrifuge_endpoint
         self.http: HttpApi = tidings.http
+        self.streaming: StreamingEndpoints = tidings.streaming
         self._targets: dict[bytes, Answer | None] = {}
 
     def route(self, path: str) -> Answer | None:
@@ -100,10 +103,16 @@ class Front:
                 return self.raw(scope, receive, send)
             if path == "/connection/websocket":
                 return self.centrifuge(scope, receive, send)
-        elif kind == "http" and scope["method"] == "POST":
-            answer = self.route(path)
-            if answer is not None:
-                return self._answer(answer, scope, receive, send)
+            if path == "/connection/uni_websocket":
+                return self.streaming.uni_websocket(scope, receive, send)
+        elif kind == "http":
+            stream = self.streaming.paths.get(path)
+            if stream is not None:  # http_stream, sse, /emulation, uni_*: streamed responses
+                return stream(scope, receive, send)
+            if scope["method"] == "POST":
+                answer = self.route(path)
+                if answer is not None:
+                    return self._answer(answer, scope, receive, send)
         return self.app(scope, receive, send)
 
     async def _answer(self, answer: Answer, scope: Scope, receive: Receive, send: Send) -> None:

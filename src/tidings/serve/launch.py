@@ -102,6 +102,12 @@ class Server(uvicorn.Server):
         if self.started:
             log.info(self.banner)
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn waits for every response to finish before the lifespan ends the sessions:
+        # streamed ones (http_stream, sse, uni_*) would never finish, so they end first
+        self.tidings.streaming.shutdown()
+        await super().shutdown(sockets)
+
 
 def run(settings: Settings, application: Any, tidings: Tidings, options: dict[str, Any]) -> None:
     """Serve ``application`` (its Tidings is ``tidings``) with uvicorn ``options`` until a
