@@ -15,8 +15,10 @@ after all of that. ``launch.run`` is called by ``cli.run``.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
+import math
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +103,41 @@ class Server(uvicorn.Server):
         await super().startup(sockets)
         if self.started:
             log.info(self.banner)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """SIGTERM or SIGINT: drain, then uvicorn's own shutdown.
+
+        1. Stop accepting: the listening sockets close, so new connections go to the other
+           nodes (or workers on the port) at once; a connection that was already accepted
+           is refused the way a draining node closes (:meth:`tidings.hub.Hub.drain`).
+        2. Close every WebSocket session, spread over ``shutdown_period`` seconds: 3001
+           "shutdown" for Centrifugo clients (they reconnect and recover elsewhere), 1012
+           for raw ones; each gets what its outbox holds first. HTTP requests keep being
+           answered meanwhile, and the broker stays connected.
+        3. uvicorn's shutdown: idle keep-alive HTTP connections close, a request in flight is
+           answered (with ``connection: close``), within ``close_timeout`` seconds; then the
+           lifespan ends, which closes the broker. A second SIGINT skips what is left."""
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        hub = self.tidings.hub
+        settings = self.tidings.settings
+        if hub.sessions and not self.force_exit:
+            log.info(
+                "draining %d connections over %gs", len(hub.sessions), settings.shutdown_period
+            )
+            drain = asyncio.ensure_future(hub.drain(settings.shutdown_period))
+            while not drain.done() and not self.force_exit:
+                await asyncio.wait([drain], timeout=0.1)
+            if not drain.done():
+                drain.cancel()
+        # what is left (requests in flight, sessions that never answered) gets close_timeout
+        self.config.timeout_graceful_shutdown = max(1, math.ceil(settings.close_timeout))
+        # uvicorn's shutdown reaches every connection before its first await: once this line
+        # is out, no new request will be started
+        log.info("answering requests in flight, then stopping")
+        await super().shutdown(sockets)
 
 
 def run(settings: Settings, application: Any, tidings: Tidings, options: dict[str, Any]) -> None:
