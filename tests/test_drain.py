@@ -389,3 +389,25 @@ def test_fast_websocket_close_timeout_is_the_setting() -> None:
     assert timeout_of(Front(app)) == 0.7
     assert timeout_of(mine) == 1.5
     assert timeout_of(plain) == 10.0
+
+
+async def test_workers_drain_too(tmp_path: Path, redis_url: str, procs: list[Proc]) -> None:
+    """`tidings serve --workers 2`: SIGTERM to the supervisor drains every worker (3001)."""
+    supervisor = tidings_serve(
+        tmp_path, redis_url, "--workers", "2", env={"TIDINGS_SHUTDOWN_PERIOD": "0.5"}
+    )
+    procs.append(supervisor.start())
+    await asyncio.to_thread(supervisor.wait_healthy)
+    clients = []
+    for _ in range(4):  # the kernel spreads them over both workers, most likely
+        ws = await websockets.connect(f"{supervisor.ws}/connection/websocket")
+        await ws.send(json.dumps({"id": 1, "connect": {}}))
+        assert "connect" in json.loads(await ws.recv())
+        clients.append(ws)
+    supervisor.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    for ws in clients:
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), WAIT)
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (3001, "shutdown")
+    await asyncio.to_thread(supervisor.wait_exit, EXIT_BOUND)
