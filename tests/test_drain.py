@@ -411,3 +411,23 @@ async def test_workers_drain_too(tmp_path: Path, redis_url: str, procs: list[Pro
         assert closed.value.rcvd is not None
         assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (3001, "shutdown")
     await asyncio.to_thread(supervisor.wait_exit, EXIT_BOUND)
+
+
+async def test_metrics_expose_what_the_soak_reads(serve: Serve) -> None:
+    """/metrics has the process's descriptors and memory and the loop's task count."""
+    srv: Running = await serve()
+    ws = await websockets.connect(f"{srv.ws}/ws/news")
+    try:
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            text = (await http.get("/metrics")).text
+    finally:
+        await ws.close()
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert values["tidings_connections"] == 1
+    assert values["tidings_asyncio_tasks"] >= 1  # at least the open connection's
+    assert values["process_open_fds"] >= 3  # the listener, the WebSocket, this request
+    assert values["process_resident_memory_bytes"] > 0
