@@ -293,7 +293,7 @@ async def test_sdk_clients_move_to_the_other_node_and_lose_nothing(
         assert [o for o, _ in rec.pubs] == list(range(1, len(rec.pubs) + 1))
 
 
-async def _http_head(port: int, body: bytes) -> socket.socket:
+def _http_head(port: int, body: bytes) -> socket.socket:
     """A publish whose headers and the first half of its body are sent."""
     sock = socket.create_connection(("127.0.0.1", port))
     head = (
@@ -319,7 +319,7 @@ async def test_publish_in_flight_when_stopping_is_answered(
     a = node(tmp_path, redis_url, "a", procs)
     await asyncio.to_thread(a.wait_healthy)
     body = json.dumps({"channel": "feed:inflight", "data": {"n": 1}}).encode()
-    sock = await _http_head(a.port, body)
+    sock = _http_head(a.port, body)
     try:
         # one idle keep-alive connection too: it is closed, unanswered, as nothing was asked
         idle = socket.create_connection(("127.0.0.1", a.port))
