@@ -109,7 +109,18 @@ class Tidings:
                 "reach it may subscribe and publish"
             )
 
+    async def drain(self, period: float | None = None) -> None:
+        """Close every connection, spread over ``period`` seconds (default: the
+        ``shutdown_period`` setting), refusing new ones; see :meth:`Hub.drain`. `tidings serve`
+        calls it on SIGTERM/SIGINT before anything else stops. Under another server, call it
+        before that server closes its connections (stock uvicorn closes WebSockets 1012 before
+        the lifespan's shutdown: Centrifugo SDKs reconnect on that too)."""
+        await self.hub.drain(period)
+
     async def stop(self) -> None:
+        """Drain what is still connected (:meth:`drain`), then close the broker."""
+        if self.hub.sessions:
+            await self.hub.drain()
         await self.hub.stop()
 
     async def __aenter__(self) -> Tidings:

@@ -133,6 +133,12 @@ class Settings(BaseSettings):
         "every channel in one go).",
     )
     close_timeout: float = Field(2.0, gt=0, description="Seconds to wait for a close handshake.")
+    shutdown_period: float = Field(
+        5.0,
+        ge=0,
+        description="Seconds over which a stopping node closes its connections (3001 shutdown), "
+        "so clients reconnect elsewhere spread out, not all at once.",
+    )
     max_channel_length: int = Field(255, ge=1, description="Longest channel name.")
     channel_chars: str = Field(
         r"A-Za-z0-9_\-:.@$#,=!+~*",

@@ -88,6 +88,8 @@ class Disconnect(Exception):
 
 
 SHUTDOWN = Disconnect(3001, "shutdown")
+#: a raw client's close when the node stops: RFC 6455's registry, "Service Restart"
+SERVICE_RESTART = Disconnect(1012, "service restart")
 SLOW = Disconnect(3008, "slow")
 NO_PONG = Disconnect(3012, "no pong")
 TOO_BIG = Disconnect(1009, "message too big")

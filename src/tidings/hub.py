@@ -98,6 +98,13 @@ def encode_json(data: Any) -> bytes:
         raise BadRequest(f"data is not JSON-serializable: {exc}") from None
 
 
+def going_away(session: Session) -> Disconnect:
+    """How ``session`` is closed when its node stops: its wire format's ``going_away``, else
+    3001 shutdown (the Centrifugo protocol's)."""
+    reason: Disconnect = getattr(session.format, "going_away", SHUTDOWN)
+    return reason
+
+
 def wheel_resolution(settings: Settings) -> float:
     """A quarter of the shortest deadline the hub's wheel serves, at most 1 s."""
     shortest = min(settings.ping_interval, settings.pong_timeout, settings.connect_timeout)
@@ -129,6 +136,9 @@ class Hub:
         self.rpc_handlers: dict[str, RpcHandler] = {}
         self.send_handlers: list[SendHandler] = []
         self.started = False
+        #: :meth:`drain` has begun: new connections are refused, open ones are being closed
+        self.draining = False
+        self._emptied: asyncio.Event | None = None  # drain() waits for the last session
         #: every node's figures (this one's and those announced through the broker)
         self.directory = NodeDirectory(self, self.settings.node_info_interval)
 
@@ -136,14 +146,52 @@ class Hub:
 
     async def start(self) -> None:
         if not self.started:
+            self.draining = False
             await self.broker.start(self)
             self.started = True
             self.directory.start()
 
+    async def drain(self, period: float | None = None) -> None:
+        """Close every session, spread evenly over ``period`` seconds (default: the
+        ``shutdown_period`` setting), and return once they are gone.
+
+        From the call on, new connections are refused the same way. Centrifugo-protocol
+        clients are closed 3001 "shutdown" (Centrifugo's code: its SDKs reconnect, and recover
+        their subscriptions on whichever node they reach); raw clients with their wire format's
+        ``going_away`` (1012 service restart). Each close first writes what the client's outbox
+        holds. The spread keeps a stopping node's clients from reconnecting to the others all
+        in the same instant. Returns after the last close plus at most ``close_timeout`` (a
+        client that never answers the close is aborted by its transport meanwhile); the broker
+        stays connected, so in-flight publishes still complete. Never raises."""
+        if period is None:
+            period = self.settings.shutdown_period
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        pending = list(self.sessions)
+        count = len(pending)
+        start = loop.time()
+        closed = 0
+        while closed < count:
+            # the i-th session (from 0) is closed period * i / count seconds in
+            elapsed = loop.time() - start
+            due = count if period <= 0 else min(count, int(elapsed * count / period) + 1)
+            for session in pending[closed:due]:
+                session.close(going_away(session))
+            closed = max(closed, due)
+            if closed < count:
+                await asyncio.sleep(max(0.01, period * closed / count - (loop.time() - start)))
+        if self.sessions:  # forget() sets it once the last connection has ended
+            self._emptied = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._emptied.wait(), self.settings.close_timeout + 1.0)
+            self._emptied = None
+
     async def stop(self) -> None:
-        """Close every session (3001 shutdown), then the broker."""
+        """Close every session (3001 shutdown; see :meth:`drain` for a spread-out close), then
+        the broker."""
+        self.draining = True
         for session in list(self.sessions):
-            session.close(SHUTDOWN)
+            session.close(going_away(session))
         if self.sessions:
             await asyncio.sleep(0)
         if self.started:
@@ -173,7 +221,10 @@ class Hub:
         return kept[1]
 
     def connect(self, session: Session) -> None:
-        """Count a new connection in; Disconnect(1013) past ``max_connections``."""
+        """Count a new connection in; Disconnect(1013) past ``max_connections``, and the
+        node's going-away close (:meth:`drain`) once it is draining."""
+        if self.draining:
+            raise going_away(session)
         if len(self.sessions) >= self.settings.max_connections:
             self.metrics.rejected_connections += 1
             raise TOO_MANY
@@ -188,6 +239,8 @@ class Hub:
     async def forget(self, session: Session) -> None:
         """Forget a finished session and its subscriptions (its connection has ended)."""
         self.sessions.discard(session)
+        if not self.sessions and self._emptied is not None:
+            self._emptied.set()
         if session.user:
             peers = self.users.get(session.user)
             if peers is not None:

@@ -1,10 +1,15 @@
-"""Prometheus metrics read from the hub's counters at scrape time (no cost per message)."""
+"""Prometheus metrics read from the hub's counters at scrape time (no cost per message).
+
+Besides the hub's figures: the process's (``process_resident_memory_bytes``,
+``process_open_fds``, ... from prometheus-client's ProcessCollector, Linux only) and
+``tidings_asyncio_tasks``, what a soak test watches for leaks (bench/soak.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -23,6 +28,13 @@ class HubCollector(Collector):
         )
         yield GaugeMetricFamily(
             "tidings_channels", "Channels with local subscribers.", len(list(hub.channels))
+        )
+        try:
+            tasks = len(asyncio.all_tasks())
+        except RuntimeError:  # scraped outside the event loop
+            tasks = 0
+        yield GaugeMetricFamily(
+            "tidings_asyncio_tasks", "asyncio tasks alive in the serving loop.", tasks
         )
         counters = [
             ("tidings_publications", "Publications accepted by this node.", m.published),
@@ -48,4 +60,5 @@ class HubCollector(Collector):
 def exposition(hub: Hub) -> tuple[bytes, str]:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(HubCollector(hub))
+    ProcessCollector(registry=registry)
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -44,7 +44,7 @@ from typing import Any, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
@@ -216,7 +216,12 @@ class RedisBroker(Broker):
                 )
             ]
         elif self.mode == "single":
-            self._redis = Redis.from_pool(ConnectionPool.from_url(redis_url))
+            # redis-py's plain pool fails a command at once ("Too many connections") past 100
+            # in use: a burst (many publishers, or every channel healed after a pub/sub drop)
+            # made publishes and recoveries fail. This one waits for a free connection instead.
+            self._redis = Redis.from_pool(
+                BlockingConnectionPool.from_url(redis_url, max_connections=100, timeout=10)
+            )
             pubsub_pools = [ConnectionPool.from_url(redis_url, protocol=2, client_name=name)]
         else:
             raise ValueError(f"unknown redis URL scheme {scheme!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import orjson
 
 from ..brokers.base import JoinLeave, Publication
+from ..errors import SERVICE_RESTART
 from ..frames import Frame, text_frame
 
 
@@ -26,6 +27,10 @@ class RawText:
     """Raw format for transports that take text (ASGI): frames are ``str``."""
 
     __slots__ = ()
+
+    #: how a stopping node closes a raw client: 1012, as stock uvicorn does, so a raw client
+    #: sees one code whichever server runs tidings (Centrifugo clients get 3001 shutdown)
+    going_away = SERVICE_RESTART
 
     def push(self, publication: Publication) -> Frame:
         return text_of(publication.data)

@@ -179,6 +179,8 @@ class FastHttp(CorkedHttpTools):
         self.declared = 0  # Content-Length
         self.keep_alive = True
         self.idle_since: float | None = None
+        #: the server is stopping: the request being read is the last one answered
+        self.stopping = False
 
     def data_received(self, data: bytes) -> None:
         """Answers written while parsing ``data`` (several, if pipelined) leave in one write
@@ -265,7 +267,7 @@ class FastHttp(CorkedHttpTools):
         self.answer = None
         parser = self.parser
         self.keep_alive = keep_alive = (
-            parser.should_keep_alive() and parser.get_http_version() != "1.0"
+            parser.should_keep_alive() and parser.get_http_version() != "1.0" and not self.stopping
         )
         chunks = self.chunks
         body = None
@@ -350,6 +352,15 @@ class FastHttp(CorkedHttpTools):
             )
         else:
             self.transport.close()
+
+    def shutdown(self) -> None:
+        """The server is stopping: a request this path is still reading (its body not all
+        in yet) is answered, with ``connection: close``, as uvicorn does for its own cycle;
+        an idle connection closes now."""
+        if self.answer is not None:
+            self.stopping = True
+        else:
+            super().shutdown()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

@@ -15,8 +15,10 @@ after all of that. ``launch.run`` is called by ``cli.run``.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
+import math
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -72,13 +74,68 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-class Server(uvicorn.Server):
-    """uvicorn's server with tidings' start: the hub and broker first (a broker failure is
-    one line, see the module docstring), then the lifespan; the banner once it listens."""
+class Draining(uvicorn.Server):
+    """uvicorn's server that drains the tidings it serves (``tidings``) before it stops:
+    `tidings serve` and each worker of ``--workers N``."""
 
-    def __init__(self, config: uvicorn.Config, tidings: Tidings, banner: str) -> None:
+    def __init__(self, config: uvicorn.Config, tidings: Tidings) -> None:
         super().__init__(config)
         self.tidings = tidings
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """SIGTERM or SIGINT: drain, then uvicorn's own shutdown.
+
+        1. Stop accepting: the listening sockets close, so new connections go to the other
+           nodes (or workers on the port) at once; a connection that was already accepted
+           is refused the way a draining node closes (:meth:`tidings.hub.Hub.drain`).
+        2. Close every WebSocket session, spread over ``shutdown_period`` seconds: 3001
+           "shutdown" for Centrifugo clients (they reconnect and recover elsewhere), 1012
+           for raw ones; each gets what its outbox holds first. HTTP requests keep being
+           answered meanwhile, and the broker stays connected.
+        3. uvicorn's shutdown: idle keep-alive HTTP connections close, a request in flight is
+           answered (with ``connection: close``), within ``close_timeout`` seconds; then the
+           lifespan ends, which closes the broker. A second SIGINT skips what is left."""
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        hub = self.tidings.hub
+        settings = self.tidings.settings
+        if hub.sessions:
+            log.info(
+                "draining %d connections over %gs", len(hub.sessions), settings.shutdown_period
+            )
+        if not self.force_exit:
+            drain = asyncio.ensure_future(hub.drain(settings.shutdown_period))
+            while not drain.done() and not self.force_exit:
+                await asyncio.wait([drain], timeout=0.1)
+            if not drain.done():
+                drain.cancel()
+        # what is left (requests in flight, sessions that never answered) gets close_timeout
+        self.config.timeout_graceful_shutdown = max(1, math.ceil(settings.close_timeout))
+        # uvicorn's shutdown reaches every connection before its first await: once this line
+        # is out, no new request will be started
+        log.info("answering requests in flight, then stopping")
+        # uvicorn waits for every response to finish before the lifespan ends the sessions:
+        # streamed ones (http_stream, sse, uni_*) still open would never finish, so they end
+        self.tidings.streaming.shutdown()
+        await super().shutdown(sockets)
+
+
+def stop_timeout(settings: Settings) -> float:
+    """Seconds a draining node may take to stop (:meth:`Draining.shutdown`): the drain
+    period, the close timeout of its last sessions and of what is left after it, and 5 s for
+    the lifespan and the broker; a supervisor waits this long before it kills."""
+    return settings.shutdown_period + 2 * (settings.close_timeout + 1.0) + 5.0
+
+
+class Server(Draining):
+    """`tidings serve`'s server: tidings' start, the hub and broker first (a broker failure
+    is one line, see the module docstring), then the lifespan; the banner once it listens;
+    and the drain on the way out (:class:`Draining`)."""
+
+    def __init__(self, config: uvicorn.Config, tidings: Tidings, banner: str) -> None:
+        super().__init__(config, tidings)
         self.banner = banner
         self.failure: StartupError | None = None
 
@@ -101,12 +158,6 @@ class Server(uvicorn.Server):
         await super().startup(sockets)
         if self.started:
             log.info(self.banner)
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        # uvicorn waits for every response to finish before the lifespan ends the sessions:
-        # streamed ones (http_stream, sse, uni_*) would never finish, so they end first
-        self.tidings.streaming.shutdown()
-        await super().shutdown(sockets)
 
 
 def run(settings: Settings, application: Any, tidings: Tidings, options: dict[str, Any]) -> None:

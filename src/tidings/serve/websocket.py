@@ -60,7 +60,9 @@ from . import _internals
 
 log = logging.getLogger("uvicorn.error")
 
-_CLOSE_TIMEOUT = 10.0  # for plain ASGI apps; tidings sessions pass settings.close_timeout
+#: seconds a close waits for the client's reply, for plain ASGI apps; a served tidings' own
+#: ``close_timeout`` setting otherwise (:func:`close_timeout`)
+_CLOSE_TIMEOUT = 10.0
 
 _GONE: Any = object()  # queued when the connection ended: receive() answers None
 
@@ -198,7 +200,9 @@ class FastWebSocket(asyncio.Protocol):
         return None
 
     def shutdown(self) -> None:
-        """uvicorn is stopping: close 1012 (service restart)."""
+        """uvicorn is stopping: close 1012 (service restart), waiting the served tidings'
+        ``close_timeout`` for the reply. Under `tidings serve` its sessions were closed already
+        (3001, over ``shutdown_period``: serve/launch.py); this closes what is left."""
         state = self.state
         if state is CONNECTING or state is CLOSING or state is CLOSED:
             if state is CONNECTING:
@@ -207,7 +211,7 @@ class FastWebSocket(asyncio.Protocol):
             return
         self._push(_GONE)
         self.close_code = 1012
-        self._send_close(1012, "", _CLOSE_TIMEOUT)
+        self._send_close(1012, "", close_timeout(self.config))
 
     # -- incoming ----------------------------------------------------------------------------
 
@@ -506,7 +510,8 @@ class FastWebSocket(asyncio.Protocol):
             else:
                 self.transport.write(text_bytes(message["text"].encode()))
         elif kind == "websocket.close":
-            self._send_close(message.get("code", 1000), message.get("reason") or "", _CLOSE_TIMEOUT)
+            code, reason = message.get("code", 1000), message.get("reason") or ""
+            self._send_close(code, reason, close_timeout(self.config))
         else:
             raise RuntimeError(f"Expected 'websocket.send' or 'websocket.close', got {kind!r}")
 
@@ -556,7 +561,20 @@ class FastWebSocket(asyncio.Protocol):
         if self.state is CONNECTING:
             self._reject(403)
         else:
-            self._send_close(code, reason, _CLOSE_TIMEOUT)
+            self._send_close(code, reason, close_timeout(self.config))
+
+
+def close_timeout(config: Any) -> float:
+    """Seconds a close waits for the client's reply: the ``close_timeout`` setting of the
+    tidings served by uvicorn ``config`` (found as ``app.state.tidings`` under uvicorn's
+    middleware wrappers and the front door), else 10 s."""
+    app = config.loaded_app
+    for _ in range(8):
+        tidings = getattr(getattr(app, "state", None), "tidings", None)
+        if tidings is not None:
+            return float(tidings.settings.close_timeout)
+        app = getattr(app, "app", None)
+    return _CLOSE_TIMEOUT
 
 
 def heartbeat(server_state: Any, config: Any) -> Wheel[FastWebSocket]:
@@ -597,4 +615,4 @@ def _who(scope: Scope) -> str:
     return f"{client[0]}:{client[1]}" if client else "-"
 
 
-__all__ = ["EXTENSION", "FastWebSocket", "heartbeat"]
+__all__ = ["EXTENSION", "FastWebSocket", "close_timeout", "heartbeat"]

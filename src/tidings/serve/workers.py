@@ -13,7 +13,8 @@ The supervisor (the process the user started) starts N worker processes and watc
   dying within 30 s of starting); a worker that fails before it ever served stops everything,
   since the next one would fail the same way (a bad broker URL, a port in use);
 * SIGTERM or SIGINT to the supervisor stops every worker gracefully (SIGTERM, which uvicorn turns
-  into a drained shutdown), then kills those still running after ``STOP_TIMEOUT`` seconds.
+  into a drained shutdown: :class:`~.launch.Draining`), then kills those still running after
+  ``STOP_TIMEOUT`` seconds, or :func:`~.launch.stop_timeout` if the drain may take longer.
   On Linux a worker also receives SIGTERM if the supervisor itself dies (``PR_SET_PDEATHSIG``).
 """
 
@@ -37,7 +38,7 @@ from ..config import Settings
 
 log = logging.getLogger("tidings.workers")
 
-#: seconds workers get to drain after SIGTERM before they are killed
+#: seconds workers get to drain after SIGTERM before they are killed, at least
 STOP_TIMEOUT = 15.0
 RESTART_MIN, RESTART_MAX = 0.1, 10.0  # seconds before a dead worker is replaced
 STABLE_AFTER = 30.0  # a worker that lived this long resets the restart backoff
@@ -124,6 +125,7 @@ def _worker(
     from .. import logs
     from ..app import create_app
     from .front import Front
+    from .launch import Draining
     from .server import server_options
 
     logs.configure(settings.log_level, settings.log_format)
@@ -133,7 +135,7 @@ def _worker(
     gc.collect()  # as cli.run: what lives as long as the process is not scanned again
     gc.freeze()
 
-    class Worker(uvicorn.Server):
+    class Worker(Draining):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)
             if self.started:
@@ -144,7 +146,7 @@ def _worker(
     config = uvicorn.Config(
         application, log_config=None, log_level=level, **server_options(settings)
     )
-    Worker(config).run(sockets=[sock])
+    Worker(config, application.state.tidings).run(sockets=[sock])
 
 
 # -- the supervisor ----------------------------------------------------------------------------
@@ -293,11 +295,14 @@ class Supervisor:
         for process in running:
             with contextlib.suppress(ProcessLookupError, TypeError):
                 os.kill(process.pid, signal.SIGTERM)  # type: ignore[arg-type]
-        deadline = time.monotonic() + STOP_TIMEOUT
+        from .launch import stop_timeout
+
+        timeout = max(STOP_TIMEOUT, stop_timeout(self.settings))
+        deadline = time.monotonic() + timeout
         for process in running:
             process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
-                log.warning("worker pid %d did not stop in %.0fs", process.pid, STOP_TIMEOUT)
+                log.warning("worker pid %d did not stop in %.0fs", process.pid, timeout)
                 process.kill()
                 process.join()
         for slot in self.slots:
