@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 import orjson
 from starlette.types import Receive, Scope, Send
@@ -42,6 +43,7 @@ from .errors import (
 )
 from .frames import Frame
 from .protocol import centrifuge as wire
+from .protocol.centrifuge_protobuf import SUBPROTOCOL as PROTOBUF
 from .session import Session
 from .subscriptions import SERVER_UNSUBSCRIBE, Subscription, Subscriptions
 from .transport import open_transport
@@ -120,9 +122,10 @@ class Client:
 
     async def handle(self, session: Session, frame: Frame) -> None:
         """Run every command of one frame, then queue their replies together."""
-        replies: list[str] = []
+        replies: list[Frame] = []
         activations: Activations = {}
-        for command in wire.decode(frame):
+        codec = self.subs.format  # the connection's flavour: JSON or protobuf
+        for command in codec.decode(frame):
             if command is None:  # a pong
                 if not self.creds.connected:
                     raise BAD_REQUEST
@@ -132,21 +135,23 @@ class Client:
                 raise Disconnect(3501, "bad request: connect must come first, once")
             if not self._take():
                 if command.id:
-                    replies.append(wire.error_reply(command.id, TooManyRequests()))
+                    replies.append(codec.error_reply(command.id, TooManyRequests()))
                 continue
-            answer = await self._run(command, activations)
+            answer = await self._run(codec, command, activations)
             if answer is not None:
                 replies.append(answer)
         self._flush(replies, activations)
 
-    async def _run(self, command: wire.Command, activations: Activations) -> str | None:
+    async def _run(
+        self, codec: wire.CentrifugeJson, command: wire.Command, activations: Activations
+    ) -> Frame | None:
         try:
             result = await COMMANDS[command.method](self, command.request, activations)
         except TidingsError as exc:
-            return wire.error_reply(command.id, exc)
-        return None if result is None else wire.reply(command.id, command.method, result)
+            return codec.error_reply(command.id, exc)
+        return None if result is None else codec.reply(command.id, command.method, result)
 
-    def _flush(self, replies: list[str], activations: Activations) -> None:
+    def _flush(self, replies: list[Frame], activations: Activations) -> None:
         """Replies first, then what each new subscription got meanwhile past its offset."""
         session = self.session
         for answer in replies:
@@ -304,13 +309,14 @@ class Client:
         except TidingsError as exc:
             log.warning("server-side subscribe to %r failed: %s", name, exc.message)
             return
-        self._flush([wire.push(name, "subscribe", result)], activations)
+        self._flush([self.subs.format.push_frame(name, "subscribe", result)], activations)
 
     async def server_unsubscribe(self, name: str) -> None:
         sub = self.subs.by_name.get(name)
         if sub is not None:
             await self.subs.drop(name, sub)
-            self.session.enqueue(wire.push(name, "unsubscribe", SERVER_UNSUBSCRIBE))
+            push = self.subs.format.push_frame(name, "unsubscribe", SERVER_UNSUBSCRIBE)
+            self.session.enqueue(push)
 
     def server_refresh(self, expire_at: float | None, expired: bool) -> None:
         self.creds.server_refresh(expire_at, expired)
@@ -338,6 +344,20 @@ COMMANDS: dict[str, Handler] = {
     "refresh": Client.refresh,
     "sub_refresh": Client.sub_refresh,
 }
+
+
+def wants_protobuf(scope: Scope) -> tuple[bool, bool]:
+    """Whether the client offers the ``centrifuge-protobuf`` subprotocol (it is then named in
+    the handshake's answer), and whether it speaks protobuf: offered, or ``?format=protobuf``
+    in the URL (Centrifugo's way for clients that cannot set a subprotocol). Blank entries of
+    the client's list are ignored."""
+    offered = PROTOBUF in (p.strip() for p in scope.get("subprotocols") or ())
+    if offered:
+        return True, True
+    query = scope.get("query_string") or b""
+    return False, b"format=protobuf" in query and "protobuf" in parse_qs(
+        query.decode("latin-1")
+    ).get("format", ())
 
 
 class CentrifugeEndpoint:
@@ -369,12 +389,13 @@ class CentrifugeEndpoint:
 
     async def _open(self, scope: Scope, receive: Receive, send: Send) -> Session | None:
         hub, settings = self.tidings.hub, self.tidings.settings
+        offered, protobuf = wants_protobuf(scope)
         transport = open_transport(scope, receive, send, settings.max_message_size)
-        await transport.accept()
+        await transport.accept(PROTOBUF if offered else None)
         # Pings start once the client has connected: before that any frame, a pong too, is a
         # protocol error (3501), so a ping would only provoke one.
         # a direct transport writes pre-built frames: pushes are framed once per publication
-        fmt = self.encoders.wire_format(takes_frames(transport))
+        fmt = self.encoders.wire_format(takes_frames(transport), protobuf)
         session = Session(hub, transport, fmt, pong_timeout=settings.pong_timeout)
         return session if await admit(session) else None
 

@@ -133,9 +133,10 @@ class ConnectionCredentials:
             self.session.close(EXPIRED)
             return
         ttl = self.set_expiry(float(expire_at) if expire_at is not None else None)
-        self.session.enqueue(
-            wire.push("", "refresh", wire.compact({"expires": ttl is not None, "ttl": ttl}))
-        )
+        body = wire.compact({"expires": ttl is not None, "ttl": ttl})
+        fmt = self.session.format  # the connection's flavour, JSON or protobuf
+        assert isinstance(fmt, wire.CentrifugeJson)
+        self.session.enqueue(fmt.push_frame("", "refresh", body))
 
     # -- subscription tokens ---------------------------------------------------------------------
 
