@@ -129,7 +129,9 @@ def test_replies_decode_with_the_sdks_messages() -> None:
     assert news.publications[0].data == b'{"a":1}' and news.publications[0].info.user == "u"
     (empty,) = replies(pbwire.reply(8, "ping", {}))
     assert empty.id == 8 and empty.HasField("ping")
-    presence = {"presence": {"c1": {"user": "u", "client": "c1", "conn_info": orjson.Fragment(b"1")}}}
+    presence = {
+        "presence": {"c1": {"user": "u", "client": "c1", "conn_info": orjson.Fragment(b"1")}}
+    }
     (pres,) = replies(pbwire.reply(9, "presence", presence))
     assert pres.presence.presence["c1"].conn_info == b"1"
     (err,) = replies(pbwire.error_reply(10, TooManyRequests()))
