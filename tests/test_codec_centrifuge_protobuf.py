@@ -104,8 +104,8 @@ def test_malformed_input_closes_3501(frame: bytes | str, reason: str) -> None:
 
 def test_publish_data_must_be_json() -> None:
     cmd = sdk.Command(id=1, publish=sdk.PublishRequest(channel="c", data=b"\x00binary"))
-    with pytest.raises(BadRequest):
-        pbwire.decode(delimited(cmd))
+    (refused,) = pbwire.decode(delimited(cmd))  # refused by its reply (107), not a close
+    assert refused and isinstance(refused.error, BadRequest) and refused.error.code == 107
     raw_rpc = sdk.Command(id=2, rpc=sdk.RPCRequest(method="m", data=b"\x00binary"))
     (decoded,) = pbwire.decode(delimited(raw_rpc))
     assert decoded and decoded.request["data"] == b"\x00binary"  # an rpc handler gets bytes

@@ -145,6 +145,8 @@ class Client:
     async def _run(
         self, codec: wire.CentrifugeJson, command: wire.Command, activations: Activations
     ) -> Frame | None:
+        if command.error is not None:  # refused by the decoder (e.g. protobuf data not JSON)
+            return codec.error_reply(command.id, command.error)
         try:
             result = await COMMANDS[command.method](self, command.request, activations)
         except TidingsError as exc:

@@ -54,11 +54,13 @@ UNSUPPORTED_BINARY = Disconnect(3501, "bad request: binary frame on a JSON conne
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    """One decoded command: its id (0 for ``send``), method name and request object."""
+    """One decoded command: its id (0 for ``send``), method name and request object;
+    ``error``: why it is refused without running (its reply is that error), if it is."""
 
     id: int
     method: str
     request: dict[str, Any]
+    error: TidingsError | None = None
 
 
 def decode(frame: Frame) -> list[Command | None]:

@@ -128,9 +128,13 @@ def decode(frame: Frame) -> list[Command | None]:
             raise Disconnect(3501, "bad request: command id required")
         request = as_dict(getattr(command, method))
         data = request.get("data")
+        error: TidingsError | None = None
         if data is not None:
-            request["data"] = _data(method, data)
-        out.append(Command(command.id, method, request))
+            try:
+                request["data"] = _data(method, data)
+            except BadRequest as exc:  # answered as this command's error reply (107)
+                error = exc
+        out.append(Command(command.id, method, request, error))
     return out
 
 
