@@ -268,8 +268,15 @@ def publication_push(pub: Publication) -> bytes:
     body.data = pub.data
     if pub.offset:
         body.offset = pub.offset
-    if pub.info is not None:
-        body.info.CopyFrom(client_info(pub.info))
+    info = pub.info
+    if info is not None:  # set in place: a message made and copied costs more
+        target = body.info
+        target.user = info.user
+        target.client = info.client
+        if info.conn_info:
+            target.conn_info = info.conn_info
+        if info.chan_info:
+            target.chan_info = info.chan_info
     if pub.tags:
         body.tags.update(pub.tags)
     return delimited(out.SerializeToString())
