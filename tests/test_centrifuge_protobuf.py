@@ -41,9 +41,9 @@ class Pb:
         self._next = 0
 
     @classmethod
-    async def open(cls, srv: Running, *, query: bool = False) -> Pb:
+    async def open(cls, srv: Running, *, query: str = "") -> Pb:
         if query:
-            ws = await websockets.connect(f"{srv.ws}/connection/websocket?format=protobuf")
+            ws = await websockets.connect(f"{srv.ws}/connection/websocket?{query}")
         else:
             ws = await websockets.connect(
                 f"{srv.ws}/connection/websocket", subprotocols=["centrifuge-protobuf"]
@@ -142,12 +142,18 @@ async def test_text_frame_on_a_protobuf_connection_closes_3501(server: Running) 
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 3501
 
 
-async def test_format_query_selects_protobuf_without_a_subprotocol(server: Running) -> None:
-    c = await Pb.open(server, query=True)
+@pytest.mark.parametrize("query", ["format=protobuf", "cf_protocol=protobuf"])
+async def test_format_query_selects_protobuf_without_a_subprotocol(
+    server: Running, query: str
+) -> None:
+    c = await Pb.open(server, query=query)
     assert c.ws.subprotocol is None
     reply = await c.call(connect=sdk.ConnectRequest(token=token("alice")))
     assert reply.connect.client
     await c.ws.close()
+    plain = await Raw.open(server.ws)  # no subprotocol, no query: JSON
+    assert "client" in await plain.connect(token=token("alice"))
+    await plain.close()
 
 
 async def test_json_and_protobuf_subscribers_of_one_channel_get_the_same_publications(

@@ -351,15 +351,16 @@ COMMANDS: dict[str, Handler] = {
 def wants_protobuf(scope: Scope) -> tuple[bool, bool]:
     """Whether the client offers the ``centrifuge-protobuf`` subprotocol (it is then named in
     the handshake's answer), and whether it speaks protobuf: offered, or ``?format=protobuf``
-    in the URL (Centrifugo's way for clients that cannot set a subprotocol). Blank entries of
-    the client's list are ignored."""
+    (``?cf_protocol=protobuf``, as centrifuge-js names it on other transports) in the URL, for
+    clients that cannot set a subprotocol. Blank entries of the client's list are ignored."""
     offered = PROTOBUF in (p.strip() for p in scope.get("subprotocols") or ())
     if offered:
         return True, True
     query = scope.get("query_string") or b""
-    return False, b"format=protobuf" in query and "protobuf" in parse_qs(
-        query.decode("latin-1")
-    ).get("format", ())
+    if b"protobuf" not in query:
+        return False, False
+    asked = parse_qs(query.decode("latin-1"))
+    return False, "protobuf" in (*asked.get("format", ()), *asked.get("cf_protocol", ()))
 
 
 class CentrifugeEndpoint:
