@@ -1,4 +1,10 @@
-"""``/connection/websocket``: Centrifugo's client protocol v2 (JSON), so its SDKs connect as-is.
+"""``/connection/websocket``: Centrifugo's client protocol v2, so its SDKs connect as-is.
+
+Both flavours: JSON (text frames) and protobuf (binary frames), chosen per connection by the
+``centrifuge-protobuf`` subprotocol or ``?format=protobuf`` (:func:`wants_protobuf`); the
+session's wire format is the flavour's encoder, and the commands go through its codec
+(:mod:`tidings.protocol.centrifuge`, :mod:`tidings.protocol.centrifuge_protobuf`) to the same
+handlers.
 
 :class:`CentrifugeEndpoint` is the ASGI app; each connection gets a :class:`Client`, which runs
 the commands of one frame in order, each through the :data:`COMMANDS` table, and queues all
@@ -8,8 +14,9 @@ recovery and rollback) its :class:`~tidings.subscriptions.Subscriptions`.
 
 Errors follow Centrifugo: a reply ``error`` (102 unknown channel, 103 permission denied, 105
 already subscribed, 106 channel limit, 107 bad channel, 109 token expired, 111 too many
-commands) keeps the connection; malformed protocol closes it with 3501, an invalid token with
-3500, an unrefreshed expired token with 3005, a missed pong with 3012.
+commands) keeps the connection; malformed protocol closes it with 3501, an invalid connection
+token with 3500 (an invalid subscription token is error 103), an unrefreshed expired token
+with 3005, a missed pong with 3012.
 """
 
 from __future__ import annotations
