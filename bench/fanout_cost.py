@@ -3,7 +3,8 @@
 No sockets and no client: each session's transport is a real :class:`FastWebSocket` whose
 asyncio transport only counts bytes, so the number is the server's cost from ``hub.publish``
 to ``transport.write`` (encode, frame, queue, pack) per delivery, for the raw or the Centrifugo
-protocol. CPU time of this process, not wall time: other processes on the machine inflate it
+protocol (``centrifuge``: JSON; ``protobuf``: the ``centrifuge-protobuf`` flavour). CPU time of
+this process, not wall time: other processes on the machine inflate it
 far less. Shapes:
 
 - ``through``: one publication per loop iteration (written during the fan-out),
@@ -11,7 +12,7 @@ far less. Shapes:
 - ``ceiling``: the raw ceiling's loop for comparison: one frame built per publication, then
   ``transport.write(frame)`` for every subscriber, nothing else.
 
-``python -m bench.fanout_cost [--protocol raw|centrifuge] [--subs 1000] [--pubs 200]
+``python -m bench.fanout_cost [--protocol raw|centrifuge|protobuf] [--subs 1000] [--pubs 200]
 [--batch 10] [--shapes through batch ceiling]``; for instruction counts, run one shape under
 ``valgrind --tool=callgrind`` with two ``--pubs`` values (``--repeats 1``): the difference over
 the extra deliveries is the cost of one.
@@ -84,7 +85,9 @@ async def measure(
     sock = _Socket()
     # the session's format, as the endpoints pick it for a direct transport
     wire: Any = (
-        RAW_FRAMED if protocol == "raw" else centrifuge.CentrifugeEncoders().wire_format(True)
+        RAW_FRAMED
+        if protocol == "raw"
+        else centrifuge.CentrifugeEncoders().wire_format(True, protobuf=protocol == "protobuf")
     )
     encoder = RAW_FRAMED if protocol == "raw" else wire.encoder(False)
     try:
@@ -127,7 +130,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shapes", nargs="+", default=["through", "batch", "ceiling"])
-    parser.add_argument("--protocol", choices=["raw", "centrifuge"], default="centrifuge")
+    parser.add_argument(
+        "--protocol", choices=["raw", "centrifuge", "protobuf"], default="centrifuge"
+    )
     args = parser.parse_args()
     shapes = tuple(args.shapes)
     runs = [

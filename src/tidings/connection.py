@@ -1,4 +1,10 @@
-"""``/connection/websocket``: Centrifugo's client protocol v2 (JSON), so its SDKs connect as-is.
+"""``/connection/websocket``: Centrifugo's client protocol v2, so its SDKs connect as-is.
+
+Both flavours: JSON (text frames) and protobuf (binary frames), chosen per connection by the
+``centrifuge-protobuf`` subprotocol or ``?format=protobuf`` (:func:`wants_protobuf`); the
+session's wire format is the flavour's encoder, and the commands go through its codec
+(:mod:`tidings.protocol.centrifuge`, :mod:`tidings.protocol.centrifuge_protobuf`) to the same
+handlers.
 
 :class:`CentrifugeEndpoint` is the ASGI app; each connection gets a :class:`Client`, which runs
 the commands of one frame in order, each through the :data:`COMMANDS` table, and queues all
@@ -8,8 +14,9 @@ recovery and rollback) its :class:`~tidings.subscriptions.Subscriptions`.
 
 Errors follow Centrifugo: a reply ``error`` (102 unknown channel, 103 permission denied, 105
 already subscribed, 106 channel limit, 107 bad channel, 109 token expired, 111 too many
-commands) keeps the connection; malformed protocol closes it with 3501, an invalid token with
-3500, an unrefreshed expired token with 3005, a missed pong with 3012.
+commands) keeps the connection; malformed protocol closes it with 3501, an invalid connection
+token with 3500 (an invalid subscription token is error 103), an unrefreshed expired token
+with 3005, a missed pong with 3012.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 import orjson
 from starlette.types import Receive, Scope, Send
@@ -42,6 +50,7 @@ from .errors import (
 )
 from .frames import Frame
 from .protocol import centrifuge as wire
+from .protocol.centrifuge_protobuf import SUBPROTOCOL as PROTOBUF
 from .session import Session
 from .subscriptions import SERVER_UNSUBSCRIBE, Subscription, Subscriptions
 from .transport import open_transport
@@ -134,9 +143,10 @@ class Client:
 
     async def handle(self, session: Session, frame: Frame) -> None:
         """Run every command of one frame, then queue their replies together."""
-        replies: list[str] = []
+        replies: list[Frame] = []
         activations: Activations = {}
-        for command in wire.decode(frame):
+        codec = self.subs.format  # the connection's flavour: JSON or protobuf
+        for command in codec.decode(frame):
             if command is None:  # a pong
                 if not self.creds.connected:
                     raise BAD_REQUEST
@@ -146,21 +156,25 @@ class Client:
                 raise Disconnect(3501, "bad request: connect must come first, once")
             if not self._take():
                 if command.id:
-                    replies.append(wire.error_reply(command.id, TooManyRequests()))
+                    replies.append(codec.error_reply(command.id, TooManyRequests()))
                 continue
-            answer = await self._run(command, activations)
+            answer = await self._run(codec, command, activations)
             if answer is not None:
                 replies.append(answer)
         self._flush(replies, activations)
 
-    async def _run(self, command: wire.Command, activations: Activations) -> str | None:
+    async def _run(
+        self, codec: wire.CentrifugeJson, command: wire.Command, activations: Activations
+    ) -> Frame | None:
+        if command.error is not None:  # refused by the decoder (e.g. protobuf data not JSON)
+            return codec.error_reply(command.id, command.error)
         try:
             result = await COMMANDS[command.method](self, command.request, activations)
         except TidingsError as exc:
-            return wire.error_reply(command.id, exc)
-        return None if result is None else wire.reply(command.id, command.method, result)
+            return codec.error_reply(command.id, exc)
+        return None if result is None else codec.reply(command.id, command.method, result)
 
-    def _flush(self, replies: list[str], activations: Activations) -> None:
+    def _flush(self, replies: list[Frame], activations: Activations) -> None:
         """Replies first, then what each new subscription got meanwhile past its offset."""
         session = self.session
         for answer in replies:
@@ -319,13 +333,14 @@ class Client:
         except TidingsError as exc:
             log.warning("server-side subscribe to %r failed: %s", name, exc.message)
             return
-        self._flush([wire.push(name, "subscribe", result)], activations)
+        self._flush([self.subs.format.push_frame(name, "subscribe", result)], activations)
 
     async def server_unsubscribe(self, name: str) -> None:
         sub = self.subs.by_name.get(name)
         if sub is not None:
             await self.subs.drop(name, sub)
-            self.session.enqueue(wire.push(name, "unsubscribe", SERVER_UNSUBSCRIBE))
+            push = self.subs.format.push_frame(name, "unsubscribe", SERVER_UNSUBSCRIBE)
+            self.session.enqueue(push)
 
     def server_refresh(self, expire_at: float | None, expired: bool) -> None:
         self.creds.server_refresh(expire_at, expired)
@@ -353,6 +368,21 @@ COMMANDS: dict[str, Handler] = {
     "refresh": Client.refresh,
     "sub_refresh": Client.sub_refresh,
 }
+
+
+def wants_protobuf(scope: Scope) -> tuple[bool, bool]:
+    """Whether the client offers the ``centrifuge-protobuf`` subprotocol (it is then named in
+    the handshake's answer), and whether it speaks protobuf: offered, or ``?format=protobuf``
+    (``?cf_protocol=protobuf``, as centrifuge-js names it on other transports) in the URL, for
+    clients that cannot set a subprotocol. Blank entries of the client's list are ignored."""
+    offered = PROTOBUF in (p.strip() for p in scope.get("subprotocols") or ())
+    if offered:
+        return True, True
+    query = scope.get("query_string") or b""
+    if b"protobuf" not in query:
+        return False, False
+    asked = parse_qs(query.decode("latin-1"))
+    return False, "protobuf" in (*asked.get("format", ()), *asked.get("cf_protocol", ()))
 
 
 class CentrifugeEndpoint:
@@ -384,12 +414,13 @@ class CentrifugeEndpoint:
 
     async def _open(self, scope: Scope, receive: Receive, send: Send) -> Session | None:
         hub, settings = self.tidings.hub, self.tidings.settings
+        offered, protobuf = wants_protobuf(scope)
         transport = open_transport(scope, receive, send, settings.max_message_size)
-        await transport.accept()
+        await transport.accept(PROTOBUF if offered else None)
         # Pings start once the client has connected: before that any frame, a pong too, is a
         # protocol error (3501), so a ping would only provoke one.
         # a direct transport writes pre-built frames: pushes are framed once per publication
-        fmt = self.encoders.wire_format(takes_frames(transport))
+        fmt = self.encoders.wire_format(takes_frames(transport), protobuf=protobuf)
         session = Session(hub, transport, fmt, pong_timeout=settings.pong_timeout)
         return session if await admit(session) else None
 

@@ -133,17 +133,27 @@ class ConnectionCredentials:
             self.session.close(EXPIRED)
             return
         ttl = self.set_expiry(float(expire_at) if expire_at is not None else None)
-        self.session.enqueue(
-            wire.push("", "refresh", wire.compact({"expires": ttl is not None, "ttl": ttl}))
-        )
+        body = wire.compact({"expires": ttl is not None, "ttl": ttl})
+        fmt = self.session.format  # the connection's flavour, JSON or protobuf
+        assert isinstance(fmt, wire.CentrifugeJson)
+        self.session.enqueue(fmt.push_frame("", "refresh", body))
 
     # -- subscription tokens ---------------------------------------------------------------------
 
     async def subscription_claims(self, token: str, channel: str) -> dict[str, Any]:
-        """The claims of a subscription token for ``channel`` and this connection's user."""
-        claims: dict[str, Any] = await self.verify(
-            self.tokens.asubscription(token, channel, self.who.user)
-        )
+        """The claims of a subscription token for ``channel`` and this connection's user.
+
+        Raises TokenExpired (109: SDKs fetch a new token) or PermissionDenied (103) for any
+        other invalid token (bad signature, another channel or user): as in Centrifugo, a bad
+        *subscription* token fails that subscribe and keeps the connection; only a bad
+        *connection* token closes it (3500)."""
+        try:
+            claims: dict[str, Any] = await self.tokens.asubscription(token, channel, self.who.user)
+        except TokenExpired:
+            raise
+        except Unauthorized as exc:
+            log.debug("invalid subscription token from %s: %s", self.session.client_id, exc.message)
+            raise PermissionDenied("invalid subscription token") from None
         return claims
 
     async def sub_refresh(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -155,7 +165,10 @@ class ConnectionCredentials:
         token = request.get("token")
         if not token:
             raise TOKEN_REQUIRED
-        claims = await self.subscription_claims(str(token), name)
+        # a bad token for a channel already subscribed closes the connection (3500)
+        claims: dict[str, Any] = await self.verify(
+            self.tokens.asubscription(str(token), name, self.who.user)
+        )
         ttl = self.sub_expiry(sub, claims.get("exp"))
         return wire.compact({"expires": ttl is not None, "ttl": ttl})
 

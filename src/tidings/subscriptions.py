@@ -25,7 +25,7 @@ import orjson
 from .auth import can_subscribe, check_user_limited
 from .brokers.base import ClientInfo, HistoryResult, JoinLeave, StreamPosition, compact
 from .channels import PRIVATE_PREFIX, USER_SEPARATOR, Channel
-from .errors import AlreadySubscribed, LimitExceeded, PermissionDenied
+from .errors import AlreadySubscribed, LimitExceeded, PermissionDenied, UnrecoverablePosition
 from .protocol import centrifuge as wire
 from .session import Session
 
@@ -35,6 +35,11 @@ if TYPE_CHECKING:
     from .hub import Hub
 
 log = logging.getLogger("tidings.connection")
+
+#: the subscribe request's ``flag`` bit asking for error 112 instead of ``recovered: false``
+#: (``subscriptionFlagRejectUnrecovered`` in centrifuge/client.go; ``SubscribeRequest.flag``
+#: in centrifugal/protocol's client.proto; bit 0 is channel compaction, not supported here)
+REJECT_UNRECOVERED = 2
 
 #: the unsubscribe push's body when the server unsubscribes a client (Centrifugo's code 2000)
 SERVER_UNSUBSCRIBE = {"code": 2000, "reason": "server unsubscribe"}
@@ -55,12 +60,19 @@ def is_recovered(history: HistoryResult, since: StreamPosition) -> bool:
     """Whether ``history`` (read after ``since``) makes a client at ``since`` whole: same epoch
     and nothing trimmed between ``since`` and the oldest publication kept."""
     position = history.position
-    if since.epoch != position.epoch or since.offset > position.offset:
+    # an empty epoch (what SDKs send before they know one) matches any epoch, as in
+    # Centrifugo's isStreamRecovered (centrifuge/client.go)
+    if (since.epoch and since.epoch != position.epoch) or since.offset > position.offset:
         return False
     pubs = history.publications
     if not pubs:
         return since.offset == position.offset
     return pubs[0].offset == since.offset + 1
+
+
+def _flag(request: dict[str, Any]) -> int:
+    flag = request.get("flag")
+    return flag if isinstance(flag, int) and not isinstance(flag, bool) else 0
 
 
 class Subscriptions:
@@ -196,6 +208,8 @@ class Subscriptions:
             history = await self.hub.history(name, since=since, limit=cap + 1)
             # Past the cap the client is better off reloading its state than replaying.
             recovered = len(history.publications) <= cap and is_recovered(history, since)
+            if not recovered and _flag(request) & REJECT_UNRECOVERED:
+                raise UnrecoverablePosition()  # add() undoes the subscription
             result["was_recovering"] = True
             result["recovered"] = recovered
             if recovered:

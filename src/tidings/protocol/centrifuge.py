@@ -54,11 +54,13 @@ UNSUPPORTED_BINARY = Disconnect(3501, "bad request: binary frame on a JSON conne
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    """One decoded command: its id (0 for ``send``), method name and request object."""
+    """One decoded command: its id (0 for ``send``), method name and request object;
+    ``error``: why it is refused without running (its reply is that error), if it is."""
 
     id: int
     method: str
     request: dict[str, Any]
+    error: TidingsError | None = None
 
 
 def decode(frame: Frame) -> list[Command | None]:
@@ -281,6 +283,27 @@ class CentrifugeJson:
     def ping(self) -> Frame | None:
         return PING
 
+    # -- the codec a connection runs its commands through (the protobuf flavour overrides it)
+
+    #: whether this is the protobuf flavour (binary messages)
+    protobuf = False
+
+    def decode(self, frame: Frame) -> list[Command | None]:
+        """The commands of one incoming message (see :func:`decode`)."""
+        return decode(frame)
+
+    def reply(self, cid: int, method: str, result: dict[str, Any]) -> Frame:
+        """A command's reply (see :func:`reply`)."""
+        return reply(cid, method, result)
+
+    def error_reply(self, cid: int, exc: TidingsError) -> Frame:
+        """A command's error reply (see :func:`error_reply`)."""
+        return error_reply(cid, exc)
+
+    def push_frame(self, channel: str, kind: str, body: dict[str, Any]) -> Frame:
+        """A push other than a publication's (subscribe, unsubscribe, refresh, ...)."""
+        return push(channel, kind, body)
+
 
 class CentrifugeFramed(CentrifugeJson):
     """The variant for direct transports (the fast path of `tidings serve`): a push is a
@@ -345,16 +368,18 @@ class CentrifugeUniFramed(_Unidirectional, CentrifugeFramed):
 
 
 class CentrifugeEncoders:
-    """The Centrifugo encoders (and session wire formats) of one hub: a text pair for ASGI
-    transports and a framed pair for direct ones.
+    """The Centrifugo encoders (and session wire formats) of one hub, per flavour (JSON,
+    protobuf): a pair for ASGI transports and a framed pair for direct ones.
 
     Each pair caches the last publication it encoded and the last batch it packed, so one is
     made per hub (the Centrifugo endpoint of a :class:`~tidings.app.Tidings` makes it), never
     per process: two hubs in one process, on one thread or several, share no encoder state."""
 
-    __slots__ = ("framed", "text", "uni_framed", "uni_text")
+    __slots__ = ("framed", "protobuf", "protobuf_framed", "text", "uni_framed", "uni_text")
 
     def __init__(self) -> None:
+        from .centrifuge_protobuf import CentrifugeProtobuf, CentrifugeProtobufFramed
+
         #: for transports that take text (ASGI): pushes are ``str``
         self.text: CentrifugeJson = CentrifugeJson.pair()
         #: for direct transports (`tidings serve`): pushes are complete WebSocket frames
@@ -362,10 +387,19 @@ class CentrifugeEncoders:
         #: the unidirectional transports' bare pushes, as text and as frames
         self.uni_text: CentrifugeJson = CentrifugeUni.pair()
         self.uni_framed: CentrifugeJson = CentrifugeUniFramed.pair()
+        #: the protobuf flavour over ASGI: pushes are ``bytes`` (binary messages)
+        self.protobuf: CentrifugeJson = CentrifugeProtobuf.pair()
+        #: the protobuf flavour on direct transports: pushes are complete binary frames
+        self.protobuf_framed: CentrifugeJson = CentrifugeProtobufFramed.pair()
 
-    def wire_format(self, framed: bool, uni: bool = False) -> CentrifugeJson:
+    def wire_format(
+        self, framed: bool, uni: bool = False, protobuf: bool = False
+    ) -> CentrifugeJson:
         """The session's format (and encoder without join/leave) for a transport that does or
-        does not write pre-built frames; ``uni``: for a unidirectional transport."""
+        does not write pre-built frames; ``uni``: for a unidirectional transport (JSON only);
+        ``protobuf``: the protobuf flavour."""
         if uni:
             return self.uni_framed if framed else self.uni_text
+        if protobuf:
+            return self.protobuf_framed if framed else self.protobuf
         return self.framed if framed else self.text

@@ -216,6 +216,7 @@ class FastWebSocket(asyncio.Protocol):
     # -- incoming ----------------------------------------------------------------------------
 
     def _handshake(self, request: Request) -> None:
+        subprotocols = _offered(request)
         response = self.conn.accept(request)
         if response.status_code != 101:
             self.conn.send_response(response)
@@ -230,8 +231,6 @@ class FastWebSocket(asyncio.Protocol):
         _internals.frames_only(self.conn)
         headers = [(_name(k), v.encode("latin-1")) for k, v in request.headers.raw_items()]
         raw_path, _, query = request.path.partition("?")
-        offered = request.headers.get_all("Sec-WebSocket-Protocol")
-        subprotocols = [p.strip() for h in offered for p in h.split(",")]
         config = self.config
         root = config.root_path
         transport = self.transport
@@ -591,6 +590,24 @@ def heartbeat(server_state: Any, config: Any) -> Wheel[FastWebSocket]:
 
 
 _NAMES: dict[str, bytes] = {}
+
+
+def _offered(request: Request) -> list[str]:
+    """The subprotocols a handshake offers, each once, in order; blank
+    ``Sec-WebSocket-Protocol`` headers (centrifuge-python 0.5 and 0.6 send an empty one) are
+    dropped from ``request`` so that websockets' parser, which refuses them with HTTP 400, does
+    not see them. Centrifugo treats an empty header as no header (RFC 6455 4.1 lists
+    subprotocols as tokens, so an empty element carries nothing)."""
+    headers = request.headers
+    values = headers.get_all("Sec-WebSocket-Protocol")
+    if not values:
+        return []
+    offered = list(dict.fromkeys(p.strip() for h in values for p in h.split(",")))
+    offered = [p for p in offered if p]
+    del headers["Sec-WebSocket-Protocol"]
+    if offered:
+        headers["Sec-WebSocket-Protocol"] = ", ".join(offered)
+    return offered
 
 
 def _name(header: str) -> bytes:
