@@ -96,7 +96,7 @@ class Front:
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         """Returns the chosen app's awaitable instead of awaiting it: no frame of ours stays
-        suspended under every idle WebSocket (~0.4 KiB each). Serve it with
+        suspended under every idle WebSocket (memory per connection). Serve it with
         ``interface="asgi3"``: uvicorn would guess ASGI2 from a non-async ``__call__``."""
         kind = scope["type"]
         if kind == "lifespan":
