@@ -24,6 +24,7 @@ import uvicorn
 from tidings import Settings, create_app
 from tidings.app import Tidings
 from tidings.serve.front import Front
+from tidings.serve.mounted import RunError, prepare
 from tidings.serve.server import server_options
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -156,10 +157,17 @@ async def serve(server_path: str) -> AsyncIterator[Serve]:
                 app = create_app(settings)
             if fast is None:
                 fast = PATHS[server_path]
-            if fast:
-                asgi: Any = Front(app) if own else app  # a user's app keeps its own routing
+            if fast and own:
+                asgi: Any = Front(app)
                 options = server_options(settings)
                 options.pop("loop")  # the test's own loop runs the server
+            elif fast:  # a user's app, as `tidings run` serves it (serve/mounted.py)
+                try:
+                    asgi, options = prepare(app)
+                except RunError:  # its tidings is not found: served without a front door
+                    asgi, options = app, server_options(settings)
+                options = {**options, "lifespan": "on", "access_log": False}
+                options.pop("loop")
             else:
                 asgi = app
                 options = {
