@@ -175,3 +175,34 @@ async def test_prepare_gives_uvicorn_the_same_fast_path() -> None:
         assert ws.protocol.extensions == []
         assert (await http.post("/orders", json={"id": 1})).json() == {"ok": True}
         assert await asyncio.wait_for(ws.recv(), WAIT) == '{"id":1}'
+
+
+def test_find_and_front_under_a_prefix() -> None:
+    """Where an app put tidings' routes, and which requests the front door takes there."""
+    from fastapi import Depends, FastAPI
+
+    from tidings import Tidings
+    from tidings.serve.front import Front
+    from tidings.serve.mounted import RunError, find
+
+    tidings = Tidings(broker_url="memory://")
+    app = FastAPI()
+    tidings.install(app, prefix="/rt")
+    found = find(app)
+    assert (found.tidings, found.prefix, found.through_app) == (tidings, "/rt", None)
+    front = Front(app, found.tidings, found.prefix)
+    assert front.route("/rt/api/publish") is not None
+    assert front.route("/rt/publish/news") is not None
+    for other in ("/api/publish", "/publish/news", "/rtx/publish/news", "/rt/health", "/rt"):
+        assert front.route(other) is None, other
+
+    guarded = FastAPI()
+    guarded.include_router(Tidings(broker_url="memory://").router, dependencies=[Depends(str)])
+    assert find(guarded).through_app == "tidings' routes have dependencies in the app"
+
+    twice = FastAPI()
+    again = Tidings(broker_url="memory://")
+    twice.include_router(again.router)
+    twice.include_router(again.router, prefix="/b")
+    with pytest.raises(RunError, match="more than once"):
+        find(twice)
