@@ -44,6 +44,16 @@ TIDINGS_ASGI = (
     f"{PY} -m uvicorn --factory tidings:create_app --host 127.0.0.1 --port {{port}} "
     "--loop uvloop --http httptools --ws websockets-sansio --log-level warning"
 )
+#: the README's mounted app (bench/readme_app.py) under `tidings run`, and under plain uvicorn
+#: with the flags the shared peers run with (seed1_naive: run_matrix.UVICORN)
+TIDINGS_RUN = (
+    f"{PY} -m tidings.cli run bench.readme_app:app --app-dir {ROOT} --host 127.0.0.1 "
+    "--port {port} --log-level warning"
+)
+TIDINGS_MOUNTED = (
+    f"{PY} -m uvicorn bench.readme_app:app --app-dir {ROOT} --host 127.0.0.1 --port {{port}} "
+    "--loop uvloop --http httptools --workers 1 --log-level warning"
+)
 CF_SUB = RM.CF_SUB
 CF_PUB = RM.CF_PUB
 TIDINGS_ENV = ["TIDINGS_MAX_CONNECTIONS=100000", "TIDINGS_DEMO=false"]
@@ -53,6 +63,14 @@ SERVERS: dict[str, dict[str, Any]] = {
     "tidings_fast": {"cmd": TIDINGS, "sub": RM.RAW_SUB, "flavor": "raw", "env": TIDINGS_ENV},
     # tidings through uvicorn's own WebSocket protocol: the path of an app mounted elsewhere
     "tidings_asgi": {"cmd": TIDINGS_ASGI, "sub": RM.RAW_SUB, "flavor": "raw", "env": TIDINGS_ENV},
+    # the README's mounted app: under `tidings run`, and under plain uvicorn
+    "tidings_run": {"cmd": TIDINGS_RUN, "sub": RM.RAW_SUB, "flavor": "raw", "env": TIDINGS_ENV},
+    "tidings_mounted": {
+        "cmd": TIDINGS_MOUNTED,
+        "sub": RM.RAW_SUB,
+        "flavor": "raw",
+        "env": TIDINGS_ENV,
+    },
     **RM.PEERS,
 }
 CENTRIFUGE = {

@@ -1,4 +1,12 @@
-"""Shared fixtures: a real tidings server under uvicorn on a free loopback port."""
+"""Shared fixtures: a real tidings server under uvicorn on a free loopback port.
+
+Every test that takes the ``serve`` fixture runs once per server path, as uvicorn's own suite
+runs each test on every protocol implementation: ``[uvicorn]`` (stock uvicorn, the path of an
+app mounted elsewhere) and ``[fast]`` (`tidings serve`'s own protocols and front door). Tests
+that start no server run once. A test that picks its paths itself (``serve(fast=True)``,
+or a ``fast`` parameter of its own) is marked ``@pytest.mark.one_path`` and runs once.
+``TIDINGS_TEST_FAST=1`` (or ``0``) runs only the fast (or only the uvicorn) path, locally.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +24,40 @@ import uvicorn
 from tidings import Settings, create_app
 from tidings.app import Tidings
 from tidings.serve.front import Front
+from tidings.serve.mounted import RunError, prepare
 from tidings.serve.server import server_options
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
-#: TIDINGS_TEST_FAST=1 runs every server test on the fast path of `tidings serve`
-FAST_BY_DEFAULT = os.environ.get("TIDINGS_TEST_FAST", "") not in ("", "0")
+#: the server paths a ``serve`` test runs on: name -> ``fast``
+PATHS = {"uvicorn": False, "fast": True}
+#: TIDINGS_TEST_FAST=1 selects the fast path only, 0 the uvicorn path only; unset: both
+_ONLY = os.environ.get("TIDINGS_TEST_FAST", "")
+SELECTED_PATHS = list(PATHS) if _ONLY == "" else ["uvicorn"] if _ONLY == "0" else ["fast"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "one_path: the test picks its server paths itself (serve(fast=...)): it runs once, "
+        "not once per path",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``[uvicorn]`` and ``[fast]`` for every test that starts a server with ``serve``."""
+    if "serve" not in metafunc.fixturenames:
+        return
+    if metafunc.definition.get_closest_marker("one_path") is not None:
+        return
+    if "fast" in metafunc.fixturenames:  # a ``fast`` parameter of the test's own
+        return
+    metafunc.parametrize("server_path", SELECTED_PATHS, indirect=True)
+
+
+@pytest.fixture
+def server_path(request: pytest.FixtureRequest) -> str:
+    """The path ``serve()`` uses when a test does not pin one (see the module docstring)."""
+    return str(getattr(request, "param", SELECTED_PATHS[0]))
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[[], Any]]:
@@ -89,8 +126,11 @@ async def served(app: Any, **options: Any) -> AsyncIterator[tuple[int, uvicorn.S
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[Serve]:
-    """``await serve(**settings)`` starts a server in this test's loop; stopped at teardown."""
+async def serve(server_path: str) -> AsyncIterator[Serve]:
+    """``await serve(**settings)`` starts a server in this test's loop; stopped at teardown.
+
+    It serves on the test's path (``server_path``: each test runs on both) unless the call
+    pins one with ``fast=``."""
     async with contextlib.AsyncExitStack() as stack:
 
         async def start(
@@ -104,8 +144,9 @@ async def serve() -> AsyncIterator[Serve]:
             """Serve ``Settings(**overrides)``, or ``app`` (with a Tidings installed).
 
             ``fast=True`` serves it as `tidings serve` does (tidings' own WebSocket protocol
-            and front door); the default is stock uvicorn, the path of an app mounted
-            elsewhere. ``uvicorn_options`` override the server's settings."""
+            and front door), ``fast=False`` on stock uvicorn, the path of an app mounted
+            elsewhere; unset, the test's ``server_path``. ``uvicorn_options`` override the
+            server's settings."""
             own = app is None  # the standalone app, as `tidings serve` builds it
             if app is not None:
                 settings = app.state.tidings.settings
@@ -115,11 +156,18 @@ async def serve() -> AsyncIterator[Serve]:
             if app is None:
                 app = create_app(settings)
             if fast is None:
-                fast = FAST_BY_DEFAULT
-            if fast:
-                asgi: Any = Front(app) if own else app  # a user's app keeps its own routing
+                fast = PATHS[server_path]
+            if fast and own:
+                asgi: Any = Front(app)
                 options = server_options(settings)
                 options.pop("loop")  # the test's own loop runs the server
+            elif fast:  # a user's app, as `tidings run` serves it (serve/mounted.py)
+                try:
+                    asgi, options = prepare(app)
+                except RunError:  # its tidings is not found: served without a front door
+                    asgi, options = app, server_options(settings)
+                options = {**options, "lifespan": "on", "access_log": False}
+                options.pop("loop")
             else:
                 asgi = app
                 options = {

@@ -21,6 +21,9 @@ from .conftest import IN_CI, Running, Serve, served
 from .test_fast import wait_for
 from .wsraw import RawWs
 
+#: the ASGI writer under each of uvicorn's WebSocket protocols: never the fast path
+pytestmark = pytest.mark.one_path
+
 WS_IMPLS = [
     pytest.param("websockets-sansio"),
     # deprecated by uvicorn and websockets alike, still what `--ws websockets` runs

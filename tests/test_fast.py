@@ -33,6 +33,9 @@ from tidings.serve.websocket import FastWebSocket, heartbeat
 from .conftest import Running, Serve
 from .wsraw import RawWs, close_code
 
+#: every test here picks its paths itself (conftest.py runs the others once per path)
+pytestmark = pytest.mark.one_path
+
 PATHS = [pytest.param(False, id="asgi"), pytest.param(True, id="fast")]
 
 # sizes around the frame header's length encodings: 7-bit, 16-bit, 64-bit
@@ -67,7 +70,7 @@ async def received_bytes(srv: Running) -> bytes:
 
 
 async def test_fast_and_asgi_paths_write_identical_bytes(serve: Serve) -> None:
-    asgi = await received_bytes(await serve(max_message_size=1 << 20))
+    asgi = await received_bytes(await serve(max_message_size=1 << 20, fast=False))
     fast = await received_bytes(await serve(max_message_size=1 << 20, fast=True))
     assert fast == asgi
 
@@ -225,7 +228,7 @@ async def answers(srv: Running) -> list[tuple[int, bytes]]:
 async def test_front_answers_publish_requests_like_fastapi(
     serve: Serve, api_key: str | None
 ) -> None:
-    asgi = await answers(await serve(api_key=api_key))
+    asgi = await answers(await serve(api_key=api_key, fast=False))
     fast = await answers(await serve(api_key=api_key, fast=True))
     assert fast == asgi
     assert {status for status, _ in asgi} >= ({401} if api_key else {200, 400})

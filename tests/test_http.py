@@ -133,6 +133,7 @@ def spy_on_asgi_answers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return through_asgi
 
 
+@pytest.mark.one_path  # compares both paths
 @pytest.mark.parametrize("api_key", [None, "sekret"])
 async def test_fast_http_answers_with_the_asgi_paths_bytes(
     serve: Serve, api_key: str | None, monkeypatch: pytest.MonkeyPatch
@@ -174,6 +175,7 @@ async def test_pipelined_requests_are_answered_in_order(serve: Serve, fast: bool
     assert sum(b'"status":"ok"' in r for r in got) == len(sent) - 30
 
 
+@pytest.mark.one_path  # FastHttp only
 async def test_pipelined_publishes_on_a_broker_that_suspends(serve: Serve) -> None:
     """Redis: each answer waits for the broker, so pipelined requests queue behind it."""
     async with namespace(ENGINES["redis"]) as url:
@@ -190,6 +192,7 @@ async def test_pipelined_publishes_on_a_broker_that_suspends(serve: Serve) -> No
         assert [p.data for p in history.publications][:20] == [b'"m%d"' % i for i in range(20)]
 
 
+@pytest.mark.one_path  # FastHttp only
 async def test_idle_keep_alive_connection_is_closed(serve: Serve) -> None:
     srv = await serve(fast=True, uvicorn_options={"timeout_keep_alive": 0.2})
     reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
@@ -205,6 +208,7 @@ async def test_idle_keep_alive_connection_is_closed(serve: Serve) -> None:
         writer.close()
 
 
+@pytest.mark.one_path  # FastHttp only
 async def test_an_unfamiliar_uvicorn_gets_its_own_path(
     serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:

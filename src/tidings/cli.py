@@ -197,6 +197,86 @@ def serve(
     run(settings)
 
 
+@app.command(cls=Command)
+def run(
+    target: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODULE:APP",
+            help="Your FastAPI app with tidings included, as uvicorn names it (main:app).",
+        ),
+    ],
+    host: Annotated[
+        str, typer.Option(metavar="HOST", help="Address to bind (::1 or 0.0.0.0 work too).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(metavar="PORT", help="Port to bind.")] = 8000,
+    uds: Annotated[
+        str | None, typer.Option(metavar="PATH", help="Bind this Unix socket instead.")
+    ] = None,
+    factory: Annotated[
+        bool, typer.Option("--factory", help="MODULE:APP is a function returning the app.")
+    ] = False,
+    app_dir: Annotated[
+        str, typer.Option(metavar="DIR", help="Import MODULE from this directory first.")
+    ] = ".",
+    log_level: Annotated[
+        str, typer.Option(metavar="LEVEL", help="debug, info, warning or error.")
+    ] = "info",
+    root_path: Annotated[
+        str,
+        typer.Option(metavar="PATH", help="The path prefix a proxy serves the app under."),
+    ] = "",
+    proxy_headers: Annotated[
+        bool,
+        typer.Option(
+            help="Take the client's address from X-Forwarded-For and X-Forwarded-Proto "
+            "sent by --forwarded-allow-ips."
+        ),
+    ] = True,
+    forwarded_allow_ips: Annotated[
+        str | None,
+        typer.Option(
+            metavar="IPS",
+            envvar="FORWARDED_ALLOW_IPS",
+            show_default="127.0.0.1",
+            help="Comma-separated proxy addresses trusted for proxy headers ('*': all).",
+        ),
+    ] = None,
+    ssl_keyfile: Annotated[
+        str | None, typer.Option(metavar="FILE", help="TLS private key (PEM).")
+    ] = None,
+    ssl_certfile: Annotated[
+        str | None, typer.Option(metavar="FILE", help="TLS certificate chain (PEM).")
+    ] = None,
+) -> None:
+    """Serve your own FastAPI app on the server of `tidings serve`: tidings' routes on its
+    fast path, the rest through your app. Options are uvicorn's; tidings' settings are those
+    of the Tidings in your app."""
+    from .serve.launch import StartupError
+    from .serve.mounted import RunError
+    from .serve.mounted import run as run_app
+
+    try:
+        run_app(
+            target,
+            host=host,
+            port=port,
+            uds=uds,
+            factory=factory,
+            app_dir=app_dir,
+            log_level=log_level,
+            root_path=root_path,
+            proxy_headers=proxy_headers,
+            forwarded_allow_ips=forwarded_allow_ips,
+            ssl_keyfile=ssl_keyfile,
+            ssl_certfile=ssl_certfile,
+        )
+    except RunError as exc:
+        raise _fail(str(exc)) from None
+    except StartupError as exc:
+        raise _fail(str(exc), 1) from None
+
+
 def _serve_workers(settings: Settings) -> None:
     """`tidings serve --workers N`, N > 1: the supervisor of :mod:`tidings.serve.workers`."""
     from .serve.workers import WorkersError, check, supervise

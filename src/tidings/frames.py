@@ -2,7 +2,7 @@
 
 A frame a server sends is trivial: FIN + opcode, the payload length in 7, 7+16 or 7+64 bits, no
 mask, the payload. Building it here costs one small ``bytes`` concatenation; going through a
-library's frame object costs several µs per message (measured with py-spy in bench/RESULTS.md).
+library's frame object costs more than the rest of a delivery (profiles in bench/RESULTS.md).
 Everything else (handshake, parsing masked client frames, control frames, close) is left to
 ``websockets``' sans-I/O protocol. The bytes are identical to what ``websockets`` serializes
 for an unmasked, uncompressed frame.
@@ -60,8 +60,8 @@ def binary_frame(payload: bytes) -> WsFrame:
 
 def wire(frame: WsFrame) -> bytes:
     """``frame`` as a plain ``bytes`` to write, when that is cheaper: uvloop's ``write`` takes
-    a ``bytes`` subclass through a memoryview (two objects made and freed per write, ~0.15 µs;
-    bench/RESULTS.md), a copy of a small frame costs less. A large one is written as it is."""
+    a ``bytes`` subclass through a memoryview (two objects made and freed per write), a copy
+    of a small frame costs less (bench/RESULTS.md). A large one is written as it is."""
     return bytes(frame) if len(frame) < COPY_BELOW else frame
 
 

@@ -112,7 +112,14 @@ def wheel_resolution(settings: Settings) -> float:
 
 
 class Hub:
-    """Node-local routing. Create one per process; ``await start()`` before use."""
+    """Node-local routing. Create one per process; ``await start()`` before use.
+
+    Errors, shared by the methods below (:mod:`tidings.errors`, Centrifugo's codes): a channel
+    name that is empty, too long or has characters outside the allowed set raises
+    :class:`~tidings.errors.BadRequest`; a name whose namespace is not configured,
+    :class:`~tidings.errors.UnknownChannel`; a broker that cannot be reached,
+    :class:`~tidings.brokers.base.BrokerUnavailable` (an :class:`~tidings.errors.Unavailable`:
+    retry later). Design notes: docs/delivery.md, docs/ordering.md."""
 
     def __init__(self, broker: Broker, settings: Settings | None = None) -> None:
         self.broker = broker
@@ -145,6 +152,9 @@ class Hub:
     # -- life ------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Connect the broker and start announcing this node; idempotent.
+
+        Raises BrokerUnavailable if the broker cannot be reached."""
         if not self.started:
             self.draining = False
             await self.broker.start(self)
@@ -187,8 +197,9 @@ class Hub:
             self._emptied = None
 
     async def stop(self) -> None:
-        """Close every session (3001 shutdown; see :meth:`drain` for a spread-out close), then
-        the broker."""
+        """Close every session (close code 3001, shutdown: Centrifugo SDKs reconnect; see
+        :meth:`drain` for a spread-out close), then the broker. Never raises for a broker that
+        is already gone."""
         self.draining = True
         for session in list(self.sessions):
             session.close(going_away(session))
@@ -209,7 +220,10 @@ class Hub:
     # -- channels and connections ----------------------------------------------------------------
 
     def channel(self, name: str) -> Channel:
-        """The channel with its namespace options; BadRequest/UnknownChannel if not allowed."""
+        """``name`` (``"ns:rest"`` or a name without a namespace) with its namespace's options.
+
+        Raises BadRequest (empty, too long, characters not allowed) or UnknownChannel (no such
+        namespace); the rules are Centrifugo's channel names (namespace before ``:``)."""
         return self.rules.resolve(name)
 
     def history_options(self, channel: Channel) -> HistoryOptions:
@@ -257,6 +271,10 @@ class Hub:
     ) -> None:
         """Deliver ``channel`` to ``session``; returns once the broker delivers it to this node.
 
+        ``encoder`` builds the frames of the session's wire format (one frame per publication
+        for all subscribers sharing it). Raises BrokerUnavailable if the broker cannot
+        subscribe this node (the session is then not subscribed).
+
         With ``buffer=True`` publications are kept aside (not sent) until :meth:`activate`, so a
         recovering client can be sent history first and then what arrived meanwhile, without
         gaps or duplicates."""
@@ -295,6 +313,9 @@ class Hub:
         return held
 
     async def unsubscribe(self, session: Session, channel: str) -> None:
+        """Stop delivering ``channel`` to ``session`` (nothing if it is not subscribed); the
+        node's broker subscription ends with its last local subscriber. Raises
+        BrokerUnavailable if the broker cannot be told (the session is unsubscribed anyway)."""
         local = self._local.get(channel)
         if local is None or channel not in session.channels:
             return
@@ -343,6 +364,7 @@ class Hub:
                 done.set_result(None)
 
     def subscribers(self, channel: str) -> int:
+        """Sessions on this node subscribed to ``channel`` (other nodes' are not counted)."""
         local = self._local.get(channel)
         return local.count if local is not None else 0
 
@@ -354,6 +376,7 @@ class Hub:
 
     @property
     def channels(self) -> Iterable[str]:
+        """Channels with at least one subscriber on this node."""
         return self._local.keys()
 
     # -- publishing ------------------------------------------------------------------------------
@@ -367,7 +390,19 @@ class Hub:
         tags: dict[str, str] | None = None,
         skip_history: bool = False,
     ) -> StreamPosition:
-        """Publish any JSON-serializable ``data``; returns the channel's new stream position."""
+        """Publish ``data`` to ``channel`` on every node; returns its stream position.
+
+        ``data``: anything orjson serializes (dict, list, str, numbers, dataclasses, ...),
+        encoded once here. ``info``: the publishing client, shown to subscribers; ``tags``:
+        string pairs sent along with the publication; ``skip_history``: deliver and advance
+        the offset but keep nothing in history. Returns ``StreamPosition(offset, epoch)``:
+        ``offset`` is this publication's, one more than the channel's previous one.
+
+        Returns once the broker has accepted the publication (memory: delivered to this
+        node's subscribers' queues; networked engines: stored and sent to every node); it
+        does not wait for sockets. Raises BadRequest (``data`` is not JSON-serializable, or a
+        bad channel name), UnknownChannel, BrokerUnavailable, or LimitExceeded where an engine
+        caps a publication's size (Kafka: its ``max.message.bytes``)."""
         return await self.publish_json(
             channel, encode_json(data), info=info, tags=tags, skip_history=skip_history
         )
@@ -381,9 +416,11 @@ class Hub:
         tags: dict[str, str] | None = None,
         skip_history: bool = False,
     ) -> StreamPosition:
-        """Publish data that is already JSON bytes (not checked: the caller vouches for it).
+        """:meth:`publish` for ``data`` that is already JSON (UTF-8 bytes, not checked: the
+        caller vouches for it; subscribers get these bytes as they are).
 
-        ``skip_history``: deliver and advance the offset, but keep nothing in history."""
+        ``skip_history``: deliver and advance the offset, but keep nothing in history. Same
+        answer and errors as :meth:`publish`."""
         ch = self.channel(channel)
         kept = self.history_options(ch)
         if skip_history:
@@ -393,7 +430,11 @@ class Hub:
         return position
 
     async def publish_many(self, items: Iterable[tuple[str, Any]]) -> list[StreamPosition]:
-        """Publish several (channel, data) pairs in order; one encode per item.
+        """Publish several ``(channel, data)`` pairs in order; one encode per item. Returns
+        their stream positions, in the same order.
+
+        Stops at the first failure with its error (as :meth:`publish`): the items before it
+        are published, the rest are not.
 
         Yields to the event loop every 64 items: with a broker that does not suspend (memory)
         a long batch would otherwise queue everything before the Flusher writes anything, and
@@ -612,6 +653,15 @@ class Hub:
         limit: int | None = None,
         reverse: bool = False,
     ) -> HistoryResult:
+        """What ``channel``'s history keeps, and its current stream position.
+
+        ``since``: only publications after ``since.offset`` (compare ``result.position.epoch``
+        with ``since.epoch``: if they differ, the stream was reset and ``since`` means
+        nothing); ``limit``: at most that many (None: all kept, 0: only the position);
+        ``reverse``: newest first. A channel with no stream yet gets one, with a new epoch.
+        History keeps ``history_size`` publications for ``history_ttl`` seconds (the
+        channel's namespace options). Raises BadRequest, UnknownChannel, BrokerUnavailable.
+        Centrifugo's ``history`` API, same rules."""
         ch = self.channel(channel)
         return await self.broker.history(
             ch.name,
@@ -622,7 +672,13 @@ class Hub:
         )
 
     async def presence(self, channel: str) -> dict[str, ClientInfo]:
+        """Clients subscribed to ``channel`` on every node, by client id (each with its user,
+        and connection and channel info), for channels whose namespace has ``presence``
+        on (empty otherwise). An entry lasts ``presence_ttl`` seconds unless its connection
+        refreshes it. Raises BadRequest, UnknownChannel, BrokerUnavailable."""
         return await self.broker.presence(self.channel(channel).name)
 
     async def presence_stats(self, channel: str) -> PresenceStats:
+        """``PresenceStats(num_clients, num_users)`` of ``channel``: the counts of
+        :meth:`presence` without the entries. Raises as :meth:`presence`."""
         return await self.broker.presence_stats(self.channel(channel).name)

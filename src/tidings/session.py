@@ -139,7 +139,8 @@ class Session:
         self.pong_timeout = pong_timeout
         self._state = CONNECTING
         #: CLOSING or CLOSED, derived from ``_state`` by :meth:`_to` alone: the one check the
-        #: fan-out's enqueue makes (a module-global enum compare costs ~5% of a delivery)
+        #: fan-out's enqueue makes (a module-global enum lookup and compare per delivery shows
+        #: in the fan-out's profile)
         self._ended = False
         #: why it closed (set with the move to CLOSING, or CLOSED for a client that left)
         self.closed_with: Disconnect | None = None

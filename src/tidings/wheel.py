@@ -1,8 +1,8 @@
 """Deadlines for many connections from ONE event-loop timer: a timing wheel.
 
-A ``loop.call_later`` per connection costs ~0.5 KiB of memory (the handle, its bound method and
-the event loop's own timer object) and a heap operation each time it is re-armed: 20,000 idle
-connections that are pinged every 25 s would pay 10 MiB for timers alone. A :class:`Wheel` keeps
+A ``loop.call_later`` per connection costs memory (the handle, its bound method and the event
+loop's own timer object) and a heap operation each time it is re-armed, for every idle
+connection (bench/RESULTS.md, "Figures behind the code"). A :class:`Wheel` keeps
 its members in buckets, one per tick of ``resolution`` seconds, and arms one loop timer for the
 earliest non-empty bucket; a member costs a set entry and the one attribute naming its bucket.
 

@@ -24,8 +24,9 @@ DEFAULT_META_TTL = 7 * 86400.0
 
 def compact(data: bytes) -> bytes:
     """An exact-size copy of ``data``, for what is kept a long time. orjson's output holds on to
-    its whole working buffer (4 KiB for a 100-byte document, measured with tracemalloc), so
-    history entries or connection info kept as orjson returned them cost 4 KiB each."""
+    its whole working buffer, many times a small document's size, so history entries or
+    connection info kept as orjson returned them would each cost that buffer (figures in
+    bench/RESULTS.md, "Figures behind the code")."""
     return memoryview(data).tobytes()
 
 
@@ -64,8 +65,9 @@ class ClientInfo:
 class Publication:
     """One message in a channel. ``data`` is JSON bytes, never re-encoded by a broker.
 
-    Read-only by convention, not ``frozen``: a frozen dataclass's ``__init__`` costs 4x as
-    much (2.0 vs 0.5 µs here), and one is made for every publication."""
+    Read-only by convention, not ``frozen``: a frozen dataclass's ``__init__`` sets each field
+    through ``object.__setattr__``, several times the cost of a plain one, and one is made for
+    every publication (bench/RESULTS.md, "Figures behind the code")."""
 
     channel: str
     data: bytes

@@ -62,8 +62,8 @@ def several_workers_message(pids: list[int]) -> str:
 
 #: a kept publication: (expires, offset, data, time, info, tags). A plain tuple, not a
 #: Publication: once it survives a collection the garbage collector stops tracking a tuple of
-#: strings and numbers, while 100 kept objects in each of 1,000 channels stayed tracked and
-#: made every full collection scan them (43 ms pauses under publish load).
+#: strings and numbers, while kept objects stay tracked and make every full collection scan
+#: them all: pauses every delivery waits out (bench/RESULTS.md, "Figures behind the code").
 _Kept = tuple[float, int, bytes, float, ClientInfo | None, dict[str, str] | None]
 
 

@@ -105,8 +105,8 @@ def frames_only(conn: ServerProtocol) -> None:
     """Go on with websockets' plain frame parser once the handshake is answered.
 
     The handshake parser keeps the request (headers and all) alive in its generator frame for
-    the connection's life (~1.5 KiB per idle connection); ``Protocol.parse`` reads the same
-    buffer and keeps nothing of the request."""
+    the connection's life, a large part of an idle connection's memory; ``Protocol.parse``
+    reads the same buffer and keeps nothing of the request."""
     conn.parser = WsProtocol.parse(conn)
     next(conn.parser)
 

@@ -5,7 +5,8 @@ publish request's CPU, and its coroutine chain is most of an idle WebSocket's me
 hot routes go straight to the code the FastAPI routes call (the WebSocket endpoints, and
 :class:`~tidings.api.HttpApi` for publishing), so behaviour, errors and the API-key check are
 identical: it is the same code. Everything else, lifespan included, goes to the FastAPI app
-unchanged. A mounted tidings (your own FastAPI app) is not affected.
+unchanged. Under `tidings run` (serve/mounted.py) a Front stands before the user's app, with
+the ``prefix`` its tidings routes were included under.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..router import read_limited
 
 if TYPE_CHECKING:
     from ..api import HttpApi
+    from ..app import Tidings
     from ..connection import CentrifugeEndpoint
     from ..endpoints import RawEndpoint
     from ..streaming import StreamingEndpoints
@@ -43,12 +45,18 @@ class Front:
     """ASGI app for `tidings serve`: ``/ws/{channel}``, ``/connection/websocket``, the
     streaming transports (:mod:`tidings.streaming`), ``POST /api/{method}`` (the server API,
     ``publish`` included) and ``POST /publish/{channel}`` directly; anything else through
-    ``app``."""
+    ``app``.
 
-    def __init__(self, app: FastAPI) -> None:
+    ``tidings`` defaults to ``app.state.tidings`` (create_app() includes its router at the
+    root); ``prefix`` (``"/rt"``, no trailing slash) is where the app included its router."""
+
+    def __init__(self, app: FastAPI, tidings: Tidings | None = None, prefix: str = "") -> None:
         self.app = app
         self.state = app.state
-        tidings = app.state.tidings  # create_app() includes tidings.router at the root
+        if tidings is None:
+            tidings = app.state.tidings
+        assert tidings is not None
+        self.prefix = prefix.rstrip("/")
         self.raw: RawEndpoint = tidings.raw_endpoint
         self.centrifuge: CentrifugeEndpoint = tidings.centrifuge_endpoint
         self.http: HttpApi = tidings.http
@@ -58,6 +66,10 @@ class Front:
     def route(self, path: str) -> Answer | None:
         """The answer of ``POST path`` if it is one of the hot routes (shared with
         serve/http.py, which serves them without an ASGI cycle)."""
+        if self.prefix:
+            if not path.startswith(self.prefix):
+                return None
+            path = path[len(self.prefix) :]
         if path.startswith("/api/"):
             method = path[5:]
             if method and "/" not in method:
@@ -87,7 +99,7 @@ class Front:
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         """Returns the chosen app's awaitable instead of awaiting it: no frame of ours stays
-        suspended under every idle WebSocket (~0.4 KiB each). Serve it with
+        suspended under every idle WebSocket (memory per connection). Serve it with
         ``interface="asgi3"``: uvicorn would guess ASGI2 from a non-async ``__call__``."""
         kind = scope["type"]
         if kind == "lifespan":
@@ -97,6 +109,10 @@ class Front:
         if root and path.startswith(root):
             path = path[len(root) :]
         if kind == "websocket":
+            if self.prefix:
+                if not path.startswith(self.prefix):
+                    return self.app(scope, receive, send)
+                path = path[len(self.prefix) :]
             channel = path[4:] if path.startswith("/ws/") else ""
             if channel and "/" not in channel:
                 scope["path_params"] = {"channel": channel}
@@ -106,7 +122,11 @@ class Front:
             if path == "/connection/uni_websocket":
                 return self.streaming.uni_websocket(scope, receive, send)
         elif kind == "http":
-            stream = self.streaming.paths.get(path)
+            stream = None
+            if not self.prefix:
+                stream = self.streaming.paths.get(path)
+            elif path.startswith(self.prefix):
+                stream = self.streaming.paths.get(path[len(self.prefix) :])
             if stream is not None:  # http_stream, sse, /emulation, uni_*: streamed responses
                 return stream(scope, receive, send)
             if scope["method"] == "POST":

@@ -1,7 +1,7 @@
 """uvicorn's httptools protocol with corked writes: one ``write`` per response, not two.
 
 uvicorn writes a response's head and its body in two ``transport.write`` calls, two syscalls;
-profiled under publish load (bench/RESULTS.md) they were half of the server's CPU per request.
+profiled under publish load they were most of the server's CPU per request (bench/RESULTS.md).
 Here writes made during one event-loop iteration are joined and leave in one call at the end of
 it (as several pipelined responses do). A WebSocket upgrade gets the real transport, so the
 fast WebSocket path writes directly. Used by `tidings serve` when httptools is installed.
@@ -186,9 +186,10 @@ class FastHttp(CorkedHttpTools):
         """Answers written while parsing ``data`` (several, if pipelined) leave in one write
         at the end: at once, or, when publications are queued for the Flusher, right after it
         (its callback was scheduled first). A publisher is answered once its publication is in
-        the subscribers' sockets, so it cannot run ahead of the fan-out and pile messages up
-        (measured: p99 at 5,000 subscribers 567 ms answering at once, vs 360 for the raw
-        ceiling, which answers after its writes)."""
+        the subscribers' sockets, so it cannot run ahead of the fan-out and pile messages up:
+        answering at once raised the p99 latency at 5,000 subscribers well above the raw
+        ceiling's, which answers after its writes (bench/RESULTS.md, "Figures behind the
+        code"; docs/delivery.md)."""
         cork: Any = self.transport  # a Cork until a WebSocket upgrade
         if type(cork) is not Cork:
             super().data_received(data)

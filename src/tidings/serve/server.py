@@ -45,7 +45,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
         # (logs.Redact cuts query strings, and the tokens in them, from these lines)
         "access_log": settings.log_level.lower() in ("debug", "trace"),
         # tidings never reads the client address; the middleware would stay suspended in every
-        # idle WebSocket (~0.3 KiB each) and run on every publish
+        # idle WebSocket and run on every publish
         "proxy_headers": False,
         # Front.__call__ is a plain function returning an awaitable (see front.py)
         "interface": "asgi3",
@@ -71,9 +71,10 @@ def run(settings: Settings) -> None:
         application = Front(app)
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    # Everything made so far (the app, FastAPI's and pydantic's objects: ~75,000 tracked by the
-    # garbage collector) lives as long as the process; frozen, full collections stop scanning
-    # it. They run while connections pour in, and each one is a pause every delivery waits out.
+    # Everything made so far (the app, FastAPI's and pydantic's objects, tens of thousands
+    # tracked by the garbage collector) lives as long as the process; frozen, full collections
+    # stop scanning it. They run while connections pour in, and each one is a pause every
+    # delivery waits out.
     gc.collect()
     gc.freeze()
     try:

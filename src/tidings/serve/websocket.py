@@ -32,8 +32,8 @@ message.
   :class:`~tidings.wheel.Wheel` per server drives every connection (not a timer each): the
   first ping is spread over the interval, each may be late by its resolution (:func:`heartbeat`).
 * Memory: an idle tidings connection keeps no scope, request or headers, no task of its own
-  beyond the app's, and no per-connection timer: ~6 KiB of Python heap, ~7 KiB RSS at 20,000
-  connections (``python -m bench.idle_memory``, bench/RESULTS.md).
+  beyond the app's, and no per-connection timer (what that costs: ``python -m
+  bench.idle_memory``, bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ class FastWebSocket(asyncio.Protocol):
         self.response = response
         # websockets' handshake parser keeps the request (headers and all) alive in its
         # generator frame for the connection's life: go on with the plain frame parser, which
-        # reads the same buffer (~1.5 KiB per idle connection)
+        # reads the same buffer and keeps nothing of the request
         _internals.frames_only(self.conn)
         headers = [(_name(k), v.encode("latin-1")) for k, v in request.headers.raw_items()]
         raw_path, _, query = request.path.partition("?")
@@ -251,7 +251,7 @@ class FastWebSocket(asyncio.Protocol):
             "extensions": {EXTENSION: {"transport": self}},
         }
         # the app's coroutine is the task itself (a wrapper coroutine would stay suspended in
-        # every idle connection: ~0.45 KiB); _app_done does the wrapper's work
+        # every idle connection); _app_done does the wrapper's work
         app = config.loaded_app
         task = asyncio.get_running_loop().create_task(
             app(self.scope, self._asgi_receive, self._asgi_send)
@@ -322,7 +322,7 @@ class FastWebSocket(asyncio.Protocol):
         """The next message from the client; None once it is gone or closing (from then on).
 
         The tidings session awaits this directly, with no wrapper coroutine: an idle
-        connection's await chain is one frame shorter (~0.2 KiB)."""
+        connection's await chain is one frame shorter."""
         inbox = self._inbox
         while not inbox:
             self._waiter = asyncio.get_running_loop().create_future()
@@ -578,7 +578,7 @@ def close_timeout(config: Any) -> float:
 
 def heartbeat(server_state: Any, config: Any) -> Wheel[FastWebSocket]:
     """The heartbeat wheel of one uvicorn server (one loop): one timer for all its connections,
-    not one each (~0.6 KiB per connection, measured with tracemalloc). Its resolution is a
+    not one each (a timer handle per connection, see tidings/wheel.py). Its resolution is a
     quarter of the shorter of ping interval and pong timeout, at most 1 s: a ping or a pong
     deadline is late by less than that."""
     wheel: Wheel[FastWebSocket] | None = getattr(server_state, "tidings_heartbeat", None)
@@ -611,7 +611,7 @@ def _offered(request: Request) -> list[str]:
 
 
 def _name(header: str) -> bytes:
-    """Header names as shared ``bytes`` (~0.3 KiB less per connection); lower-cased as ASGI
+    """Header names as shared ``bytes``, not a copy per connection; lower-cased as ASGI
     requires. Bounded: a client cannot grow the cache with made-up names forever."""
     name = _NAMES.get(header)
     if name is None:
