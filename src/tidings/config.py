@@ -144,6 +144,27 @@ class Settings(BaseSettings):
     api_max_body_size: int = Field(
         1_048_576, ge=1024, description="Largest server API request body (a batch too), bytes."
     )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a request's head (request line and headers, a WebSocket "
+        "handshake too) may take to arrive; late: 408 and closed (`tidings serve`).",
+    )
+    body_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a request body may take to arrive, whole; late: 408 and closed "
+        "(`tidings serve`).",
+    )
+    max_header_size: int = Field(
+        65_536,
+        ge=1024,
+        description="Largest request head (request line and headers), bytes; over: 431 "
+        "(`tidings serve`).",
+    )
+    max_headers: int = Field(
+        100, ge=8, description="Most header fields in a request; over: 431 (`tidings serve`)."
+    )
     node_info_interval: float = Field(
         3.0, gt=0, description="Seconds between this node's announcements to the others (info)."
     )
