@@ -78,7 +78,7 @@ async def test_partial_body_gets_408(serve: Serve) -> None:
     reader, writer = await open_raw(srv)
     writer.write(
         b"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 100\r\n\r\n{\"channel\":"
+        b'Content-Length: 100\r\n\r\n{"channel":'
     )
     got = await answer(reader)
     assert got.startswith(b"HTTP/1.1 408 "), got[:80]
