@@ -29,11 +29,14 @@ applies to an app mounted under stock uvicorn (README "Production" says what uvi
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, ClassVar
 
 from ..config import Settings
 from ._internals import STATUS_LINE
 from .http import FastHttp
+
+log = logging.getLogger("tidings.http")
 
 _IDLE, _HEAD, _BODY, _DONE = 0, 1, 2, 3
 
@@ -117,6 +120,14 @@ class GuardedHttp(FastHttp):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self.phase == _BODY and self.answer is not None:
+            # a request FastHttp answers itself: the same one line as the ASGI routes log
+            # (router.read_limited), never the query
+            log.info(
+                "POST %s: the client disconnected after %d bytes of the body",
+                self.url.partition(b"?")[0].decode("latin-1"),
+                self.size,
+            )
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
