@@ -25,6 +25,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.routing import NoMatchFound, WebSocketRoute
 
 from .admin import AdminAuth
+from .admission import ConnectionRate
 from .api import HttpApi
 from .auth import TokenVerifier
 from .brokers import create_broker
@@ -62,6 +63,8 @@ class Tidings:
         self.broker = create_broker(settings.broker_url)
         self.hub = Hub(self.broker, settings)
         self.tokens = TokenVerifier(settings)
+        #: connection_rate_per_ip's buckets (None: no limit); see tidings.admission
+        self.admission = ConnectionRate.from_settings(settings)
         #: admin logins and tokens, when ``admin_password`` is set (ValueError if unsafe)
         self.admin = AdminAuth(settings) if settings.admin_enabled else None
         self.api = ServerApi(self.hub, settings)

@@ -98,11 +98,32 @@ class Settings(BaseSettings):
     )
     token_audience: str | None = Field(None, description="Required `aud` of client JWTs.")
     token_issuer: str | None = Field(None, description="Required `iss` of client JWTs.")
+    token_leeway: float = Field(
+        0.0,
+        ge=0,
+        le=300,
+        description="Seconds of clock skew allowed when checking a JWT's `exp` and `nbf`.",
+    )
     allow_anonymous: bool = Field(
         False, description="Accept Centrifugo-protocol connections without a token."
     )
 
     max_connections: int = Field(10_000, ge=1, description="WebSocket connections per process.")
+    user_connection_limit: int = Field(
+        0,
+        ge=0,
+        description="Connections one user may have on this node (0: no limit); over it a "
+        "connect is closed 3504 (Centrifugo's option of that name).",
+    )
+    connection_rate_per_ip: float = Field(
+        0.0,
+        ge=0,
+        description="WebSocket connections per second one client address may open, "
+        "sustained (0: no limit); over it the handshake is refused with HTTP 403.",
+    )
+    connection_burst_per_ip: int = Field(
+        20, ge=1, description="WebSocket connections one client address may open at once."
+    )
     max_message_size: int = Field(65_536, ge=64, description="Largest incoming message, bytes.")
     outbox_limit: int = Field(
         1_048_576, ge=1024, description="Bytes queued for one client before it counts as slow."
