@@ -29,6 +29,7 @@ from .admission import ConnectionRate
 from .api import HttpApi
 from .auth import TokenVerifier
 from .brokers import create_broker
+from .brokers.memory import MemoryBroker
 from .config import Settings
 from .connection import CentrifugeEndpoint
 from .endpoints import RawEndpoint
@@ -61,6 +62,8 @@ class Tidings:
             settings = settings.model_copy(update=overrides)
         self.settings = settings
         self.broker = create_broker(settings.broker_url)
+        if isinstance(self.broker, MemoryBroker):  # the networked engines expire keys instead
+            self.broker.max_streams = settings.history_max_streams
         self.hub = Hub(self.broker, settings)
         self.tokens = TokenVerifier(settings)
         #: connection_rate_per_ip's buckets (None: no limit); see tidings.admission

@@ -162,6 +162,13 @@ class Settings(BaseSettings):
     history_meta_ttl: float = Field(
         7 * 86400.0, gt=0, description="Seconds an idle channel keeps its offset and epoch."
     )
+    history_max_streams: int = Field(
+        100_000,
+        ge=0,
+        description="Channel streams (offset, epoch, history) the memory broker keeps at most; "
+        "past it the least recently used one without subscribers is forgotten and restarts "
+        "with a new epoch (0: no cap).",
+    )
     api_max_body_size: int = Field(
         1_048_576, ge=1024, description="Largest server API request body (a batch too), bytes."
     )
