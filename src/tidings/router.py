@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
@@ -85,6 +86,18 @@ def build_router(tidings: Tidings) -> APIRouter:
             return Response(status_code=400)
         await http.flushed()
         return as_response(done)
+
+    openapi: list[bytes] = []
+
+    @router.get("/api/openapi.json", tags=["api"])
+    async def server_api_schema() -> Response:
+        """The server API's OpenAPI 3.1 document (:mod:`tidings.openapi`)."""
+        if not openapi:
+            from . import __version__
+            from .openapi import document
+
+            openapi.append(orjson.dumps(document(__version__)))
+        return Response(openapi[0], media_type="application/json")
 
     @router.post("/api/{method}", tags=["api"])
     async def server_api(method: str, request: Request) -> Response:
