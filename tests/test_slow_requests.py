@@ -203,3 +203,15 @@ def test_limits_from_environment(
 ) -> None:
     monkeypatch.setenv(variable, str(value))
     assert getattr(Settings(), field) == value
+
+
+async def test_many_pipelined_requests_are_not_one_large_head(serve: Serve) -> None:
+    srv = await serve(fast=True)
+    reader, writer = await open_raw(srv)
+    one = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 60 + b"\r\n\r\n"
+    count = 2000  # ~200 KB in one write: far past max_header_size, each head small
+    writer.write(one * count + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    got = await answer(reader, 60)
+    assert got.count(b"HTTP/1.1 200 ") == count + 1
+    assert b" 431 " not in got
+    writer.close()

@@ -40,6 +40,9 @@ log = logging.getLogger("tidings.http")
 
 _IDLE, _HEAD, _BODY, _DONE = 0, 1, 2, 3
 
+#: seconds a refused connection is read (and dropped) after the answer, before it is closed
+LINGER = 2.0
+
 _PHRASES = {
     408: b"Request Timeout",
     431: b"Request Header Fields Too Large",
@@ -110,7 +113,17 @@ class GuardedHttp(FastHttp):
             b"connection: close\r\n\r\n" % len(body)
         )
         transport.write(b"".join(head) + body)
-        transport.close()
+        flush = getattr(transport, "flush", None)  # a Cork holds writes until the loop turns
+        if flush is not None:
+            flush()
+        if transport.can_write_eof():
+            # a lingering close: closing with unread bytes from the client (the rest of its
+            # head or body) makes the kernel reset the connection, and the client may lose
+            # the answer; end our side, read and drop what still comes for LINGER seconds
+            transport.write_eof()
+            self.deadline = self.loop.call_later(LINGER, transport.close)
+        else:
+            transport.close()
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -156,6 +169,9 @@ class GuardedHttp(FastHttp):
 
     def on_message_begin(self) -> None:
         self.phase = _HEAD
+        # bytes before this point in the chunk were earlier requests (pipelined): from here
+        # on_header measures this head, and later chunks are counted whole in data_received
+        self.head_bytes = 0
         self.header_count = 0
         self.header_size = 0
         if self.deadline is None:  # pipelined: the next head starts inside the same chunk
