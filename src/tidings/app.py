@@ -25,9 +25,11 @@ from starlette.requests import HTTPConnection, Request
 from starlette.routing import NoMatchFound, Route, WebSocketRoute
 
 from .admin import AdminAuth
+from .admission import ConnectionRate
 from .api import HttpApi
 from .auth import TokenVerifier
 from .brokers import create_broker
+from .brokers.memory import MemoryBroker
 from .config import Settings
 from .connection import CentrifugeEndpoint
 from .endpoints import RawEndpoint
@@ -61,8 +63,12 @@ class Tidings:
             settings = settings.model_copy(update=overrides)
         self.settings = settings
         self.broker = create_broker(settings.broker_url)
+        if isinstance(self.broker, MemoryBroker):  # the networked engines expire keys instead
+            self.broker.max_streams = settings.history_max_streams
         self.hub = Hub(self.broker, settings)
         self.tokens = TokenVerifier(settings)
+        #: connection_rate_per_ip's buckets (None: no limit); see tidings.admission
+        self.admission = ConnectionRate.from_settings(settings)
         #: admin logins and tokens, when ``admin_password`` is set (ValueError if unsafe)
         self.admin = AdminAuth(settings) if settings.admin_enabled else None
         self.api = ServerApi(self.hub, settings)

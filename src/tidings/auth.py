@@ -80,6 +80,7 @@ class TokenVerifier:
         self._jwks = jwt.PyJWKClient(url, cache_keys=True) if url else None
         self._audience = settings.token_audience
         self._issuer = settings.token_issuer
+        self._leeway = settings.token_leeway
 
     @property
     def enabled(self) -> bool:
@@ -117,6 +118,7 @@ class TokenVerifier:
                 algorithms=[alg],
                 audience=self._audience,
                 issuer=self._issuer,
+                leeway=self._leeway,  # clock skew, for exp and nbf (RFC 7519 4.1.4-5)
                 options={"require": ["sub"], "verify_aud": self._audience is not None},
             )
         except jwt.ExpiredSignatureError:

@@ -98,11 +98,32 @@ class Settings(BaseSettings):
     )
     token_audience: str | None = Field(None, description="Required `aud` of client JWTs.")
     token_issuer: str | None = Field(None, description="Required `iss` of client JWTs.")
+    token_leeway: float = Field(
+        0.0,
+        ge=0,
+        le=300,
+        description="Seconds of clock skew allowed when checking a JWT's `exp` and `nbf`.",
+    )
     allow_anonymous: bool = Field(
         False, description="Accept Centrifugo-protocol connections without a token."
     )
 
     max_connections: int = Field(10_000, ge=1, description="WebSocket connections per process.")
+    user_connection_limit: int = Field(
+        0,
+        ge=0,
+        description="Connections one user may have on this node (0: no limit); over it a "
+        "connect is closed 3504 (Centrifugo's option of that name).",
+    )
+    connection_rate_per_ip: float = Field(
+        0.0,
+        ge=0,
+        description="WebSocket connections per second one client address may open, "
+        "sustained (0: no limit); over it the handshake is refused with HTTP 403.",
+    )
+    connection_burst_per_ip: int = Field(
+        20, ge=1, description="WebSocket connections one client address may open at once."
+    )
     max_message_size: int = Field(65_536, ge=64, description="Largest incoming message, bytes.")
     outbox_limit: int = Field(
         1_048_576, ge=1024, description="Bytes queued for one client before it counts as slow."
@@ -147,8 +168,36 @@ class Settings(BaseSettings):
     history_meta_ttl: float = Field(
         7 * 86400.0, gt=0, description="Seconds an idle channel keeps its offset and epoch."
     )
+    history_max_streams: int = Field(
+        100_000,
+        ge=0,
+        description="Channel streams (offset, epoch, history) the memory broker keeps at most; "
+        "past it the least recently used one without subscribers is forgotten and restarts "
+        "with a new epoch (0: no cap).",
+    )
     api_max_body_size: int = Field(
         1_048_576, ge=1024, description="Largest server API request body (a batch too), bytes."
+    )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a request's head (request line and headers, a WebSocket "
+        "handshake too) may take to arrive; late: 408 and closed (`tidings serve`).",
+    )
+    body_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a request body may take to arrive, whole; late: 408 and closed "
+        "(`tidings serve`).",
+    )
+    max_header_size: int = Field(
+        65_536,
+        ge=1024,
+        description="Largest request head (request line and headers), bytes; over: 431 "
+        "(`tidings serve`).",
+    )
+    max_headers: int = Field(
+        100, ge=8, description="Most header fields in a request; over: 431 (`tidings serve`)."
     )
     node_info_interval: float = Field(
         3.0, gt=0, description="Seconds between this node's announcements to the others (info)."

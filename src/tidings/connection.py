@@ -31,12 +31,13 @@ from urllib.parse import parse_qs
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from .admission import admitted
 from .brokers.base import ClientInfo, StreamPosition
 from .channels import Channel
 from .control import ControlMessage, RefreshUser, SubscribeUser, UnsubscribeUser
 from .credentials import ConnectionCredentials
 from .delivery import takes_frames
-from .endpoints import admit, log_closed, log_connected, log_refused
+from .endpoints import POLICY, admit, log_closed, log_connected, log_refused
 from .errors import (
     BAD_REQUEST,
     BadRequest,
@@ -416,6 +417,9 @@ class CentrifugeEndpoint:
         hub, settings = self.tidings.hub, self.tidings.settings
         offered, protobuf = wants_protobuf(scope)
         transport = open_transport(scope, receive, send, settings.max_message_size)
+        if not admitted(self.tidings, scope):
+            await transport.close(POLICY, "connection rate")  # before accept: HTTP 403
+            return None
         await transport.accept(PROTOBUF if offered else None)
         # Pings start once the client has connected: before that any frame, a pong too, is a
         # protocol error (3501), so a ping would only provoke one.

@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
+from .admission import check_user_limit
 from .auth import ANONYMOUS, Credentials, TokenVerifier
 from .errors import INVALID_TOKEN, Disconnect, PermissionDenied, TokenExpired, Unauthorized
 from .protocol import centrifuge as wire
@@ -99,6 +100,7 @@ class ConnectionCredentials:
             who = ANONYMOUS
         else:
             raise TOKEN_REQUIRED
+        check_user_limit(self.hub, self.settings, who.user)
         self.who = who
         self.connected = True
         if who.user:

@@ -9,6 +9,7 @@ from urllib.parse import parse_qs
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from .admission import admitted, check_user_limit
 from .auth import ANONYMOUS, Credentials, can_subscribe
 from .brokers.base import ClientInfo
 from .control import ControlMessage, UnsubscribeUser
@@ -158,6 +159,9 @@ class RawEndpoint:
         hub, settings = tidings.hub, tidings.settings
         transport = open_transport(scope, receive, send, settings.max_message_size)
         wire = raw_format(takes_frames(transport))
+        if not admitted(tidings, scope):
+            await transport.close(POLICY, "connection rate")  # before accept: HTTP 403
+            return None
         session = Session(hub, transport, wire)
         # Subscribe *before* accepting: once the client sees the connection open, every
         # publication reaches it (the raw protocol has no subscribe confirmation to wait for).
@@ -175,6 +179,7 @@ class RawEndpoint:
             channel = hub.channel(name)
             query = parse_qs(scope.get("query_string", b"").decode())
             who = await self._credentials(query)
+            check_user_limit(hub, settings, who.user)
             if who.user:
                 hub.set_user(session, who.user)
             sub_token = query.get("sub_token", [""])[0]
@@ -186,6 +191,12 @@ class RawEndpoint:
                 await hub.subscribe(session, channel.name, wire)
             else:
                 await self._replay(session, channel.name, *since)
+        except Disconnect as reason:  # user_connection_limit
+            await hub.forget(session)
+            await transport.accept()
+            log_refused(path, reason.code, reason.reason)
+            await transport.close(reason.code, reason.reason)
+            return None
         except TidingsError as exc:
             await hub.forget(session)
             await transport.accept()

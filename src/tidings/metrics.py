@@ -53,6 +53,15 @@ class HubCollector(Collector):
             ("tidings_gaps_healed", "Broker delivery gaps filled from history.", m.gaps_healed),
             ("tidings_gaps_lost", "Publications lost in a gap, not kept by history.", m.gaps_lost),
         ]
+        evicted = getattr(hub.broker, "streams_evicted", None)
+        if evicted is not None:  # the memory broker's cap (history_max_streams)
+            counters.append(
+                (
+                    "tidings_streams_evicted",
+                    "Idle channel streams forgotten at history_max_streams (new epoch).",
+                    evicted,
+                )
+            )
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)
 

@@ -8,11 +8,14 @@ protocol calls the same methods). Errors and statuses are described in :mod:`tid
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
 
 from .api import ReadBody, Reply, json_reply
 
@@ -29,17 +32,37 @@ def json_response(body: Any, status: int = 200) -> Response:
     return as_response(json_reply(body, status))
 
 
+log = logging.getLogger("tidings.http")
+
+
+class ClientGone(Exception):
+    """The client closed its connection before the request body was complete."""
+
+
 async def read_limited(request: Request, limit: int) -> bytes | None:
-    """The body, never buffering more than ``limit`` bytes: None past it."""
+    """The body, never buffering more than ``limit`` bytes: None past it.
+
+    Raises :class:`ClientGone` if the client disconnects before the body is complete: one
+    INFO line is logged (method, path without the query, bytes read), not starlette's
+    ``ClientDisconnect`` traceback, since a client that goes away is not a server fault."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         return None
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+    except ClientDisconnect:
+        log.info(
+            "%s %s: the client disconnected after %d bytes of the body",
+            request.method,
+            request.url.path,  # never the query: it may hold a token
+            size,
+        )
+        raise ClientGone from None
     return b"".join(chunks)
 
 
@@ -57,9 +80,24 @@ def build_router(tidings: Tidings) -> APIRouter:
 
     async def answered(reply: Awaitable[Reply]) -> Response:
         """The reply, sent once this iteration's publications are flushed (HttpApi.flushed)."""
-        done = await reply
+        try:
+            done = await reply
+        except ClientGone:  # logged; nobody is there to read an answer
+            return Response(status_code=400)
         await http.flushed()
         return as_response(done)
+
+    openapi: list[bytes] = []
+
+    @router.get("/api/openapi.json", tags=["api"])
+    async def server_api_schema() -> Response:
+        """The server API's OpenAPI 3.1 document (:mod:`tidings.openapi`)."""
+        if not openapi:
+            from . import __version__
+            from .openapi import document
+
+            openapi.append(orjson.dumps(document(__version__)))
+        return Response(openapi[0], media_type="application/json")
 
     @router.post("/api/{method}", tags=["api"])
     async def server_api(method: str, request: Request) -> Response:

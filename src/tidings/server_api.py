@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import logging
 import time
 from collections import OrderedDict
@@ -305,7 +304,7 @@ class ServerApi:
             try:
                 raw = base64.b64decode(req.b64data, validate=True)
                 return orjson.dumps(orjson.loads(raw))
-            except (binascii.Error, orjson.JSONDecodeError):
+            except ValueError:  # not base64 (binascii.Error), not ASCII, not JSON
                 raise BadRequest("b64data must be base64 of a JSON document") from None
         if "data" not in req.model_fields_set:
             raise Malformed("data is required")

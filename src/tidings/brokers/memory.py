@@ -9,6 +9,15 @@ several hubs that do not see each other's publications. :meth:`MemoryBroker.star
 start in a worker of a pre-fork server (``uvicorn --workers N``, gunicorn with uvicorn workers:
 see :mod:`tidings.processes`), and a worker that only sees its siblings later (they started after
 it) fails ``ping()``, hence ``/health``, and logs an error.
+
+Streams are bounded: a channel's stream (offset, epoch, kept publications) lives
+``history_meta_ttl`` seconds after its last use, and at most :attr:`MemoryBroker.max_streams`
+streams are kept (setting ``history_max_streams``). Past the cap, creating a stream first
+forgets the least recently used stream that no node of the store has subscribers for; that
+channel starts again from offset 0 with a new epoch, so a client recovering from its old
+position is told ``recovered: false`` (never handed a wrong continuation). Each such eviction
+is counted (:attr:`MemoryBroker.streams_evicted`, metric ``tidings_streams_evicted``). Streams
+with subscribers are never evicted: they are bounded by the subscriptions.
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ from .base import (
 )
 
 SWEEP_INTERVAL = 30.0
+#: default of :attr:`MemoryBroker.max_streams` (the setting ``history_max_streams``)
+DEFAULT_MAX_STREAMS = 100_000
 #: seconds between checks for sibling workers: often at first (a pre-fork server starts its
 #: workers together), then rarely
 WATCH_INTERVALS = (1.0,) * 10 + (5.0,) * 10
@@ -78,6 +89,7 @@ class _Stream:
 
 @dataclass(slots=True)
 class _Store:
+    #: least recently used first: a stream is moved to the end each time it is used
     streams: dict[str, _Stream] = field(default_factory=dict)
     presence: dict[str, dict[str, tuple[float, ClientInfo]]] = field(default_factory=dict)
     nodes: set[MemoryBroker] = field(default_factory=set)
@@ -99,6 +111,10 @@ class MemoryBroker(Broker):
         self._watcher: asyncio.Task[None] | None = None
         #: why this node is not a whole deployment (sibling workers seen), for ping()
         self.split: str | None = None
+        #: streams kept at most (see the module docstring); 0: no cap
+        self.max_streams = DEFAULT_MAX_STREAMS
+        #: idle streams forgotten to stay under ``max_streams`` (each restarts with a new epoch)
+        self.streams_evicted = 0
 
     async def start(self, handler: EventHandler) -> None:
         """Start; :class:`SeveralWorkers` if this process is one of several workers serving
@@ -138,11 +154,31 @@ class MemoryBroker(Broker):
     # -- streams -------------------------------------------------------------------------------
 
     def _stream(self, channel: str, now: float, meta_ttl: float) -> _Stream:
-        stream = self._store.streams.get(channel)
+        streams = self._store.streams
+        stream = streams.pop(channel, None)  # re-inserted last: most recently used
         if stream is None or stream.expires <= now:
-            stream = self._store.streams[channel] = _Stream()
+            if self.max_streams and len(streams) >= self.max_streams:
+                self._evict(streams, now)
+            stream = _Stream()
+        streams[channel] = stream
         stream.expires = now + meta_ttl
         return stream
+
+    def _evict(self, streams: dict[str, _Stream], now: float) -> None:
+        """Forget the least recently used stream nobody is subscribed to (expired ones go
+        first, uncounted). Subscribed streams met on the way move to the end: each is passed
+        over once per round, so the scan is amortized O(1)."""
+        nodes = tuple(self._store.nodes)
+        for _ in range(len(streams)):
+            name = next(iter(streams))
+            stream = streams.pop(name)
+            if stream.expires <= now:
+                return
+            if not any(name in node._channels for node in nodes):
+                self.streams_evicted += 1
+                return
+            streams[name] = stream
+        # every stream has subscribers: the cap gives way (bounded by the subscriptions)
 
     @staticmethod
     def _trim(stream: _Stream, now: float) -> None:

@@ -30,9 +30,9 @@ def server_options(settings: Settings) -> dict[str, Any]:
 
     http: Any = "h11"
     if _installed("httptools"):
-        from .http import FastHttp
+        from .guard import guarded
 
-        http = FastHttp
+        http = guarded(settings)  # FastHttp with header/body timeouts and header limits
     return {
         "ws": FastWebSocket,
         "loop": "uvloop" if _installed("uvloop") else "asyncio",

@@ -31,6 +31,14 @@ message.
   ``ws_ping_timeout`` closes the connection 1011, as uvicorn's own protocols do. One
   :class:`~tidings.wheel.Wheel` per server drives every connection (not a timer each): the
   first ping is spread over the interval, each may be late by its resolution (:func:`heartbeat`).
+* Floods (issue 11): incoming bytes are parsed in slices of :data:`_SLICE` bytes and at most
+  :data:`_FRAMES_PER_TURN` frames per event-loop turn; the rest waits (reading paused) for the
+  next turn, so a client sending millions of tiny frames shares the loop with the others
+  instead of holding it. A message may have at most :data:`_MAX_FRAGMENTS` fragments (else
+  close 1008); fragments are joined once, at the end. Control replies (pongs) written while the
+  client does not read (the socket above its high-water mark) are counted: past
+  :data:`_UNREAD_LIMIT` bytes the connection is aborted as slow, so a client that pings and
+  never reads costs bounded memory.
 * Memory: an idle tidings connection keeps no scope, request or headers, no task of its own
   beyond the app's, and no per-connection timer (what that costs: ``python -m
   bench.idle_memory``, bench/RESULTS.md).
@@ -64,6 +72,14 @@ log = logging.getLogger("uvicorn.error")
 #: ``close_timeout`` setting otherwise (:func:`close_timeout`)
 _CLOSE_TIMEOUT = 10.0
 
+#: bytes handed to the frame parser at once, and frames parsed per event-loop turn (floods)
+_SLICE = 16_384
+_FRAMES_PER_TURN = 1_000
+#: fragments one message may have (close 1008 past it)
+_MAX_FRAGMENTS = 4_096
+#: bytes of pongs and close replies written while the client does not read (then: aborted)
+_UNREAD_LIMIT = 65_536
+
 _GONE: Any = object()  # queued when the connection ended: receive() answers None
 
 CONNECTING, OPEN, PAUSED = State.CONNECTING, State.OPEN, State.PAUSED
@@ -90,6 +106,7 @@ class FastWebSocket(asyncio.Protocol):
     framed = True
 
     __slots__ = (
+        "_backlog",
         "_connect_sent",
         "_drain",
         "_frag",
@@ -110,6 +127,7 @@ class FastWebSocket(asyncio.Protocol):
         "sink",
         "state",
         "transport",
+        "unread",
         "wheel_bucket",
         "writable",
     )
@@ -146,7 +164,10 @@ class FastWebSocket(asyncio.Protocol):
         self.on_sink: Any = None  # a DirectWriter's resink, called when ``sink`` changes
         self._drain: asyncio.Future[None] | None = None
         self._inbox: list[Any] = []
-        self._frag: list[Any] | None = None  # [opcode, bytes] of a fragmented message
+        self._frag: list[Any] | None = None  # [opcode, [fragments]] of a fragmented message
+        self._backlog: bytes | None = None  # received, left for the next turn (floods)
+        #: bytes of control replies written since the client stopped reading (PAUSED)
+        self.unread = 0
         self._connect_sent = False  # the ASGI app got its "websocket.connect"
         self._waiter: asyncio.Future[None] | None = None
         self.close_timer: asyncio.TimerHandle | None = None
@@ -175,6 +196,7 @@ class FastWebSocket(asyncio.Protocol):
             self._to(PAUSED)
 
     def resume_writing(self) -> None:
+        self.unread = 0
         if self.state is PAUSED:
             self._to(OPEN)
         self._wake_writers()
@@ -182,9 +204,47 @@ class FastWebSocket(asyncio.Protocol):
             self.on_drain()
 
     def data_received(self, data: bytes) -> None:
+        if self._backlog is not None:  # a flood is being worked through: keep the order
+            self._backlog += data
+            self.transport.pause_reading()
+            return
+        if len(data) <= _SLICE:
+            self._parse(data)
+        else:
+            self._parse_slices(data)
+
+    def _parse_slices(self, data: bytes) -> None:
+        """Parse ``data`` a slice at a time; past :data:`_FRAMES_PER_TURN` frames, leave the
+        rest for the next event-loop turn (reading paused meanwhile)."""
+        frames = 0
+        size = len(data)
+        start = 0
+        while start < size:
+            frames += self._parse(data[start : start + _SLICE])
+            start += _SLICE
+            if self.state is CLOSED or self.transport.is_closing():
+                return
+            if frames >= _FRAMES_PER_TURN and start < size:
+                self._backlog = data[start:]
+                self.transport.pause_reading()
+                asyncio.get_running_loop().call_soon(self._next_turn)
+                return
+
+    def _next_turn(self) -> None:
+        data = self._backlog
+        self._backlog = None
+        if data is None or self.state is CLOSED:
+            return
+        if not self.read_paused:
+            self.transport.resume_reading()
+        self._parse_slices(data)
+
+    def _parse(self, data: bytes) -> int:
+        """Feed ``data`` to the frame parser and handle what it made; the number of events."""
         conn = self.conn
         conn.receive_data(data)
-        for event in conn.events_received():
+        events = conn.events_received()
+        for event in events:
             if isinstance(event, LibFrame):
                 self._frame(event)
             elif isinstance(event, Request):
@@ -194,7 +254,21 @@ class FastWebSocket(asyncio.Protocol):
         else:
             out = conn.data_to_send()  # pongs and close replies from websockets
             if out:
+                if self.state is PAUSED:  # the client does not read what we write
+                    self.unread += sum(map(len, out))
+                    if self.unread > _UNREAD_LIMIT:
+                        self._abort_unread()
+                        return len(events)
                 self.transport.write(b"".join(out))
+        return len(events)
+
+    def _abort_unread(self) -> None:
+        """A client that sends pings (or closes) but never reads the answers: abort."""
+        log.info("WebSocket client does not read its pongs: aborted as slow")
+        self.close_code = 1006
+        self._to(CLOSING)
+        self._push(_GONE)
+        self.transport.abort()
 
     def eof_received(self) -> bool | None:
         return None
@@ -264,22 +338,29 @@ class FastWebSocket(asyncio.Protocol):
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY or opcode is Opcode.CONT:
             # websockets hands over fragments as they come: reassemble them here
             if opcode is not Opcode.CONT:
-                self._frag = [opcode, bytes(frame.data)]
+                self._frag = [opcode, [frame.data]]
             elif self._frag is not None:
-                self._frag[1] += frame.data
+                parts = self._frag[1]
+                parts.append(frame.data)
+                if len(parts) > _MAX_FRAGMENTS:
+                    self._frag = None
+                    self.conn.fail(1008, "too many fragments")
+                    return  # data_received sees parser_exc unset: handled by _parser_failed
             if not frame.fin or self._frag is None:
                 return
-            kind, data = self._frag
+            kind, parts = self._frag
             self._frag = None
+            data = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
             if self._closing():
                 return  # past our close: read on only to see the client's close reply
+            message: str | bytes = data
             if kind is Opcode.TEXT:
                 try:
-                    data = data.decode()
+                    message = data.decode()
                 except UnicodeDecodeError:
                     self.conn.fail(1007, "invalid UTF-8")
                     return  # data_received sees parser_exc unset: handled by _parser_failed
-            self._push(data)
+            self._push(message)
             if not self.read_paused:  # one message at a time: the app applies backpressure
                 self.read_paused = True
                 self.transport.pause_reading()
