@@ -32,6 +32,7 @@ from .endpoints import admit, log_closed, log_connected, log_refused
 from .errors import (
     BAD_REQUEST,
     BadRequest,
+    CloseReason,
     Disconnect,
     MethodNotFound,
     NotAvailable,
@@ -56,7 +57,7 @@ log = logging.getLogger("tidings.connection")
 #: the endpoint's path, for log lines
 PATH = "/connection/websocket"
 
-NO_SEND_HANDLER = Disconnect(3508, "not available")
+NO_SEND_HANDLER = CloseReason(3508, "not available")
 
 #: a command's request object
 Request = dict[str, Any]
@@ -125,7 +126,7 @@ class Client:
         for command in wire.decode(frame):
             if command is None:  # a pong
                 if not self.creds.connected:
-                    raise BAD_REQUEST
+                    raise BAD_REQUEST()
                 session.pong()
                 continue
             if (command.method == "connect") == self.creds.connected:
@@ -278,7 +279,7 @@ class Client:
         """An asynchronous message: no reply; without a handler the connection closes (3508)."""
         handlers = self.hub.send_handlers
         if not handlers:
-            raise NO_SEND_HANDLER
+            raise NO_SEND_HANDLER()
         for handler in handlers:
             try:
                 await handler(self.session, request.get("data"))

@@ -19,7 +19,13 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from .auth import ANONYMOUS, Credentials, TokenVerifier
-from .errors import INVALID_TOKEN, Disconnect, PermissionDenied, TokenExpired, Unauthorized
+from .errors import (
+    INVALID_TOKEN,
+    CloseReason,
+    PermissionDenied,
+    TokenExpired,
+    Unauthorized,
+)
 from .protocol import centrifuge as wire
 from .session import Session
 
@@ -30,10 +36,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tidings.connection")
 
-EXPIRED = Disconnect(3005, "connection expired")
-SUB_EXPIRED = Disconnect(3006, "subscription expired")
-STALE = Disconnect(3502, "stale")
-TOKEN_REQUIRED = Disconnect(3501, "bad request: token required")
+EXPIRED = CloseReason(3005, "connection expired")
+SUB_EXPIRED = CloseReason(3006, "subscription expired")
+STALE = CloseReason(3502, "stale")
+TOKEN_REQUIRED = CloseReason(3501, "bad request: token required")
 
 
 class ConnectionCredentials:
@@ -85,7 +91,7 @@ class ConnectionCredentials:
         except Unauthorized as exc:
             # the refusal's own line (3500 invalid token) follows; this says why, when debugging
             log.debug("invalid token from %s: %s", self.session.client_id, exc.message)
-            raise INVALID_TOKEN from None
+            raise INVALID_TOKEN() from None
 
     # -- the connection token --------------------------------------------------------------------
 
@@ -98,7 +104,7 @@ class ConnectionCredentials:
         elif self.settings.anonymous_allowed:
             who = ANONYMOUS
         else:
-            raise TOKEN_REQUIRED
+            raise TOKEN_REQUIRED()
         self.who = who
         self.connected = True
         if who.user:
@@ -111,10 +117,10 @@ class ConnectionCredentials:
         """The ``refresh`` command: a new connection token for the same user (else 3500)."""
         token = request.get("token")
         if not token:
-            raise TOKEN_REQUIRED
+            raise TOKEN_REQUIRED()
         who = await self.verify(self.tokens.aconnection(str(token)))
         if who.user != self.who.user:
-            raise INVALID_TOKEN
+            raise INVALID_TOKEN()
         self.who = who
         ttl = self.set_expiry(who.expires)
         return wire.compact(
@@ -130,7 +136,7 @@ class ConnectionCredentials:
         """A server-side refresh (control message): close now (3005), or expire at
         ``expire_at`` (Unix time, seconds; None: never) and tell the client (a refresh push)."""
         if expired:
-            self.session.close(EXPIRED)
+            self.session.close(EXPIRED())
             return
         ttl = self.set_expiry(float(expire_at) if expire_at is not None else None)
         self.session.enqueue(
@@ -154,7 +160,7 @@ class ConnectionCredentials:
             raise PermissionDenied("not subscribed")
         token = request.get("token")
         if not token:
-            raise TOKEN_REQUIRED
+            raise TOKEN_REQUIRED()
         claims = await self.subscription_claims(str(token), name)
         ttl = self.sub_expiry(sub, claims.get("exp"))
         return wire.compact({"expires": ttl is not None, "ttl": ttl})
@@ -198,15 +204,15 @@ class ConnectionCredentials:
         """The hub's wheel: ``connect`` never came, or a token (or several) expired."""
         session = self.session
         if not self.connected:
-            session.close(STALE)
+            session.close(STALE())
             return
         due = self._due  # what the wheel was scheduled for: every deadline up to it passed
         if self._closes_at is not None and self._closes_at <= due:
-            session.close(EXPIRED)
+            session.close(EXPIRED())
             return
         for sub in self.subs.values():
             if sub.closes_at is not None and sub.closes_at <= due:
-                session.close(SUB_EXPIRED)
+                session.close(SUB_EXPIRED())
                 return
         self.rearm()  # what was due is gone (unsubscribed): on to the next deadline
 

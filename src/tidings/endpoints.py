@@ -13,7 +13,7 @@ from .auth import ANONYMOUS, Credentials, can_subscribe
 from .brokers.base import ClientInfo
 from .control import ControlMessage, UnsubscribeUser
 from .delivery import takes_frames
-from .errors import UNAVAILABLE, BadRequest, Disconnect, TidingsError, Unavailable
+from .errors import UNAVAILABLE, BadRequest, CloseReason, Disconnect, TidingsError, Unavailable
 from .frames import Frame
 from .protocol.raw import RawText, raw_format
 from .session import Session
@@ -28,7 +28,7 @@ log = logging.getLogger("tidings.endpoints")
 POLICY = 1008
 UNSUPPORTED = 1003
 #: policy close: the server unsubscribed this user (clients should not simply resubscribe)
-UNSUBSCRIBED = Disconnect(POLICY, "unsubscribed by the server")
+UNSUBSCRIBED = CloseReason(POLICY, "unsubscribed by the server")
 
 
 def close_reason(message: str) -> str:
@@ -97,7 +97,9 @@ async def admit(session: Session) -> bool:
     try:
         session.hub.connect(session)
     except Disconnect as reason:
-        log.warning("refusing a connection: %s", reason)
+        # the code and reason, not the exception: a handler that keeps records would keep its
+        # traceback, and through it the refused session
+        log.warning("refusing a connection: %d %s", reason.code, reason.reason)
         await session.transport.close(reason.code, reason.reason)
         return False
     return True
@@ -139,7 +141,7 @@ class RawEndpoint:
             return
         for session in self.tidings.hub.local_sessions(message.user, message.client):
             if isinstance(session.format, RawText) and message.channel in session.channels:
-                session.close(UNSUBSCRIBED)
+                session.close(UNSUBSCRIBED())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # set up in a helper: this frame stays suspended for the connection's life, keep it small

@@ -141,7 +141,7 @@ class Hub:
     async def stop(self) -> None:
         """Close every session (3001 shutdown), then the broker."""
         for session in list(self.sessions):
-            session.close(SHUTDOWN)
+            session.close(SHUTDOWN())
         if self.sessions:
             await asyncio.sleep(0)
         if self.started:
@@ -174,7 +174,7 @@ class Hub:
         """Count a new connection in; Disconnect(1013) past ``max_connections``."""
         if len(self.sessions) >= self.settings.max_connections:
             self.metrics.rejected_connections += 1
-            raise TOO_MANY
+            raise TOO_MANY()
         self.sessions.add(session)
         self.metrics.connections_total += 1
 

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from ..brokers.base import ClientInfo, JoinLeave, Publication
-from ..errors import BAD_REQUEST, BadRequest, Disconnect, TidingsError
+from ..errors import BAD_REQUEST, BadRequest, CloseReason, Disconnect, TidingsError
 from ..frames import Frame, payload, text_frame
 
 PING = "{}"
@@ -49,7 +49,7 @@ METHODS = (
     "sub_refresh",
 )
 
-UNSUPPORTED_BINARY = Disconnect(3501, "bad request: binary frame on a JSON connection")
+UNSUPPORTED_BINARY = CloseReason(3501, "bad request: binary frame on a JSON connection")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +68,7 @@ def decode(frame: Frame) -> list[Command | None]:
     a binary frame, bad JSON, a non-object, no known method, or no id on a method that has a
     reply."""
     if isinstance(frame, bytes):
-        raise UNSUPPORTED_BINARY
+        raise UNSUPPORTED_BINARY()
     out: list[Command | None] = []
     for line in frame.split("\n"):
         if not line.strip():
@@ -89,7 +89,7 @@ def decode(frame: Frame) -> list[Command | None]:
 def _command(obj: dict[str, Any]) -> Command:
     cid = obj.get("id", 0)
     if not isinstance(cid, int) or cid < 0:
-        raise BAD_REQUEST
+        raise BAD_REQUEST()
     for method in METHODS:
         request = obj.get(method)
         if request is not None:

