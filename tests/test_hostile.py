@@ -11,6 +11,7 @@ import gc
 import importlib
 import pkgutil
 
+import httpx
 import pytest
 import websockets
 
@@ -94,3 +95,28 @@ async def test_send_without_a_handler_leaves_no_session_alive(serve: Serve) -> N
             break
         await asyncio.sleep(0.05)
     assert live(Session) <= before
+
+
+async def test_long_targets_are_refused_and_queries_never_remembered(serve: Serve) -> None:
+    """`tidings serve`'s own HTTP path: routes are remembered by path alone, and a target over
+    MAX_TARGET is answered 414 before anything routes it."""
+    from tidings.serve.http import MAX_TARGET, _front
+
+    srv = await serve(api_key="key", fast=True)
+    front = _front(srv.server.config.loaded_app)
+    assert front is not None
+    async with httpx.AsyncClient() as http:
+        for i in range(50):  # unique queries, each under the bound: answered 401, not kept
+            r = await http.post(f"{srv.url}/api/publish?{i}={'q' * 8000}", json={})
+            assert r.status_code == 401
+        r = await http.post(f"{srv.url}/api/publish?{'q' * MAX_TARGET}", json={})
+        assert r.status_code == 414
+        r = await http.get(f"{srv.url}/ws/news?token={'q' * MAX_TARGET}")
+        assert r.status_code == 414
+        # unique long paths are routed, not remembered
+        for i in range(50):
+            r = await http.post(f"{srv.url}/api/{i}{'p' * 1000}", json={})
+            assert r.status_code in (401, 404)
+        r = await http.post(f"{srv.url}/api/publish", json={"channel": "c", "data": 1})
+        assert r.status_code == 401
+    assert set(front._targets) == {b"/api/publish"}
