@@ -7,8 +7,10 @@ protocols with ``TIDINGS_TEST_FAST=1``) unless it names one."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import importlib
+import logging
 import pkgutil
 
 import httpx
@@ -17,6 +19,7 @@ import websockets
 
 import tidings
 from tidings.connection import Client
+from tidings.protocol.depth import MAX_DEPTH, too_deep
 from tidings.session import Session
 
 from .conftest import Serve
@@ -120,3 +123,46 @@ async def test_long_targets_are_refused_and_queries_never_remembered(serve: Serv
         r = await http.post(f"{srv.url}/api/publish", json={"channel": "c", "data": 1})
         assert r.status_code == 401
     assert set(front._targets) == {b"/api/publish"}
+
+
+def test_depth_counts_brackets_outside_strings_only() -> None:
+    assert not too_deep(b'{"a":"' + b"[" * 1000 + b'"}')
+    assert not too_deep(b'{"a":"\\"' + b"[" * 1000 + b'"}')  # an escaped quote inside
+    assert not too_deep(b"[" * 10 + b"]" * 10 + b"[" * 200, limit=300)
+    assert too_deep(b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1))
+    assert not too_deep(b"[" * MAX_DEPTH + b"]" * MAX_DEPTH)
+    assert not too_deep(b"[[]]" * 1000)  # many brackets, shallow
+
+
+def deep(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+async def test_deep_json_is_a_client_error_on_the_api(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    srv = await serve()
+    async with httpx.AsyncClient() as http, websockets.connect(f"{srv.ws}/ws/c") as ws:
+        body = '{"channel":"c","data":' + deep(300) + "}"
+        for path in ("/api/publish", "/api"):
+            r = await http.post(f"{srv.url}{path}", content=body)
+            assert r.json()["error"]["code"] == 107, r.text
+        r = await http.post(f"{srv.url}/api/batch", content='{"commands":[' + deep(300) + "]}")
+        assert r.json()["error"]["code"] == 107, r.text
+        b64 = base64.b64encode(deep(300).encode()).decode()
+        r = await http.post(f"{srv.url}/api/publish", json={"channel": "c", "b64data": b64})
+        assert r.json()["error"]["code"] == 107, r.text
+        ok = deep(100)  # within the limit: published and delivered as sent
+        r = await http.post(f"{srv.url}/api/publish", content='{"channel":"c","data":' + ok + "}")
+        assert "error" not in r.json(), r.text
+        assert await asyncio.wait_for(ws.recv(), 10) == ok
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_deep_json_from_a_client_is_a_documented_close(serve: Serve) -> None:
+    srv = await serve()
+    url = f"{srv.ws}/connection/websocket"
+    code, reason = await refuse(
+        url, '{"id":1,"connect":{}}', '{"id":2,"publish":{"channel":"c","data":' + deep(300) + "}}"
+    )
+    assert code == 3501 and "nested" in reason

@@ -22,6 +22,7 @@ import orjson
 
 from .auth import check_api_key
 from .errors import BadRequest, MethodNotFound, TidingsError, Unauthorized
+from .protocol.depth import MAX_DEPTH, too_deep
 from .server_api import Malformed, ServerApi
 
 if TYPE_CHECKING:
@@ -52,7 +53,10 @@ def too_big(limit: int) -> BadRequest:
 
 
 def parse_object(raw: bytes, what: str = "body") -> dict[str, Any]:
-    """``raw`` as a JSON object; BadRequest saying what is wrong with ``what``."""
+    """``raw`` as a JSON object; BadRequest saying what is wrong with ``what`` (also when it
+    nests deeper than :data:`~tidings.protocol.depth.MAX_DEPTH`)."""
+    if too_deep(raw):
+        raise BadRequest(f"{what} is nested more than {MAX_DEPTH} levels deep")
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

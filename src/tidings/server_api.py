@@ -39,6 +39,7 @@ from .config import Settings
 from .errors import BadRequest, MethodNotFound, NotAvailable, TidingsError, UnrecoverablePosition
 from .hub import Hub
 from .nodes import as_results
+from .protocol.depth import MAX_DEPTH, too_deep
 
 log = logging.getLogger("tidings.api")
 
@@ -304,6 +305,8 @@ class ServerApi:
         if req.b64data:
             try:
                 raw = base64.b64decode(req.b64data, validate=True)
+                if too_deep(raw):
+                    raise BadRequest(f"b64data is nested more than {MAX_DEPTH} levels deep")
                 return orjson.dumps(orjson.loads(raw))
             except (binascii.Error, orjson.JSONDecodeError):
                 raise BadRequest("b64data must be base64 of a JSON document") from None

@@ -24,6 +24,7 @@ import orjson
 from ..brokers.base import ClientInfo, JoinLeave, Publication
 from ..errors import BAD_REQUEST, BadRequest, CloseReason, Disconnect, TidingsError
 from ..frames import Frame, payload, text_frame
+from .depth import MAX_DEPTH, too_deep
 
 PING = "{}"
 
@@ -69,6 +70,8 @@ def decode(frame: Frame) -> list[Command | None]:
     reply."""
     if isinstance(frame, bytes):
         raise UNSUPPORTED_BINARY()
+    if too_deep(frame):
+        raise Disconnect(3501, f"bad request: JSON nested more than {MAX_DEPTH} levels deep")
     out: list[Command | None] = []
     for line in frame.split("\n"):
         if not line.strip():
