@@ -10,8 +10,10 @@ import asyncio
 import base64
 import gc
 import importlib
+import json
 import logging
 import pkgutil
+from typing import Any
 
 import httpx
 import pytest
@@ -23,6 +25,9 @@ from tidings.protocol.depth import MAX_DEPTH, too_deep
 from tidings.session import Session
 
 from .conftest import Serve
+from .engines import ENGINES, namespace
+
+MAX_SAFE = 2**53 - 1  # the largest integer every JSON client reads exactly
 
 SECRET = "hostile-secret-that-is-long-enough-for-hs256"
 
@@ -166,3 +171,59 @@ async def test_deep_json_from_a_client_is_a_documented_close(serve: Serve) -> No
         url, '{"id":1,"connect":{}}', '{"id":2,"publish":{"channel":"c","data":' + deep(300) + "}}"
     )
     assert code == 3501 and "nested" in reason
+
+
+@pytest.mark.parametrize("engine", ["memory", "redis"])
+async def test_huge_numbers_are_answered_or_refused_with_107(serve: Serve, engine: str) -> None:
+    async with namespace(ENGINES[engine]) as broker_url:
+        srv = await serve(
+            broker_url=broker_url, namespaces={"chat": {"history_size": 10, "history_ttl": 60}}
+        )
+        async with httpx.AsyncClient() as http:
+
+            async def api(method: str, params: object) -> dict[str, Any]:
+                r = await http.post(f"{srv.url}/api/{method}", json=params)
+                reply: dict[str, Any] = r.json()
+                return reply
+
+            assert "error" not in await api("publish", {"channel": "chat:n", "data": 1})
+            for offset, limit in [(10**15, -1), (MAX_SAFE, MAX_SAFE), (1, 10**15)]:
+                reply = await api(
+                    "history", {"channel": "chat:n", "limit": limit, "since": {"offset": offset}}
+                )
+                assert "error" not in reply, (offset, limit, reply)
+                assert reply["result"]["offset"] == 1
+            for offset, limit in [(MAX_SAFE + 1, -1), (2**64, 1), (1, 2**64), (1, -(2**64))]:
+                reply = await api(
+                    "history", {"channel": "chat:n", "limit": limit, "since": {"offset": offset}}
+                )
+                assert reply["error"]["code"] == 107, (offset, limit, reply)
+
+        async with websockets.connect(f"{srv.ws}/connection/websocket") as ws:
+
+            async def command(cmd: dict[str, Any]) -> dict[str, Any]:
+                await ws.send(json.dumps(cmd))
+                reply: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                return reply
+
+            await command({"id": 1, "connect": {}})
+            sub = {"channel": "chat:n", "recoverable": True, "recover": True, "epoch": "x"}
+            reply = await command({"id": 2, "subscribe": {**sub, "offset": 10**15}})
+            # told it did not recover (false is left out of replies, as Centrifugo does)
+            assert reply["subscribe"]["was_recovering"] is True, reply
+            assert not reply["subscribe"].get("recovered"), reply
+            reply = await command(
+                {"id": 3, "subscribe": {**sub, "channel": "chat:m", "offset": 2**63}}
+            )
+            assert reply["error"]["code"] == 107, reply
+            reply = await command({"id": 4, "history": {"channel": "chat:n", "limit": 2**63}})
+            assert reply["error"]["code"] == 107, reply
+            reply = await command(
+                {"id": 5, "history": {"channel": "chat:n", "limit": 1, "since": {"offset": 10**15}}}
+            )
+            # another epoch ("" given): 112, as Centrifugo answers; never 100
+            assert reply["error"]["code"] == 112, reply
+            await ws.send(json.dumps({"id": 2**40, "presence": {"channel": "chat:n"}}))
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 3501

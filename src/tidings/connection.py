@@ -219,10 +219,7 @@ class Client:
             raise PermissionDenied("history is not allowed in this channel")
         if ch.options.history_size <= 0:
             raise NotAvailable("this channel keeps no history")
-        limit_value = request.get("limit", 0)
-        if not isinstance(limit_value, int):
-            raise BadRequest("limit must be an integer")
-        limit = None if limit_value < 0 else limit_value
+        limit = wire.limit(request.get("limit"))
         since = None
         given = request.get("since")
         if isinstance(given, dict):

@@ -39,6 +39,7 @@ from .config import Settings
 from .errors import BadRequest, MethodNotFound, NotAvailable, TidingsError, UnrecoverablePosition
 from .hub import Hub
 from .nodes import as_results
+from .protocol.centrifuge import MAX_INTEGER
 from .protocol.depth import MAX_DEPTH, too_deep
 
 log = logging.getLogger("tidings.api")
@@ -59,7 +60,7 @@ class _Request(BaseModel):
 
 
 class _Position(_Request):
-    offset: int = Field(0, ge=0)
+    offset: int = Field(0, ge=0, le=MAX_INTEGER)
     epoch: str = ""
 
 
@@ -85,7 +86,7 @@ class _ChannelOnly(_Request):
 
 class _History(_Request):
     channel: str = ""
-    limit: int = 0
+    limit: int = Field(0, ge=-MAX_INTEGER, le=MAX_INTEGER)
     since: _Position | None = None
     reverse: bool = False
 
@@ -111,7 +112,7 @@ class _Refresh(_Request):
     user: str = ""
     client: str = ""
     expired: bool = False
-    expire_at: int = 0
+    expire_at: int = Field(0, ge=0, le=MAX_INTEGER)
 
 
 class _Channels(_Request):

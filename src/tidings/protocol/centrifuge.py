@@ -50,6 +50,13 @@ METHODS = (
     "sub_refresh",
 )
 
+#: largest command id: Centrifugo's protocol declares it uint32
+MAX_ID = 2**32 - 1
+#: largest offset or limit a client or API caller may give: 2**53 - 1, the largest integer
+#: every JSON reader (JavaScript's Number.MAX_SAFE_INTEGER, Lua's doubles in Redis scripts)
+#: holds exactly; stream offsets of a real channel stay far below it
+MAX_INTEGER = 2**53 - 1
+
 UNSUPPORTED_BINARY = CloseReason(3501, "bad request: binary frame on a JSON connection")
 
 
@@ -91,7 +98,7 @@ def decode(frame: Frame) -> list[Command | None]:
 
 def _command(obj: dict[str, Any]) -> Command:
     cid = obj.get("id", 0)
-    if not isinstance(cid, int) or cid < 0:
+    if not isinstance(cid, int) or isinstance(cid, bool) or not 0 <= cid <= MAX_ID:
         raise BAD_REQUEST()
     for method in METHODS:
         request = obj.get(method)
@@ -116,12 +123,24 @@ def channel_name(request: dict[str, Any]) -> str:
 
 
 def non_negative(value: Any, name: str) -> int:
-    """An optional non-negative integer field (missing: 0); BadRequest (107) otherwise."""
+    """An optional integer field in 0..:data:`MAX_INTEGER` (missing: 0); BadRequest (107)
+    otherwise."""
     if value is None:
         return 0
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise BadRequest(f"{name} must be a non-negative integer")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_INTEGER:
+        raise BadRequest(f"{name} must be a non-negative integer, at most {MAX_INTEGER}")
     return value
+
+
+def limit(value: Any, name: str = "limit") -> int | None:
+    """An optional history limit, as Centrifugo reads it: missing or 0 for none (only the
+    position), negative for all (None), else at most that many; an integer within
+    ±:data:`MAX_INTEGER`, BadRequest (107) otherwise."""
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or abs(value) > MAX_INTEGER:
+        raise BadRequest(f"{name} must be an integer from -{MAX_INTEGER} to {MAX_INTEGER}")
+    return None if value < 0 else value
 
 
 # -- outgoing ------------------------------------------------------------------------------------
