@@ -227,3 +227,97 @@ async def test_huge_numbers_are_answered_or_refused_with_107(serve: Serve, engin
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.recv(), 10)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 3501
+
+
+async def handshake(port: int, path: str, origin: str | None, host: str | None = None) -> int:
+    """The HTTP status of a WebSocket handshake from ``origin`` (101: accepted)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        lines = [
+            f"GET {path} HTTP/1.1",
+            f"Host: {host or f'127.0.0.1:{port}'}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version: 13",
+        ]
+        if origin is not None:
+            lines.append(f"Origin: {origin}")
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        return int(head.split(b" ", 2)[1])
+    finally:
+        writer.close()
+
+
+WS_PATHS = ("/connection/websocket", "/ws/news?token=x")
+
+
+async def test_cross_site_websockets_are_refused_in_production(serve: Serve) -> None:
+    srv = await serve(token_hmac_secret=SECRET, api_key="key", allow_anonymous=True)
+    here = f"http://127.0.0.1:{srv.port}"
+    for path in WS_PATHS:
+        assert await handshake(srv.port, path, "https://evil.example") == 403
+        assert await handshake(srv.port, path, "null") == 403
+        assert await handshake(srv.port, path, here) == 101  # same origin
+        assert await handshake(srv.port, path, None) == 101  # not a browser
+        # same host by name and default port
+        assert await handshake(srv.port, path, "https://chat.example", "chat.example") == 101
+        assert await handshake(srv.port, path, "https://chat.example", "chat.example:443") == 101
+        assert await handshake(srv.port, path, "http://chat.example", "chat.example:8080") == 403
+
+
+async def test_allowed_origins_are_glob_patterns_in_every_mode(serve: Serve) -> None:
+    srv = await serve(allowed_origins=["https://*.example.com", "http://localhost:3000"])
+    assert srv.tidings.settings.dev_mode
+    for path in WS_PATHS:
+        assert await handshake(srv.port, path, "https://app.example.com") == 101
+        assert await handshake(srv.port, path, "HTTPS://App.Example.com") == 101
+        assert await handshake(srv.port, path, "http://localhost:3000") == 101
+        assert await handshake(srv.port, path, "https://example.com.evil.example") == 403
+        assert await handshake(srv.port, path, f"http://127.0.0.1:{srv.port}") == 403
+        assert await handshake(srv.port, path, None) == 101
+
+
+async def test_dev_mode_accepts_any_origin_without_allowed_origins(serve: Serve) -> None:
+    srv = await serve()
+    for path in WS_PATHS:
+        assert await handshake(srv.port, path, "https://evil.example") == 101
+
+
+def test_allowed_origins_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tidings import Settings
+
+    monkeypatch.setenv("TIDINGS_ALLOWED_ORIGINS", '["https://*.example.com"]')
+    assert Settings().allowed_origins == ["https://*.example.com"]
+
+
+async def test_cross_site_posts_need_a_preflight(serve: Serve) -> None:
+    srv = await serve()  # dev mode: the API is open, but not to other sites' pages
+    evil = {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}
+    async with httpx.AsyncClient() as http, websockets.connect(f"{srv.ws}/ws/c") as ws:
+        for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
+            r = await http.post(
+                f"{srv.url}/api/publish",
+                content='{"channel":"c","data":"pwned"}',
+                headers={**evil, "Content-Type": kind},
+            )
+            assert r.status_code == 403, (kind, r.text)
+            r = await http.post(
+                f"{srv.url}/publish/c", content="pwned", headers={**evil, "Content-Type": kind}
+            )
+            assert r.status_code == 403, (kind, r.text)
+        no_origin = {"Sec-Fetch-Site": "cross-site", "Content-Type": "text/plain"}
+        r = await http.post(f"{srv.url}/publish/c", content="pwned", headers=no_origin)
+        assert r.status_code == 403
+        # what a preflight would have approved, a same-origin page, and non-browsers: published
+        r = await http.post(
+            f"{srv.url}/api/publish", json={"channel": "c", "data": 1}, headers=evil
+        )
+        assert r.status_code == 200, r.text
+        same = {"Origin": srv.url, "Sec-Fetch-Site": "same-origin", "Content-Type": "text/plain"}
+        r = await http.post(f"{srv.url}/publish/c", content="2", headers=same)
+        assert r.status_code == 200, r.text
+        r = await http.post(f"{srv.url}/publish/c", content="3")
+        assert r.status_code == 200, r.text
+        assert [await asyncio.wait_for(ws.recv(), 10) for _ in range(3)] == ["1", "2", "3"]

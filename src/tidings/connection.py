@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from .auth import scope_origin_allowed
 from .brokers.base import ClientInfo, StreamPosition
 from .channels import Channel
 from .control import ControlMessage, RefreshUser, SubscribeUser, UnsubscribeUser
 from .credentials import ConnectionCredentials
 from .delivery import takes_frames
-from .endpoints import admit, log_closed, log_connected, log_refused
+from .endpoints import admit, log_closed, log_connected, log_refused, refuse_origin
 from .errors import (
     BAD_REQUEST,
     BadRequest,
@@ -367,6 +368,9 @@ class CentrifugeEndpoint:
 
     async def _open(self, scope: Scope, receive: Receive, send: Send) -> Session | None:
         hub, settings = self.tidings.hub, self.tidings.settings
+        if not scope_origin_allowed(settings, scope):
+            await refuse_origin(PATH, receive, send)
+            return None
         transport = open_transport(scope, receive, send, settings.max_message_size)
         await transport.accept()
         # Pings start once the client has connected: before that any frame, a pong too, is a

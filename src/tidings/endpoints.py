@@ -9,7 +9,7 @@ from urllib.parse import parse_qs
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from .auth import ANONYMOUS, Credentials, can_subscribe
+from .auth import ANONYMOUS, Credentials, can_subscribe, scope_origin_allowed
 from .brokers.base import ClientInfo
 from .control import ControlMessage, UnsubscribeUser
 from .delivery import takes_frames
@@ -92,6 +92,14 @@ def log_closed(path: str, session: Session, logger: logging.Logger = log) -> Non
     )
 
 
+async def refuse_origin(path: str, receive: Receive, send: Send) -> None:
+    """Refuse a WebSocket handshake from a browser origin :func:`~.auth.origin_allowed` does
+    not allow: closing before accepting is HTTP 403, on uvicorn and on `tidings serve`."""
+    log_refused(path, 403, "origin not allowed")
+    await receive()  # websocket.connect
+    await send({"type": "websocket.close", "code": POLICY, "reason": ""})
+
+
 async def admit(session: Session) -> bool:
     """Count a new session in; past ``max_connections`` close it (1013) and return False."""
     try:
@@ -158,6 +166,9 @@ class RawEndpoint:
     ) -> tuple[Session, _ClientPublish] | None:
         tidings = self.tidings
         hub, settings = tidings.hub, tidings.settings
+        if not scope_origin_allowed(settings, scope):
+            await refuse_origin(scope["path"], receive, send)
+            return None
         transport = open_transport(scope, receive, send, settings.max_message_size)
         wire = raw_format(takes_frames(transport))
         session = Session(hub, transport, wire)
