@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gc
 import importlib
 import json
 import logging
 import pkgutil
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 import websockets
 
@@ -321,3 +324,74 @@ async def test_cross_site_posts_need_a_preflight(serve: Serve) -> None:
         r = await http.post(f"{srv.url}/publish/c", content="3")
         assert r.status_code == 200, r.text
         assert [await asyncio.wait_for(ws.recv(), 10) for _ in range(3)] == ["1", "2", "3"]
+
+
+class Everything(logging.Handler):
+    """Every record any logger emits, formatted as a handler would write it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # the test's own clients are not the server
+        if not record.name.startswith(("websockets.client", "httpx", "httpcore")):
+            self.lines.append(self.format(record))
+
+
+@contextlib.contextmanager
+def every_log_line() -> Iterator[Everything]:
+    """Capture every record at DEBUG from the root logger and from the loggers uvicorn's
+    logging config keeps to themselves (propagate=False), as a user's handlers would."""
+    handler = Everything()
+    names = ["", "uvicorn", "uvicorn.access", "uvicorn.error", "websockets"]
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [(lg.level, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.DEBUG)
+    for name in ("uvicorn.access", "uvicorn.error", "websockets"):
+        logging.getLogger(name).propagate = False  # one copy each, through ``handler``
+    try:
+        yield handler
+    finally:
+        for lg, (level, propagate) in zip(loggers, saved, strict=True):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+            lg.propagate = propagate
+
+
+async def test_tokens_are_never_logged(serve: Serve) -> None:
+    srv = await serve(
+        token_hmac_secret=SECRET,
+        api_key="key",
+        uvicorn_options={"log_level": "debug", "access_log": True},
+    )
+    token = jwt.encode({"sub": "alice", "pad": "p" * 400}, SECRET, algorithm="HS256")
+    bad = token[:-8] + "AAAAAAAA"  # a bad signature: refused, with its reason logged
+    secret_parts = {token.split(".")[1][-40:], token.split(".")[2], bad.split(".")[2]}
+    with every_log_line() as logged:
+        headers = {"Authorization": f"Bearer {token}", "Cookie": f"session={token[-30:]}"}
+        async with websockets.connect(
+            f"{srv.ws}/ws/news?token={token}", additional_headers=headers
+        ) as ws:
+            async with httpx.AsyncClient() as http:
+                r = await http.post(
+                    f"{srv.url}/api/publish?token={token}",
+                    json={"channel": "news", "data": "hi"},
+                    headers={"X-API-Key": "key"},
+                )
+                assert r.status_code == 200
+            assert await asyncio.wait_for(ws.recv(), 10) == "hi"
+        url = f"{srv.ws}/connection/websocket"
+        async with websockets.connect(url) as ws:
+            await ws.send(json.dumps({"id": 1, "connect": {"token": token}}))
+            assert "connect" in json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert (await refuse(url, json.dumps({"id": 1, "connect": {"token": bad}})))[0] == 3500
+        assert (await refuse(f"{srv.ws}/ws/news?token={bad}"))[0] == 1008
+    text = "\n".join(logged.lines)
+    assert "refused" in text  # the capture works: tidings' own lines are in it
+    leaked = [part for part in secret_parts if part in text]
+    assert leaked == [], text
+    assert "token=" not in text.replace("token=***", ""), text
