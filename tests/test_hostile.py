@@ -13,8 +13,9 @@ import gc
 import importlib
 import json
 import logging
+import os
 import pkgutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -27,8 +28,9 @@ from tidings.connection import Client
 from tidings.protocol.depth import MAX_DEPTH, too_deep
 from tidings.session import Session
 
-from .conftest import Serve
+from .conftest import Running, Serve
 from .engines import ENGINES, namespace
+from .wsraw import RawWs
 
 MAX_SAFE = 2**53 - 1  # the largest integer every JSON client reads exactly
 
@@ -395,3 +397,66 @@ async def test_tokens_are_never_logged(serve: Serve) -> None:
     leaked = [part for part in secret_parts if part in text]
     assert leaked == [], text
     assert "token=" not in text.replace("token=***", ""), text
+
+
+def server_sockets(port: int) -> int:
+    """Connected TCP sockets of this process whose local port is ``port``: the server's side
+    of its clients' connections (the servers under test run in this process)."""
+    ours = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                ours.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if int(local.rsplit(":", 1)[1], 16) == port and state != "0A" and inode in ours:
+                    count += 1
+    return count
+
+
+async def until(predicate: Callable[[], bool], what: str, seconds: float = 30.0) -> None:
+    """Wait for a condition (a deadline, not a measurement)."""
+    async with asyncio.timeout(seconds):
+        while not predicate():
+            await asyncio.sleep(0.05)
+    assert predicate(), what
+
+
+async def stalled_reader(srv: Running, channel: str) -> RawWs:
+    """A raw client with a 4 KB receive buffer that stops reading while 3 MB are published
+    to it: the server's side holds data it can never write."""
+    stalled = await RawWs.connect(srv.port, f"/ws/{channel}", rcvbuf=4096)
+    await until(lambda: srv.hub.subscribers(channel) == 1, "subscribed")
+    async with httpx.AsyncClient() as http:
+        body = "x" * 10_000
+        for _ in range(300):
+            r = await http.post(f"{srv.url}/api/publish", json={"channel": channel, "data": body})
+            assert r.status_code == 200
+    return stalled
+
+
+@pytest.mark.parametrize("how", ["pong timeout", "protocol error", "slow"])
+async def test_a_stalled_socket_is_aborted_and_counted_until_gone(serve: Serve, how: str) -> None:
+    srv = await serve(
+        max_connections=2,
+        ping_interval=0.5 if how == "pong timeout" else 3600,
+        pong_timeout=0.5,
+        close_timeout=0.5,
+        outbox_limit=64 * 1024 if how == "slow" else 64 * 1024 * 1024,
+    )
+    stalled = await stalled_reader(srv, "z")
+    try:
+        if how == "protocol error":
+            stalled.writer.write(b"\x81\x02hi")  # an unmasked client frame: 1002
+        await until(lambda: server_sockets(srv.port) == 0, "the server's socket to be closed")
+        await until(lambda: not srv.hub.sessions, "the session to be forgotten")
+    finally:
+        stalled.close()
+    # the limit counts connections that are really there: two fit again
+    async with websockets.connect(f"{srv.ws}/ws/a"), websockets.connect(f"{srv.ws}/ws/a"):
+        assert (await refuse(f"{srv.ws}/ws/a"))[0] == 1013

@@ -371,7 +371,9 @@ class CentrifugeEndpoint:
         if not scope_origin_allowed(settings, scope):
             await refuse_origin(PATH, receive, send)
             return None
-        transport = open_transport(scope, receive, send, settings.max_message_size)
+        transport = open_transport(
+            scope, receive, send, settings.max_message_size, settings.close_timeout
+        )
         await transport.accept()
         # Pings start once the client has connected: before that any frame, a pong too, is a
         # protocol error (3501), so a ping would only provoke one.

@@ -169,7 +169,9 @@ class RawEndpoint:
         if not scope_origin_allowed(settings, scope):
             await refuse_origin(scope["path"], receive, send)
             return None
-        transport = open_transport(scope, receive, send, settings.max_message_size)
+        transport = open_transport(
+            scope, receive, send, settings.max_message_size, settings.close_timeout
+        )
         wire = raw_format(takes_frames(transport))
         session = Session(hub, transport, wire)
         # Subscribe *before* accepting: once the client sees the connection open, every
