@@ -460,3 +460,23 @@ async def test_a_stalled_socket_is_aborted_and_counted_until_gone(serve: Serve, 
     # the limit counts connections that are really there: two fit again
     async with websockets.connect(f"{srv.ws}/ws/a"), websockets.connect(f"{srv.ws}/ws/a"):
         assert (await refuse(f"{srv.ws}/ws/a"))[0] == 1013
+
+
+async def test_a_closing_socket_counts_until_it_is_gone(serve: Serve) -> None:
+    """`tidings serve`: a connection whose close is under way (a protocol error, buffered
+    data the peer does not read) still counts under max_connections until its socket goes."""
+    srv = await serve(
+        fast=True, max_connections=1, close_timeout=600, ping_interval=3600, outbox_limit=2**26
+    )
+    stalled = await stalled_reader(srv, "z")
+    stalled.writer.write(b"\x81\x02hi")  # an unmasked client frame: 1002
+    await until(lambda: not srv.hub.sessions, "the session to be forgotten")
+    assert server_sockets(srv.port) == 1 and srv.hub.lingering == 1
+    assert (await refuse(f"{srv.ws}/ws/a"))[0] == 1013
+    stalled.close()  # the peer goes: its socket with it
+    await until(lambda: server_sockets(srv.port) == 0, "the socket to be gone")
+    await until(lambda: srv.hub.lingering == 0, "the hub to stop counting it")
+    async with websockets.connect(f"{srv.ws}/ws/a") as ws:
+        async with httpx.AsyncClient() as http:
+            await http.post(f"{srv.url}/api/publish", json={"channel": "a", "data": "in"})
+        assert await asyncio.wait_for(ws.recv(), 10) == "in"

@@ -118,6 +118,9 @@ class Hub:
         self.wheel: Wheel[Member] = Wheel(wheel_resolution(self.settings))
         self.metrics = Metrics()
         self.sessions: set[Session] = set()
+        #: forgotten sessions whose socket the server still holds (a close under way, at most
+        #: ``close_timeout``): they count under ``max_connections`` until it is gone
+        self.lingering = 0
         self.users: dict[str, set[Session]] = {}
         self._local: dict[str, _Local] = {}
         self._kept: dict[int, tuple[object, HistoryOptions]] = {}
@@ -171,12 +174,24 @@ class Hub:
         return kept[1]
 
     def connect(self, session: Session) -> None:
-        """Count a new connection in; Disconnect(1013) past ``max_connections``."""
-        if len(self.sessions) >= self.settings.max_connections:
+        """Count a new connection in; Disconnect(1013) past ``max_connections`` (connections
+        whose socket is still closing count too)."""
+        if len(self.sessions) + self.lingering >= self.settings.max_connections:
             self.metrics.rejected_connections += 1
             raise TOO_MANY()
         self.sessions.add(session)
         self.metrics.connections_total += 1
+
+    def _linger(self, transport: object) -> None:
+        """Go on counting a connection whose transport says its socket is still open
+        (``socket_open``) until it calls ``on_gone`` (tidings serve's transport does)."""
+        if getattr(transport, "socket_open", False) and hasattr(transport, "on_gone"):
+            self.lingering += 1
+
+            def gone() -> None:
+                self.lingering -= 1
+
+            transport.on_gone = gone
 
     def set_user(self, session: Session, user: str) -> None:
         session.user = user
@@ -185,7 +200,9 @@ class Hub:
 
     async def forget(self, session: Session) -> None:
         """Forget a finished session and its subscriptions (its connection has ended)."""
-        self.sessions.discard(session)
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self._linger(session.transport)
         if session.user:
             peers = self.users.get(session.user)
             if peers is not None:
