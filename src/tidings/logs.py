@@ -144,7 +144,7 @@ def install_redaction() -> None:
 
     A logger's filter sees only the records logged through that logger by name, not its
     children's: tidings' loggers each get it (all exist once tidings is imported), and a
-    logger of your own that logs requests needs ``logger.addFilter(tidings.logs.Redact())``."""
+    logger of your own that logs requests needs ``logger.addFilter(Redact(drop=False))``."""
     names = [*SERVER_LOGGERS, "tidings"]
     names += [n for n in list(logging.root.manager.loggerDict) if n.startswith("tidings.")]
     for name in names:
