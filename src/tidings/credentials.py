@@ -19,13 +19,7 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from .auth import ANONYMOUS, Credentials, TokenVerifier
-from .errors import (
-    INVALID_TOKEN,
-    CloseReason,
-    PermissionDenied,
-    TokenExpired,
-    Unauthorized,
-)
+from .errors import INVALID_TOKEN, CloseReason, PermissionDenied, TokenExpired, Unauthorized
 from .protocol import centrifuge as wire
 from .session import Session
 
