@@ -93,7 +93,7 @@ def test_request_fields() -> None:
         assert caught.value.code == 3501
     assert cf.non_negative(None, "offset") == 0
     assert cf.non_negative(7, "offset") == 7
-    for value in (-1, True, "3", 1.5):
+    for value in (-1, True, "3", 1.5, cf.MAX_INTEGER + 1):
         with pytest.raises(BadRequest, match="offset must be a non-negative integer"):
             cf.non_negative(value, "offset")
 

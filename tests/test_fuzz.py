@@ -150,10 +150,6 @@ def test_ten_thousand_commands_in_one_frame(server: ThreadServer) -> None:
     assert not log.bad, [r.getMessage() for r in log.bad]
 
 
-@pytest.mark.xfail(
-    reason="issue 11 defect 4 (sec1): 300-deep JSON data is error 100 / close 1011",
-    strict=False,
-)
 def test_deeply_nested_data(server: ThreadServer) -> None:
     deep = b"[" * 300 + b"]" * 300
     body = b'{"id":1,"connect":{}}\n{"id":2,"publish":{"channel":"c","data":%s}}' % deep

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .auth import check_api_key
-from .errors import BadRequest, MethodNotFound, TidingsError, Unauthorized
+from .auth import check_api_key, cross_site_refused
+from .errors import BadRequest, MethodNotFound, PermissionDenied, TidingsError, Unauthorized
+from .protocol.depth import MAX_DEPTH, too_deep
 from .server_api import Malformed, ServerApi
 
 if TYPE_CHECKING:
@@ -52,7 +53,10 @@ def too_big(limit: int) -> BadRequest:
 
 
 def parse_object(raw: bytes, what: str = "body") -> dict[str, Any]:
-    """``raw`` as a JSON object; BadRequest saying what is wrong with ``what``."""
+    """``raw`` as a JSON object; BadRequest saying what is wrong with ``what`` (also when it
+    nests deeper than :data:`~tidings.protocol.depth.MAX_DEPTH`)."""
+    if too_deep(raw):
+        raise BadRequest(f"{what} is nested more than {MAX_DEPTH} levels deep")
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -74,7 +78,17 @@ class HttpApi:
 
     ``api``: the server API's methods (its ``hub`` and ``settings`` are used here too)."""
 
-    __slots__ = ("api", "api_limit", "bearer", "denied", "hub", "open", "settings", "text_limit")
+    __slots__ = (
+        "api",
+        "api_limit",
+        "bearer",
+        "cross_site",
+        "denied",
+        "hub",
+        "open",
+        "settings",
+        "text_limit",
+    )
 
     def __init__(self, api: ServerApi) -> None:
         self.settings: Settings = api.settings
@@ -94,6 +108,12 @@ class HttpApi:
             ),
             401,
         )
+        self.cross_site = error_reply(
+            PermissionDenied(
+                "cross-site request: send JSON or the API key header, or set allowed_origins"
+            ),
+            403,
+        )
         #: ``bearer(headers)``: whether they carry an admin token (``Authorization: Bearer``,
         #: from /admin/login), which opens the API too; set when the admin page is on
         self.bearer: Callable[[Headers], bool] | None = None
@@ -111,7 +131,10 @@ class HttpApi:
         self, headers: Headers, read: ReadBody, limit: int, status: int
     ) -> bytes | Reply:
         """The request body, or the answer instead: 401 without the API key, ``status`` past
-        ``limit`` bytes."""
+        ``limit`` bytes; 403 for a cross-site browser request no CORS preflight approved
+        (:func:`~.auth.cross_site_refused`)."""
+        if cross_site_refused(self.settings, headers):
+            return self.cross_site
         if not self.authorized(headers):
             return self.denied
         body = await read(limit)

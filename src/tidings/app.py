@@ -24,6 +24,7 @@ from fastapi.responses import HTMLResponse
 from starlette.requests import HTTPConnection, Request
 from starlette.routing import NoMatchFound, Route, WebSocketRoute
 
+from . import logs
 from .admin import AdminAuth
 from .admission import ConnectionRate
 from .api import HttpApi
@@ -61,6 +62,8 @@ class Tidings:
             settings = Settings.load(**overrides)
         elif overrides:
             settings = settings.model_copy(update=overrides)
+        # no token in any log line, whoever configures logging (see logs.install_redaction)
+        logs.install_redaction()
         self.settings = settings
         self.broker = create_broker(settings.broker_url)
         if isinstance(self.broker, MemoryBroker):  # the networked engines expire keys instead
@@ -106,6 +109,7 @@ class Tidings:
     async def start(self) -> None:
         """Start the hub and connect its broker (BrokerUnavailable if it cannot be reached).
         Starting a started node does nothing (`tidings serve` starts it before the lifespan)."""
+        logs.install_redaction()  # again: the server may have configured logging since
         if self.hub.started:
             return
         await self.hub.start()

@@ -9,7 +9,9 @@ import asyncio
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
 import orjson
@@ -58,6 +60,89 @@ def check_api_key(settings: Settings, headers: Mapping[str, str]) -> bool:
         if scheme.lower() == "apikey":
             given = value.strip()
     return bool(given) and hmac.compare_digest(given.encode(), expected)
+
+
+# -- origins -------------------------------------------------------------------------------------
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    """Whether ``origin`` (``scheme://host[:port]``) names the ``Host`` the request went to;
+    ports left out count as the scheme's default."""
+    try:
+        parts = urlsplit(origin)
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+        given = urlsplit(f"//{host}")
+        host_port = given.port or _DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:  # a port that is not a number, brackets unbalanced: not the same origin
+        return False
+    return bool(parts.hostname) and (parts.hostname, port) == (given.hostname, host_port)
+
+
+def origin_allowed(
+    settings: Settings, origin: str | None, host: str | None, *, dev_open: bool = True
+) -> bool:
+    """Whether a browser at ``origin`` (the ``Origin`` header) may reach this server at
+    ``host`` (the ``Host`` header): the protection against cross-site WebSocket hijacking.
+
+    * no ``Origin`` (a non-browser client: SDKs, curl, services): allowed;
+    * ``allowed_origins`` set: ``origin`` must match one of its glob patterns, compared
+      lowercased, as Centrifugo's ``allowed_origins`` (``*`` any run of characters, so
+      ``https://*.example.com`` and ``*`` for any origin);
+    * else in dev mode (when ``dev_open``): allowed;
+    * else only the same origin: the origin's host and port are the ``Host`` header's (the
+      default port of the origin's scheme when left out). Behind a proxy that rewrites
+      ``Host``, set ``allowed_origins``.
+
+    Every WebSocket and streaming endpoint calls it before accepting (:func:`scope_origin_allowed`);
+    a refusal is HTTP 403."""
+    if origin is None:
+        return True
+    origin = origin.strip().lower()
+    if settings.allowed_origins:
+        return any(fnmatchcase(origin, p.strip().lower()) for p in settings.allowed_origins)
+    if dev_open and settings.dev_mode:
+        return True
+    return host is not None and _same_origin(origin, host.strip().lower())
+
+
+def scope_origin_allowed(settings: Settings, scope: Mapping[str, Any]) -> bool:
+    """:func:`origin_allowed` for an ASGI ``websocket`` or ``http`` scope (its headers)."""
+    origin = host = None
+    for name, value in scope.get("headers", ()):
+        if name == b"origin":
+            origin = value.decode("latin-1")
+        elif name == b"host":
+            host = value.decode("latin-1")
+    return origin_allowed(settings, origin, host)
+
+
+#: content types a browser sends cross-site without a CORS preflight (the Fetch standard's
+#: CORS-safelisted request header values)
+_SIMPLE_TYPES = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data", "")
+
+
+def cross_site_refused(settings: Settings, headers: Mapping[str, str]) -> bool:
+    """Whether an HTTP publishing request is a cross-site browser request that no CORS
+    preflight approved, which must be refused (403), dev mode included: a page on another
+    site could otherwise publish through a visitor's browser (a ``text/plain`` form post).
+
+    Preflighted requests pass: one carrying ``X-API-Key`` or ``Authorization``, or a content
+    type other than the three a form can send (``application/json``), is only sent by a
+    browser after the server allowed it by CORS. Of the others, a request whose ``Origin`` is
+    not allowed (:func:`origin_allowed`, same-origin unless ``allowed_origins`` say more; not
+    opened by dev mode) or, without ``Origin``, whose ``Sec-Fetch-Site`` is ``cross-site`` or
+    ``same-site``, is refused. Requests from non-browser clients carry neither header."""
+    if headers.get("x-api-key") or headers.get("authorization"):
+        return False
+    content_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+    if content_type not in _SIMPLE_TYPES:
+        return False
+    origin = headers.get("origin")
+    if origin is not None:
+        return not origin_allowed(settings, origin, headers.get("host"), dev_open=False)
+    return headers.get("sec-fetch-site", "").lower() in ("cross-site", "same-site")
 
 
 class TokenVerifier:

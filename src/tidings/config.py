@@ -107,6 +107,12 @@ class Settings(BaseSettings):
     allow_anonymous: bool = Field(
         False, description="Accept Centrifugo-protocol connections without a token."
     )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Browser origins (glob patterns, e.g. https://*.example.com; * for any) "
+        "allowed to open WebSockets and streams and to post cross-site; unset: same-origin only "
+        "(any origin in dev mode). Env: a JSON list.",
+    )
 
     max_connections: int = Field(10_000, ge=1, description="WebSocket connections per process.")
     user_connection_limit: int = Field(

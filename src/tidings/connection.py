@@ -32,15 +32,17 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from .admission import admitted
+from .auth import scope_origin_allowed
 from .brokers.base import ClientInfo, StreamPosition
 from .channels import Channel
 from .control import ControlMessage, RefreshUser, SubscribeUser, UnsubscribeUser
 from .credentials import ConnectionCredentials
 from .delivery import takes_frames
-from .endpoints import POLICY, admit, log_closed, log_connected, log_refused
+from .endpoints import POLICY, admit, log_closed, log_connected, log_refused, refuse_origin
 from .errors import (
     BAD_REQUEST,
     BadRequest,
+    CloseReason,
     Disconnect,
     MethodNotFound,
     NotAvailable,
@@ -66,7 +68,7 @@ log = logging.getLogger("tidings.connection")
 #: the endpoint's path, for log lines
 PATH = "/connection/websocket"
 
-NO_SEND_HANDLER = Disconnect(3508, "not available")
+NO_SEND_HANDLER = CloseReason(3508, "not available")
 
 #: a command's request object
 Request = dict[str, Any]
@@ -150,7 +152,7 @@ class Client:
         for command in codec.decode(frame):
             if command is None:  # a pong
                 if not self.creds.connected:
-                    raise BAD_REQUEST
+                    raise BAD_REQUEST()
                 session.pong()
                 continue
             if (command.method == "connect") == self.creds.connected:
@@ -248,10 +250,7 @@ class Client:
             raise PermissionDenied("history is not allowed in this channel")
         if ch.options.history_size <= 0:
             raise NotAvailable("this channel keeps no history")
-        limit_value = request.get("limit", 0)
-        if not isinstance(limit_value, int):
-            raise BadRequest("limit must be an integer")
-        limit = None if limit_value < 0 else limit_value
+        limit = wire.limit(request.get("limit"))
         since = None
         given = request.get("since")
         if isinstance(given, dict):
@@ -308,7 +307,7 @@ class Client:
         """An asynchronous message: no reply; without a handler the connection closes (3508)."""
         handlers = self.hub.send_handlers
         if not handlers:
-            raise NO_SEND_HANDLER
+            raise NO_SEND_HANDLER()
         for handler in handlers:
             try:
                 await handler(self.session, request.get("data"))
@@ -415,8 +414,13 @@ class CentrifugeEndpoint:
 
     async def _open(self, scope: Scope, receive: Receive, send: Send) -> Session | None:
         hub, settings = self.tidings.hub, self.tidings.settings
+        if not scope_origin_allowed(settings, scope):
+            await refuse_origin(PATH, receive, send)
+            return None
         offered, protobuf = wants_protobuf(scope)
-        transport = open_transport(scope, receive, send, settings.max_message_size)
+        transport = open_transport(
+            scope, receive, send, settings.max_message_size, settings.close_timeout
+        )
         if not admitted(self.tidings, scope):
             await transport.close(POLICY, "connection rate")  # before accept: HTTP 403
             return None

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .admission import check_user_limit
 from .auth import ANONYMOUS, Credentials, TokenVerifier
-from .errors import INVALID_TOKEN, Disconnect, PermissionDenied, TokenExpired, Unauthorized
+from .errors import INVALID_TOKEN, CloseReason, PermissionDenied, TokenExpired, Unauthorized
 from .protocol import centrifuge as wire
 from .session import Session
 
@@ -31,10 +31,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tidings.connection")
 
-EXPIRED = Disconnect(3005, "connection expired")
-SUB_EXPIRED = Disconnect(3006, "subscription expired")
-STALE = Disconnect(3502, "stale")
-TOKEN_REQUIRED = Disconnect(3501, "bad request: token required")
+EXPIRED = CloseReason(3005, "connection expired")
+SUB_EXPIRED = CloseReason(3006, "subscription expired")
+STALE = CloseReason(3502, "stale")
+TOKEN_REQUIRED = CloseReason(3501, "bad request: token required")
 
 
 class ConnectionCredentials:
@@ -86,7 +86,7 @@ class ConnectionCredentials:
         except Unauthorized as exc:
             # the refusal's own line (3500 invalid token) follows; this says why, when debugging
             log.debug("invalid token from %s: %s", self.session.client_id, exc.message)
-            raise INVALID_TOKEN from None
+            raise INVALID_TOKEN() from None
 
     # -- the connection token --------------------------------------------------------------------
 
@@ -99,7 +99,7 @@ class ConnectionCredentials:
         elif self.settings.anonymous_allowed:
             who = ANONYMOUS
         else:
-            raise TOKEN_REQUIRED
+            raise TOKEN_REQUIRED()
         check_user_limit(self.hub, self.settings, who.user)
         self.who = who
         self.connected = True
@@ -113,10 +113,10 @@ class ConnectionCredentials:
         """The ``refresh`` command: a new connection token for the same user (else 3500)."""
         token = request.get("token")
         if not token:
-            raise TOKEN_REQUIRED
+            raise TOKEN_REQUIRED()
         who = await self.verify(self.tokens.aconnection(str(token)))
         if who.user != self.who.user:
-            raise INVALID_TOKEN
+            raise INVALID_TOKEN()
         self.who = who
         ttl = self.set_expiry(who.expires)
         return wire.compact(
@@ -132,7 +132,7 @@ class ConnectionCredentials:
         """A server-side refresh (control message): close now (3005), or expire at
         ``expire_at`` (Unix time, seconds; None: never) and tell the client (a refresh push)."""
         if expired:
-            self.session.close(EXPIRED)
+            self.session.close(EXPIRED())
             return
         ttl = self.set_expiry(float(expire_at) if expire_at is not None else None)
         body = wire.compact({"expires": ttl is not None, "ttl": ttl})
@@ -166,7 +166,7 @@ class ConnectionCredentials:
             raise PermissionDenied("not subscribed")
         token = request.get("token")
         if not token:
-            raise TOKEN_REQUIRED
+            raise TOKEN_REQUIRED()
         # a bad token for a channel already subscribed closes the connection (3500)
         claims: dict[str, Any] = await self.verify(
             self.tokens.asubscription(str(token), name, self.who.user)
@@ -213,15 +213,15 @@ class ConnectionCredentials:
         """The hub's wheel: ``connect`` never came, or a token (or several) expired."""
         session = self.session
         if not self.connected:
-            session.close(STALE)
+            session.close(STALE())
             return
         due = self._due  # what the wheel was scheduled for: every deadline up to it passed
         if self._closes_at is not None and self._closes_at <= due:
-            session.close(EXPIRED)
+            session.close(EXPIRED())
             return
         for sub in self.subs.values():
             if sub.closes_at is not None and sub.closes_at <= due:
-                session.close(SUB_EXPIRED)
+                session.close(SUB_EXPIRED())
                 return
         self.rearm()  # what was due is gone (unsubscribed): on to the next deadline
 

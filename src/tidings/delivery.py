@@ -457,13 +457,24 @@ class QueuedWriter:
                 self._handoff.coro.close()  # cancelled before it could take the send over
             self._handoff = None
         reason = session.closed_with or Disconnect(1000, "")
+        timeout = session.hub.settings.close_timeout
+        finished = False
         try:
-            async with asyncio.timeout(session.hub.settings.close_timeout):
+            async with asyncio.timeout(timeout):
                 await transport.close(reason.code, reason.reason)
+            finished = True
         except (TimeoutError, OSError, RuntimeError):
             pass
         finally:
             session.stop_reading()
+        # Every close gets a deadline: the server's own close may wait on a peer that stopped
+        # reading for good (its buffered frames, then the close frame, never leave).
+        abort = getattr(transport, "abort", None)
+        if abort is not None:
+            if finished:  # a no-op by then if the server closed the socket
+                asyncio.get_running_loop().call_later(timeout, abort)
+            else:
+                abort()
 
 
 __all__ = [

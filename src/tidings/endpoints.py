@@ -10,11 +10,11 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from .admission import admitted, check_user_limit
-from .auth import ANONYMOUS, Credentials, can_subscribe
+from .auth import ANONYMOUS, Credentials, can_subscribe, scope_origin_allowed
 from .brokers.base import ClientInfo
 from .control import ControlMessage, UnsubscribeUser
 from .delivery import takes_frames
-from .errors import UNAVAILABLE, BadRequest, Disconnect, TidingsError, Unavailable
+from .errors import UNAVAILABLE, BadRequest, CloseReason, Disconnect, TidingsError, Unavailable
 from .frames import Frame
 from .protocol.raw import RawText, raw_format
 from .session import Session
@@ -29,7 +29,7 @@ log = logging.getLogger("tidings.endpoints")
 POLICY = 1008
 UNSUPPORTED = 1003
 #: policy close: the server unsubscribed this user (clients should not simply resubscribe)
-UNSUBSCRIBED = Disconnect(POLICY, "unsubscribed by the server")
+UNSUBSCRIBED = CloseReason(POLICY, "unsubscribed by the server")
 
 
 def close_reason(message: str) -> str:
@@ -93,12 +93,22 @@ def log_closed(path: str, session: Session, logger: logging.Logger = log) -> Non
     )
 
 
+async def refuse_origin(path: str, receive: Receive, send: Send) -> None:
+    """Refuse a WebSocket handshake from a browser origin :func:`~.auth.origin_allowed` does
+    not allow: closing before accepting is HTTP 403, on uvicorn and on `tidings serve`."""
+    log_refused(path, 403, "origin not allowed")
+    await receive()  # websocket.connect
+    await send({"type": "websocket.close", "code": POLICY, "reason": ""})
+
+
 async def admit(session: Session) -> bool:
     """Count a new session in; past ``max_connections`` close it (1013) and return False."""
     try:
         session.hub.connect(session)
     except Disconnect as reason:
-        log.warning("refusing a connection: %s", reason)
+        # the code and reason, not the exception: a handler that keeps records would keep its
+        # traceback, and through it the refused session
+        log.warning("refusing a connection: %d %s", reason.code, reason.reason)
         await session.transport.close(reason.code, reason.reason)
         return False
     return True
@@ -140,7 +150,7 @@ class RawEndpoint:
             return
         for session in self.tidings.hub.local_sessions(message.user, message.client):
             if isinstance(session.format, RawText) and message.channel in session.channels:
-                session.close(UNSUBSCRIBED)
+                session.close(UNSUBSCRIBED())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # set up in a helper: this frame stays suspended for the connection's life, keep it small
@@ -157,7 +167,12 @@ class RawEndpoint:
     ) -> tuple[Session, _ClientPublish] | None:
         tidings = self.tidings
         hub, settings = tidings.hub, tidings.settings
-        transport = open_transport(scope, receive, send, settings.max_message_size)
+        if not scope_origin_allowed(settings, scope):
+            await refuse_origin(scope["path"], receive, send)
+            return None
+        transport = open_transport(
+            scope, receive, send, settings.max_message_size, settings.close_timeout
+        )
         wire = raw_format(takes_frames(transport))
         if not admitted(tidings, scope):
             await transport.close(POLICY, "connection rate")  # before accept: HTTP 403

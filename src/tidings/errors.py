@@ -6,6 +6,8 @@ would to Centrifugo (e.g. 109 makes them refresh a token).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 
 class TidingsError(Exception):
     """An error with a stable code and a message meant for the caller."""
@@ -87,13 +89,28 @@ class Disconnect(Exception):
         self.reason = reason
 
 
-SHUTDOWN = Disconnect(3001, "shutdown")
+class CloseReason(NamedTuple):
+    """A close code and reason, as data: call it for a fresh :class:`Disconnect` to raise.
+
+    Never a shared exception instance: every ``raise`` extends the raised instance's
+    ``__traceback__``, so one module-level instance raised for each refused connection would
+    keep every such connection's frames (session, transport, message) alive for good. Compare
+    a received :class:`Disconnect` with ``reason.code == SLOW.code``, never ``is``."""
+
+    code: int
+    reason: str
+
+    def __call__(self) -> Disconnect:
+        return Disconnect(self.code, self.reason)
+
+
+SHUTDOWN = CloseReason(3001, "shutdown")
 #: a raw client's close when the node stops: RFC 6455's registry, "Service Restart"
-SERVICE_RESTART = Disconnect(1012, "service restart")
-SLOW = Disconnect(3008, "slow")
-NO_PONG = Disconnect(3012, "no pong")
-TOO_BIG = Disconnect(1009, "message too big")
-TOO_MANY = Disconnect(1013, "too many connections")
-BAD_REQUEST = Disconnect(3501, "bad request")
-INVALID_TOKEN = Disconnect(3500, "invalid token")
-UNAVAILABLE = Disconnect(1013, "try again later")
+SERVICE_RESTART = CloseReason(1012, "service restart")
+SLOW = CloseReason(3008, "slow")
+NO_PONG = CloseReason(3012, "no pong")
+TOO_BIG = CloseReason(1009, "message too big")
+TOO_MANY = CloseReason(1013, "too many connections")
+BAD_REQUEST = CloseReason(3501, "bad request")
+INVALID_TOKEN = CloseReason(3500, "invalid token")
+UNAVAILABLE = CloseReason(1013, "try again later")

@@ -32,7 +32,7 @@ from .brokers.base import (
 from .channels import Channel, ChannelRules
 from .config import Settings
 from .delivery import Flusher, fan_out
-from .errors import SHUTDOWN, TOO_MANY, BadRequest, Disconnect
+from .errors import SHUTDOWN, TOO_MANY, BadRequest, CloseReason, Disconnect
 from .frames import Frame
 from .nodes import NodeDirectory
 from .session import Session
@@ -101,8 +101,8 @@ def encode_json(data: Any) -> bytes:
 def going_away(session: Session) -> Disconnect:
     """How ``session`` is closed when its node stops: its wire format's ``going_away``, else
     3001 shutdown (the Centrifugo protocol's)."""
-    reason: Disconnect = getattr(session.format, "going_away", SHUTDOWN)
-    return reason
+    reason: CloseReason = getattr(session.format, "going_away", SHUTDOWN)
+    return reason()  # a fresh instance each time (see errors.CloseReason)
 
 
 def wheel_resolution(settings: Settings) -> float:
@@ -132,6 +132,9 @@ class Hub:
         self.wheel: Wheel[Member] = Wheel(wheel_resolution(self.settings))
         self.metrics = Metrics()
         self.sessions: set[Session] = set()
+        #: forgotten sessions whose socket the server still holds (a close under way, at most
+        #: ``close_timeout``): they count under ``max_connections`` until it is gone
+        self.lingering = 0
         self.users: dict[str, set[Session]] = {}
         self._local: dict[str, _Local] = {}
         self._kept: dict[int, tuple[object, HistoryOptions]] = {}
@@ -235,15 +238,27 @@ class Hub:
         return kept[1]
 
     def connect(self, session: Session) -> None:
-        """Count a new connection in; Disconnect(1013) past ``max_connections``, and the
-        node's going-away close (:meth:`drain`) once it is draining."""
+        """Count a new connection in; Disconnect(1013) past ``max_connections`` (connections
+        whose socket is still closing count too), and the node's going-away close
+        (:meth:`drain`) once it is draining."""
         if self.draining:
             raise going_away(session)
-        if len(self.sessions) >= self.settings.max_connections:
+        if len(self.sessions) + self.lingering >= self.settings.max_connections:
             self.metrics.rejected_connections += 1
-            raise TOO_MANY
+            raise TOO_MANY()
         self.sessions.add(session)
         self.metrics.connections_total += 1
+
+    def _linger(self, transport: object) -> None:
+        """Go on counting a connection whose transport says its socket is still open
+        (``socket_open``) until it calls ``on_gone`` (tidings serve's transport does)."""
+        if getattr(transport, "socket_open", False) and hasattr(transport, "on_gone"):
+            self.lingering += 1
+
+            def gone() -> None:
+                self.lingering -= 1
+
+            transport.on_gone = gone
 
     def set_user(self, session: Session, user: str) -> None:
         session.user = user
@@ -252,7 +267,9 @@ class Hub:
 
     async def forget(self, session: Session) -> None:
         """Forget a finished session and its subscriptions (its connection has ended)."""
-        self.sessions.discard(session)
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self._linger(session.transport)
         if not self.sessions and self._emptied is not None:
             self._emptied.set()
         if session.user:

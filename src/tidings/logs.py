@@ -5,11 +5,17 @@
 
 * query strings are cut from request targets (``/ws/news?token=...`` is logged as
   ``/ws/news``): tokens travel there (browsers cannot set WebSocket headers);
-* anything shaped like a JWT (``eyJ...``) and ``token=``/``api_key=``/``password=`` values are
-  replaced by ``***``;
+* anything shaped like a JWT (``eyJ...``), ``token=``/``api_key=``/``password=`` values and
+  credential headers (``Authorization``, ``Cookie``, ``X-API-Key``) are replaced by ``***``;
+* websockets' debug lines of data frames keep only the kind and size (``< TEXT [682 bytes]``):
+  a connect frame carries a token;
 * uvicorn's per-WebSocket ``[accepted]`` line and websockets' ``connection open/closed`` are
   dropped: tidings logs each connection event itself, once, with the reason of a refusal or
   a close (loggers ``tidings.endpoints`` and ``tidings.connection``).
+
+An app that mounts tidings under its own server gets the same redaction (not the dropping):
+:func:`install_redaction` puts a filter on tidings' loggers and on uvicorn's and websockets',
+whatever handlers the app configures; :class:`~tidings.app.Tidings` calls it.
 
 At level ``info`` uvicorn's start-up chatter ("Started server process", "Waiting for
 application startup", ...) is left out too: `tidings serve` says in one line where it
@@ -43,31 +49,108 @@ _SECRET_PARAM = re.compile(
 _DROPPED = ('"WebSocket %s" [accepted]', "connection open", "connection closed")
 
 
+#: credential headers, as websockets logs a handshake at debug (``< authorization: ...``)
+_SECRET_HEADER = re.compile(
+    r"^((?:[<>] )?(?:authorization|proxy-authorization|cookie|set-cookie|x-api-key):\s*).+$",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
 def redact(text: str) -> str:
-    """``text`` without query strings, JWTs or secret-looking ``key=value`` values."""
+    """``text`` without query strings, JWTs, credential headers' values or secret-looking
+    ``key=value`` values."""
+    text = _SECRET_HEADER.sub(r"\1***", text)
     text = _QUERY.sub(r"\1", text)
     text = _JWT.sub("***", text)
     return _SECRET_PARAM.sub(r"\1***", text)
 
 
+#: websockets' debug lines of a frame (``< TEXT '...' [n bytes]``): the payload, a connect
+#: frame's token included, shortened in the middle where no pattern can recognise it
+_FRAME_LINES = ("< %s", "> %s")
+
+
+def _frame_summary(record: logging.LogRecord) -> str | None:
+    """``< TEXT [n bytes]`` for a websockets frame line whose frame carries data, else None."""
+    args = record.args
+    if record.msg not in _FRAME_LINES or not isinstance(args, tuple) or len(args) != 1:
+        return None
+    frame = args[0]
+    opcode, data = getattr(frame, "opcode", None), getattr(frame, "data", None)
+    if opcode is None or not isinstance(data, bytes | bytearray | memoryview):
+        return None
+    name = getattr(opcode, "name", str(opcode))
+    return f"{str(record.msg)[0]} {name} [{len(data)} bytes]"
+
+
+_FORMATTER = logging.Formatter()
+
+
 class Redact(logging.Filter):
-    """Drops duplicate connection lines; rewrites every other record's message redacted."""
+    """Rewrites every record's message redacted (frames' payloads left out); with ``drop``
+    (as `tidings serve` installs it), also drops duplicate connection lines."""
+
+    def __init__(self, drop: bool = True) -> None:
+        super().__init__()
+        self.drop = drop
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if (isinstance(record.msg, str) and record.msg in _DROPPED) or (
-            record.name == "uvicorn.error"
-            and isinstance(record.msg, str)
-            and record.msg.endswith('"WebSocket %s" [accepted]')
+        # the message template as logged, also when a logger's filter redacted it already
+        template = getattr(record, "_tidings_template", record.msg)
+        if self.drop and (
+            (isinstance(template, str) and template in _DROPPED)
+            or (
+                record.name == "uvicorn.error"
+                and isinstance(template, str)
+                and template.endswith('"WebSocket %s" [accepted]')
+            )
         ):
             return False
+        if hasattr(record, "_tidings_template"):  # redacted already
+            return True
+        summary = _frame_summary(record)
         try:
-            message = record.getMessage()
+            message = summary if summary is not None else record.getMessage()
         except Exception:  # a malformed record: let logging report it as usual
             return True
+        record._tidings_template = record.msg
         record.msg, record.args = redact(message), None
+        if record.exc_info and not record.exc_text:  # formatters use this text as it is
+            record.exc_text = _FORMATTER.formatException(record.exc_info)
         if record.exc_text:
             record.exc_text = redact(record.exc_text)
         return True
+
+
+#: loggers whose records may carry a request target or a frame: uvicorn's (its access log
+#: logs ``/ws/news?token=...`` at INFO), websockets' (requests and frames at DEBUG)
+SERVER_LOGGERS = (
+    "uvicorn",
+    "uvicorn.error",
+    "uvicorn.access",
+    "uvicorn.asgi",
+    "websockets",
+    "websockets.server",
+    "websockets.protocol",
+)
+_INSTALLED = Redact(drop=False)
+
+
+def install_redaction() -> None:
+    """Redact, at every level, whatever tidings' loggers and the servers' loggers
+    (:data:`SERVER_LOGGERS`) log, whatever handlers the application configured: a filter on
+    each of those loggers, so an app mounting tidings under its own uvicorn logs no token
+    either. Idempotent; :class:`~tidings.app.Tidings` calls it when built and when started.
+
+    A logger's filter sees only the records logged through that logger by name, not its
+    children's: tidings' loggers each get it (all exist once tidings is imported), and a
+    logger of your own that logs requests needs ``logger.addFilter(Redact(drop=False))``."""
+    names = [*SERVER_LOGGERS, "tidings"]
+    names += [n for n in list(logging.root.manager.loggerDict) if n.startswith("tidings.")]
+    for name in names:
+        logger = logging.getLogger(name)
+        if _INSTALLED not in logger.filters:
+            logger.addFilter(_INSTALLED)
 
 
 #: attributes of LogRecord itself; anything else was passed in ``extra=`` and goes into JSON

@@ -38,6 +38,8 @@ from .config import Settings
 from .errors import BadRequest, MethodNotFound, NotAvailable, TidingsError, UnrecoverablePosition
 from .hub import Hub
 from .nodes import as_results
+from .protocol.centrifuge import MAX_INTEGER
+from .protocol.depth import MAX_DEPTH, too_deep
 
 log = logging.getLogger("tidings.api")
 
@@ -57,7 +59,7 @@ class _Request(BaseModel):
 
 
 class _Position(_Request):
-    offset: int = Field(0, ge=0)
+    offset: int = Field(0, ge=0, le=MAX_INTEGER)
     epoch: str = ""
 
 
@@ -83,7 +85,7 @@ class _ChannelOnly(_Request):
 
 class _History(_Request):
     channel: str = ""
-    limit: int = 0
+    limit: int = Field(0, ge=-MAX_INTEGER, le=MAX_INTEGER)
     since: _Position | None = None
     reverse: bool = False
 
@@ -109,7 +111,7 @@ class _Refresh(_Request):
     user: str = ""
     client: str = ""
     expired: bool = False
-    expire_at: int = 0
+    expire_at: int = Field(0, ge=0, le=MAX_INTEGER)
 
 
 class _Channels(_Request):
@@ -303,6 +305,8 @@ class ServerApi:
         if req.b64data:
             try:
                 raw = base64.b64decode(req.b64data, validate=True)
+                if too_deep(raw):
+                    raise BadRequest(f"b64data is nested more than {MAX_DEPTH} levels deep")
                 return orjson.dumps(orjson.loads(raw))
             except ValueError:  # not base64 (binascii.Error), not ASCII, not JSON
                 raise BadRequest("b64data must be base64 of a JSON document") from None

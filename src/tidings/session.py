@@ -203,7 +203,7 @@ class Session:
             self.writer.stop()
         elif not gone:
             assert reason is not None
-            unresponsive = reason is SLOW or reason is NO_PONG
+            unresponsive = reason.code in (SLOW.code, NO_PONG.code)
             if unresponsive:  # the client is not reading: what is queued would never get through
                 self._outbox.clear()
                 self._pending = 0
@@ -243,7 +243,7 @@ class Session:
         if pending > self.limit:
             self.hub.metrics.slow_clients += 1
             log.warning("closing slow client %s: %d bytes queued", self.client_id, pending)
-            self.close(SLOW)
+            self.close(SLOW())
             return
         self._pending = pending
         self._outbox.append(frame)
@@ -279,7 +279,7 @@ class Session:
         if self.closing:
             return
         if self._pinged:
-            self.close(NO_PONG)
+            self.close(NO_PONG())
             return
         frame = self.format.ping()
         if frame is None:

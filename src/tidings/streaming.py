@@ -387,7 +387,7 @@ class StreamingEndpoints:
         waits for its responses to finish, and a stream has no close frame it could send on
         its own (as it does for a WebSocket): `tidings serve` calls this when it stops."""
         for session in list(self.streams):
-            session.close(SHUTDOWN)
+            session.close(SHUTDOWN())
 
     async def _open(self, transport: StreamTransport, uni: bool) -> Session | None:
         hub, settings = self.tidings.hub, self.tidings.settings

@@ -363,7 +363,7 @@ class RedisBroker(Broker):
         args: list[EncodableT] = [
             new_epoch(),
             _ms(meta_ttl),
-            -1 if since is None else since.offset,
+            "-" if since is None else f"{since.offset + 1}-0",
             -1 if limit is None or limit < 0 else limit,
             int(reverse),
         ]

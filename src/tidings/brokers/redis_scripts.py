@@ -61,8 +61,10 @@ return {offset, epoch}
 """
 )
 
-# KEYS: meta, hist. ARGV: epoch candidate, meta_ttl ms, since offset (-1: none), limit (-1: no
-# limit), reverse (1/0). Returns {offset, epoch, messages}; expired entries are deleted first.
+# KEYS: meta, hist. ARGV: epoch candidate, meta_ttl ms, lowest stream id to read ('-': from
+# the start), limit (-1: no limit), reverse (1/0). Returns {offset, epoch, messages}; expired
+# entries are deleted first. The stream id and the COUNT go to Redis as the caller's strings:
+# Lua numbers are doubles, printed with 14 digits ("1e+15"), which Redis refuses as ids.
 HISTORY = (
     _META
     + """
@@ -77,18 +79,16 @@ while true do
   if expires == 0 or expires > now then break end
   redis.call('XDEL', KEYS[2], head[1][1])
 end
-local low = '-'
-local since = tonumber(ARGV[3])
-if since >= 0 then low = (since + 1) .. '-0' end
+local low = ARGV[3]
 local entries
 if ARGV[5] == '1' then
   if limit > 0 then
-    entries = redis.call('XREVRANGE', KEYS[2], '+', low, 'COUNT', limit)
+    entries = redis.call('XREVRANGE', KEYS[2], '+', low, 'COUNT', ARGV[4])
   else
     entries = redis.call('XREVRANGE', KEYS[2], '+', low)
   end
 elseif limit > 0 then
-  entries = redis.call('XRANGE', KEYS[2], low, '+', 'COUNT', limit)
+  entries = redis.call('XRANGE', KEYS[2], low, '+', 'COUNT', ARGV[4])
 else
   entries = redis.call('XRANGE', KEYS[2], low, '+')
 end

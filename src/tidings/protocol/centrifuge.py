@@ -22,8 +22,9 @@ from typing import Any
 import orjson
 
 from ..brokers.base import ClientInfo, JoinLeave, Publication
-from ..errors import BAD_REQUEST, BadRequest, Disconnect, TidingsError
+from ..errors import BAD_REQUEST, BadRequest, CloseReason, Disconnect, TidingsError
 from ..frames import Frame, payload, text_frame
+from .depth import MAX_DEPTH, too_deep
 
 PING = "{}"
 
@@ -49,7 +50,14 @@ METHODS = (
     "sub_refresh",
 )
 
-UNSUPPORTED_BINARY = Disconnect(3501, "bad request: binary frame on a JSON connection")
+#: largest command id: Centrifugo's protocol declares it uint32
+MAX_ID = 2**32 - 1
+#: largest offset or limit a client or API caller may give: 2**53 - 1, the largest integer
+#: every JSON reader (JavaScript's Number.MAX_SAFE_INTEGER, Lua's doubles in Redis scripts)
+#: holds exactly; stream offsets of a real channel stay far below it
+MAX_INTEGER = 2**53 - 1
+
+UNSUPPORTED_BINARY = CloseReason(3501, "bad request: binary frame on a JSON connection")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +78,9 @@ def decode(frame: Frame) -> list[Command | None]:
     a binary frame, bad JSON, a non-object, no known method, or no id on a method that has a
     reply."""
     if isinstance(frame, bytes):
-        raise UNSUPPORTED_BINARY
+        raise UNSUPPORTED_BINARY()
+    if too_deep(frame):
+        raise Disconnect(3501, f"bad request: JSON nested more than {MAX_DEPTH} levels deep")
     out: list[Command | None] = []
     for line in frame.split("\n"):
         if not line.strip():
@@ -90,8 +100,8 @@ def decode(frame: Frame) -> list[Command | None]:
 
 def _command(obj: dict[str, Any]) -> Command:
     cid = obj.get("id", 0)
-    if not isinstance(cid, int) or cid < 0:
-        raise BAD_REQUEST
+    if not isinstance(cid, int) or isinstance(cid, bool) or not 0 <= cid <= MAX_ID:
+        raise BAD_REQUEST()
     for method in METHODS:
         request = obj.get(method)
         if request is not None:
@@ -115,12 +125,24 @@ def channel_name(request: dict[str, Any]) -> str:
 
 
 def non_negative(value: Any, name: str) -> int:
-    """An optional non-negative integer field (missing: 0); BadRequest (107) otherwise."""
+    """An optional integer field in 0..:data:`MAX_INTEGER` (missing: 0); BadRequest (107)
+    otherwise."""
     if value is None:
         return 0
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise BadRequest(f"{name} must be a non-negative integer")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_INTEGER:
+        raise BadRequest(f"{name} must be a non-negative integer, at most {MAX_INTEGER}")
     return value
+
+
+def limit(value: Any, name: str = "limit") -> int | None:
+    """An optional history limit, as Centrifugo reads it: missing or 0 for none (only the
+    position), negative for all (None), else at most that many; an integer within
+    ±:data:`MAX_INTEGER`, BadRequest (107) otherwise."""
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or abs(value) > MAX_INTEGER:
+        raise BadRequest(f"{name} must be an integer from -{MAX_INTEGER} to {MAX_INTEGER}")
+    return None if value < 0 else value
 
 
 # -- outgoing ------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from ..brokers.base import ClientInfo, JoinLeave, Publication
-from ..errors import BadRequest, Disconnect, TidingsError
+from ..errors import BadRequest, CloseReason, Disconnect, TidingsError
 from ..frames import Frame, WsFrame, binary_frame, payload
 from .centrifuge import TEMPORARY, CentrifugeJson, Command
 from .proto import client_pb2 as pb
@@ -47,7 +47,7 @@ SUBPROTOCOL = "centrifuge-protobuf"
 #: a ping: one empty Reply, length-prefixed (a varint 0)
 PING = b"\x00"
 
-UNSUPPORTED_TEXT = Disconnect(3501, "bad request: text frame on a protobuf connection")
+UNSUPPORTED_TEXT = CloseReason(3501, "bad request: text frame on a protobuf connection")
 
 #: the methods of a Command, in field order: the first one set is the command's method
 _METHODS = tuple(
@@ -111,7 +111,7 @@ def decode(frame: Frame) -> list[Command | None]:
     Command). A text frame, bytes that are not a Command, a command with no method or (but
     for ``send``) no id closes the connection with 3501."""
     if isinstance(frame, str):
-        raise UNSUPPORTED_TEXT
+        raise UNSUPPORTED_TEXT()
     out: list[Command | None] = []
     for part in split(frame):
         try:

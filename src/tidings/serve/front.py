@@ -35,8 +35,10 @@ log = logging.getLogger("tidings.front")
 #: an HttpApi method with its path argument bound
 Answer = Callable[[Headers, ReadBody], Coroutine[Any, Any, Reply]]
 
-#: request targets whose route Front remembers (then it starts over)
+#: request paths whose route Front remembers (then it starts over)
 MAX_TARGETS = 4096
+#: longest path remembered, in bytes: longer ones are routed each time (no hot route is long)
+MAX_REMEMBERED = 256
 
 INTERNAL_ERROR = (500, b"Internal Server Error", b"text/plain; charset=utf-8")
 
@@ -81,20 +83,22 @@ class Front:
         return None
 
     def route_target(self, target: bytes) -> Answer | None:
-        """:meth:`route` for a raw request target (path and query), remembered: publishers
-        post to the same few URLs again and again. %-escaped paths are left to the ASGI path,
-        which unquotes them."""
+        """:meth:`route` for a raw request target (path and query), remembered by path:
+        publishers post to the same few URLs again and again. Only paths are kept, and only
+        short ones, so unique queries or long paths cannot grow the memory (the query never
+        changes the route). %-escaped paths are left to the ASGI path, which unquotes them."""
+        path = target.partition(b"?")[0]
         try:
-            return self._targets[target]
+            return self._targets[path]
         except KeyError:
             pass
-        path = target.partition(b"?")[0]
         answer = None
         if path[:1] == b"/" and b"%" not in path:
             answer = self.route(path.decode("latin-1"))
-        if len(self._targets) >= MAX_TARGETS:
-            self._targets.clear()
-        self._targets[target] = answer
+        if len(path) <= MAX_REMEMBERED:
+            if len(self._targets) >= MAX_TARGETS:
+                self._targets.clear()
+            self._targets[path] = answer
         return answer
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:

@@ -21,6 +21,21 @@ from .front import INTERNAL_ERROR, Answer, Front
 
 log = logging.getLogger("tidings.http")
 
+#: longest request target (path and query string) accepted, in bytes; a longer one is answered
+#: 414 and the connection closed, before any routing or application code sees it. Room for a
+#: large JWT in ``?token=`` (browsers cannot set WebSocket headers) and then some; nginx's
+#: default (``large_client_header_buffers``) is 8 KiB.
+MAX_TARGET = 16 * 1024
+
+_URI_TOO_LONG = (
+    b"HTTP/1.1 414 URI Too Long\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 12\r\nconnection: close\r\n\r\nURI Too Long"
+)
+
+
+class TargetTooLong(Exception):
+    """Raised from the parser's URL callback to stop parsing a target over MAX_TARGET."""
+
 
 class Cork:
     """Transport proxy: writes are joined and leave once per loop iteration, or (``held``)
@@ -181,6 +196,24 @@ class FastHttp(CorkedHttpTools):
         self.idle_since: float | None = None
         #: the server is stopping: the request being read is the last one answered
         self.stopping = False
+        self.too_long = False
+
+    def on_url(self, url: bytes) -> None:
+        # httptools hands the target over in pieces and keeps no bound: without one, a
+        # request line could grow until the peer stops sending
+        self.url += url
+        if len(self.url) > MAX_TARGET:
+            self.too_long = True
+            self.url = b""
+            raise TargetTooLong
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a parser error; 414 when it was a target over MAX_TARGET."""
+        if not self.too_long:
+            super().send_400_response(msg)
+            return
+        self.transport.write(_URI_TOO_LONG)
+        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         """Answers written while parsing ``data`` (several, if pipelined) leave in one write

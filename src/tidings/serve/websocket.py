@@ -114,10 +114,12 @@ class FastWebSocket(asyncio.Protocol):
         "_waiter",
         "app_state",
         "close_code",
+        "close_timeout",
         "close_timer",
         "config",
         "conn",
         "on_drain",
+        "on_gone",
         "on_sink",
         "ping_payload",
         "read_paused",
@@ -171,6 +173,11 @@ class FastWebSocket(asyncio.Protocol):
         self._connect_sent = False  # the ASGI app got its "websocket.connect"
         self._waiter: asyncio.Future[None] | None = None
         self.close_timer: asyncio.TimerHandle | None = None
+        #: seconds a closing connection may take before it is aborted; a tidings endpoint sets
+        #: its ``close_timeout`` setting (tidings.transport.open_transport)
+        self.close_timeout = _CLOSE_TIMEOUT
+        #: called once the TCP connection is gone (the hub counts a connection until then)
+        self.on_gone: Any = None
         self.ping_payload: bytes | None = None  # the ping in flight
         self.wheel_bucket: set[Any] | None = None  # heartbeat(): next ping or pong deadline
 
@@ -188,6 +195,9 @@ class FastWebSocket(asyncio.Protocol):
         self._push(_GONE)
         self._wake_writers()
         self.on_drain = None
+        on_gone, self.on_gone = self.on_gone, None
+        if on_gone is not None:
+            on_gone()
         if self.scope is not None:  # not accepted: break the scope <-> protocol cycle now
             self.scope["extensions"].pop(EXTENSION, None)
 
@@ -281,7 +291,7 @@ class FastWebSocket(asyncio.Protocol):
         if state is CONNECTING or state is CLOSING or state is CLOSED:
             if state is CONNECTING:
                 self._send_500()
-            self.transport.close()
+            self._close_transport()
             return
         self._push(_GONE)
         self.close_code = 1012
@@ -296,7 +306,7 @@ class FastWebSocket(asyncio.Protocol):
             self.conn.send_response(response)
             self.transport.write(b"".join(self.conn.data_to_send()))
             self._to(CLOSING)  # refused: the HTTP answer was the last write
-            self.transport.close()
+            self._close_transport()
             return
         self.response = response
         # websockets' handshake parser keeps the request (headers and all) alive in its
@@ -377,7 +387,7 @@ class FastWebSocket(asyncio.Protocol):
             self._to(CLOSING)  # websockets queued the close reply
             self._push(_GONE)
             self.transport.write(b"".join(self.conn.data_to_send()))
-            self.transport.close()
+            self._close_transport()
 
     def _parser_failed(self) -> None:
         """Oversize (1009), bad UTF-8 (1007), protocol errors (1002): websockets sent the close."""
@@ -389,7 +399,22 @@ class FastWebSocket(asyncio.Protocol):
         out = self.conn.data_to_send()
         if out:
             self.transport.write(b"".join(out))
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        """Close the TCP connection once what is buffered is written, and abort it if that has
+        not happened within ``close_timeout``: a peer that stopped reading never takes the
+        buffer, and a plain close would hold its socket (and its place under
+        ``max_connections``) for good."""
         self.transport.close()
+        if self.close_timer is None and self.state is not CLOSED:
+            loop = asyncio.get_running_loop()
+            self.close_timer = loop.call_later(self.close_timeout, self.transport.abort)
+
+    @property
+    def socket_open(self) -> bool:
+        """The TCP connection is not gone yet (:attr:`on_gone` is called when it is)."""
+        return self.state is not CLOSED
 
     def _push(self, item: Any) -> None:
         if item is _GONE and self._inbox and self._inbox[-1] is _GONE:
@@ -449,7 +474,7 @@ class FastWebSocket(asyncio.Protocol):
         self.transport.write(b"".join(self.conn.data_to_send()))
         self._to(CLOSING)
         self._push(_GONE)
-        self.transport.close()
+        self._close_transport()
 
     def _send_500(self) -> None:
         if self.state is CONNECTING:
@@ -467,8 +492,9 @@ class FastWebSocket(asyncio.Protocol):
         if self.read_paused:  # read on, to see the close reply
             self.read_paused = False
             self.transport.resume_reading()
-        loop = asyncio.get_running_loop()
-        self.close_timer = loop.call_later(timeout, self.transport.abort)
+        if self.close_timer is None:
+            loop = asyncio.get_running_loop()
+            self.close_timer = loop.call_later(timeout, self.transport.abort)
 
     def _to(self, new: State) -> None:
         """Move to ``new`` (:class:`~tidings.state.IllegalTransition` if :data:`TRANSITIONS`
@@ -533,7 +559,7 @@ class FastWebSocket(asyncio.Protocol):
         self._to(CLOSING)
         self.close_code = 1011
         self._push(_GONE)
-        self.transport.close()
+        self._close_transport()
 
     def _cancel_timers(self) -> None:
         if self.wheel_bucket is not None:
@@ -554,7 +580,7 @@ class FastWebSocket(asyncio.Protocol):
             log.error("ASGI callable returned without completing handshake.")
             self._send_500()
         if self.close_timer is None and self.state is not CLOSED:
-            self.transport.close()
+            self._close_transport()
 
     async def _asgi_receive(self) -> Message:
         if not self._connect_sent:

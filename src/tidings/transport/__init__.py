@@ -30,18 +30,28 @@ class EndpointTransport(Transport, Protocol):
 class ServerTransport(EndpointTransport, Protocol):
     """A transport a server offers in the scope (:data:`EXTENSION`)."""
 
+    #: seconds a closing connection may take (close handshake, buffered data) before the
+    #: server aborts it, whatever closed it: the endpoint, a protocol error, a missed pong
+    close_timeout: float
+
     def limit_incoming(self, max_size: int) -> None:
         """Close 1009 on an incoming message over ``max_size`` bytes."""
 
 
-def open_transport(scope: Scope, receive: Receive, send: Send, max_size: int) -> EndpointTransport:
+def open_transport(
+    scope: Scope, receive: Receive, send: Send, max_size: int, close_timeout: float | None = None
+) -> EndpointTransport:
     """The server's own transport if it offers one (``tidings serve``), else plain ASGI.
 
-    ``max_size``: bytes; a larger incoming message closes the connection 1009."""
+    ``max_size``: bytes; a larger incoming message closes the connection 1009.
+    ``close_timeout``: seconds the server's transport gives any close before aborting the
+    connection (the ASGI path's deadline is kept by :class:`~tidings.delivery.QueuedWriter`)."""
     offered = scope.get("extensions", {}).get(EXTENSION)
     if offered is not None:
         transport: ServerTransport = offered["transport"]
         transport.limit_incoming(max_size)
+        if close_timeout is not None:
+            transport.close_timeout = close_timeout
         return transport
     return AsgiTransport(receive, send, max_size)
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from typing import Any, Protocol
+
 from starlette.types import Receive, Send
 
 from ..errors import TOO_BIG, Disconnect
@@ -10,6 +14,40 @@ from ..frames import Frame
 
 def _size(data: Frame) -> int:
     return len(data.encode()) if isinstance(data, str) else len(data)
+
+
+class _Abortable(Protocol):
+    def abort(self) -> None: ...
+
+
+def _transport_of(owner: object) -> _Abortable | None:
+    transport = getattr(owner, "transport", None)  # asyncio's or uvloop's transports
+    return transport if callable(getattr(transport, "abort", None)) else None
+
+
+def server_transport(send: Send, depth: int = 6) -> _Abortable | None:
+    """The asyncio transport under an ASGI ``send``, or None: the ``transport`` of the protocol
+    object ``send`` is a method of (uvicorn's WebSocket protocols), looked for through the
+    closures middleware wrap ``send`` in (Starlette's exception handling does), then of the
+    protocol whose method runs the current task (the ASGI application's task). Duck typing
+    over servers' internals, used for one thing only: aborting a socket whose close hangs."""
+    seen: set[int] = set()
+    todo: list[tuple[Any, int]] = [(send, 0)]
+    while todo:
+        fn, level = todo.pop()
+        if id(fn) in seen or level > depth:
+            continue
+        seen.add(id(fn))
+        found = _transport_of(getattr(fn, "__self__", None))
+        if found is not None:
+            return found
+        for cell in getattr(fn, "__closure__", None) or ():
+            with contextlib.suppress(ValueError):  # an empty cell
+                if callable(cell.cell_contents):
+                    todo.append((cell.cell_contents, level + 1))
+    task = asyncio.current_task()
+    frame = getattr(task.get_coro(), "cr_frame", None) if task is not None else None
+    return _transport_of(frame.f_locals.get("self")) if frame is not None else None
 
 
 class AsgiTransport:
@@ -37,7 +75,7 @@ class AsgiTransport:
                 text = message.get("text")
                 data: Frame = text if text is not None else message.get("bytes") or b""
                 if len(data) > self.max_size // 4 and _size(data) > self.max_size:
-                    raise TOO_BIG
+                    raise TOO_BIG()
                 return data
             if kind == "websocket.disconnect":
                 self.closed = True
@@ -50,6 +88,16 @@ class AsgiTransport:
                 await send({"type": "websocket.send", "text": frame})
             else:
                 await send({"type": "websocket.send", "bytes": frame})
+
+    def abort(self) -> None:
+        """Drop the TCP connection now, unsent data and all: a close that did not finish within
+        ``close_timeout`` (a peer that stopped reading never takes the close frame, and the
+        server would hold its socket for good). ASGI has no such message: this finds the
+        server's asyncio transport (:func:`server_transport`); when it cannot, it does nothing
+        and the server's own close timeout applies."""
+        transport = server_transport(self._send)
+        if transport is not None:
+            transport.abort()
 
     async def close(self, code: int, reason: str) -> None:
         if not self.closed:
