@@ -413,3 +413,27 @@ async def test_unidirectional_pings_need_no_pong(serve: Serve) -> None:
         for _ in range(3):
             assert await stream.next() == {}
         assert srv.hub.sessions and not srv.hub.metrics.slow_clients
+
+
+async def test_streaming_endpoints_refuse_a_foreign_browser_origin(serve: Serve) -> None:
+    """Outside dev mode, a page on another origin opens no stream, posts no command and gets no
+    uni_websocket (403 before anything runs); a request without Origin (curl) is not refused."""
+    server = await serve(token_hmac_secret=SECRET, api_key="k")
+    evil = {"Origin": "https://evil.example"}
+    connect = orjson.dumps({"token": token("alice")})
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as http:
+        for path in ("/connection/http_stream", "/connection/uni_http_stream", "/emulation"):
+            answer = await http.post(path, content=connect, headers=evil)
+            assert answer.status_code == 403, path
+        answer = await http.get(
+            "/connection/uni_sse", params={"cf_connect": connect.decode()}, headers=evil
+        )
+        assert answer.status_code == 403
+        async with http.stream("POST", "/connection/uni_http_stream", content=connect) as stream:
+            assert stream.status_code == 200
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        async with websockets.connect(
+            f"{server.ws}/connection/uni_websocket", origin="https://evil.example"
+        ):
+            pass
+    assert refused.value.response.status_code == 403

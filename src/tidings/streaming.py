@@ -42,9 +42,10 @@ from urllib.parse import parse_qs
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from .auth import scope_origin_allowed
 from .control import Emulation
 from .delivery import takes_frames
-from .endpoints import admit, log_closed, log_refused
+from .endpoints import admit, log_closed, log_refused, refuse_origin
 from .errors import (
     SHUTDOWN,
     BadRequest,
@@ -61,6 +62,7 @@ from .transport.stream import EVENTS, LINES, Framing, StreamTransport
 
 if TYPE_CHECKING:
     from .app import Tidings
+    from .config import Settings
     from .connection import Client
 
 log = logging.getLogger("tidings.streaming")
@@ -114,13 +116,11 @@ async def read_body(receive: Receive, limit: int) -> bytes | None:
             return b"".join(chunks)
 
 
-def check_origin(scope: Scope) -> bool:
-    """Whether the request's ``Origin`` may open a connection here.
-
-    ORIGIN CHECK (issue 11, engineer ``sec1``): ``auth.allowed_origins`` is not on main yet; once
-    it is, call it here with the settings and the ``Origin`` header. Until then every origin
-    passes, as on ``/connection/websocket``."""
-    return True
+def check_origin(settings: Settings, scope: Scope) -> bool:
+    """Whether the request's ``Origin`` may open a connection or post commands here: the same
+    rule as the WebSocket endpoints (:func:`~.auth.scope_origin_allowed`: ``allowed_origins``,
+    else same-origin outside dev mode; requests without ``Origin`` pass)."""
+    return scope_origin_allowed(settings, scope)
 
 
 def _connect_refusal(exc: TidingsError) -> Disconnect:
@@ -185,7 +185,7 @@ class StreamingEndpoints:
         if method == "OPTIONS":
             await respond(send, 204, PREFLIGHT)
             return None
-        if not check_origin(scope):
+        if not check_origin(self.tidings.settings, scope):
             log_refused(scope["path"], 403, "origin not allowed", log)
             await respond(send, 403)
             return None
@@ -253,7 +253,7 @@ class StreamingEndpoints:
         if method != "POST":
             await respond(send, 405, [(b"allow", b"POST, OPTIONS")])
             return
-        if not check_origin(scope):
+        if not check_origin(self.tidings.settings, scope):
             await respond(send, 403)
             return
         # room for the envelope around a frame of up to max_message_size bytes
@@ -330,14 +330,15 @@ class StreamingEndpoints:
 
     async def _uni_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         settings = self.tidings.settings
-        transport = open_transport(scope, receive, send, settings.max_message_size)
+        if not check_origin(settings, scope):  # before the upgrade: HTTP 403
+            await refuse_origin(scope["path"], receive, send)
+            return
+        transport = open_transport(
+            scope, receive, send, settings.max_message_size, settings.close_timeout
+        )
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         given = query.get(CONNECT_PARAM, [""])[0]
         await transport.accept()
-        if not check_origin(scope):
-            log_refused(scope["path"], 1008, "origin not allowed", log)
-            await transport.close(1008, "origin not allowed")
-            return
         fmt = self.encoders.wire_format(takes_frames(transport), uni=True)
         session = Session(self.tidings.hub, transport, fmt, pong_timeout=settings.pong_timeout)
         if not await admit(session):
