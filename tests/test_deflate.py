@@ -52,7 +52,9 @@ class DeflateWs:
         self.reader, self.writer, self.head = reader, writer, head
 
     @classmethod
-    async def connect(cls, port: int, offer: str | None = CHROME_OFFER) -> DeflateWs:
+    async def connect(
+        cls, port: int, offer: str | None = CHROME_OFFER, path: str = "/connection/websocket"
+    ) -> DeflateWs:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
@@ -60,7 +62,7 @@ class DeflateWs:
         key = base64.b64encode(os.urandom(16)).decode()
         extension = f"Sec-WebSocket-Extensions: {offer}\r\n" if offer else ""
         writer.write(
-            f"GET /connection/websocket HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
             f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
             f"Sec-WebSocket-Version: 13\r\n{extension}\r\n".encode()
         )
@@ -260,6 +262,33 @@ async def test_one_compressed_frame_per_publication_for_every_deflate_subscriber
         assert not compressed and orjson.loads(text)["push"]["pub"]["data"] == data
     compressed, text = await elsewhere.message()
     assert not compressed and orjson.loads(text)["push"]["pub"]["data"] == big(9)
+    for ws in [*deflating, plain, elsewhere]:
+        ws.close()
+
+
+async def test_raw_endpoint_one_compressed_frame_per_publication(
+    serve: Serve, counted: list[bytes]
+) -> None:
+    srv = await serve(namespaces=NAMESPACES, fast=True)
+    deflating = [await DeflateWs.connect(srv.port, path="/ws/big:raw") for _ in range(4)]
+    plain = await DeflateWs.connect(srv.port, None, path="/ws/big:raw")
+    elsewhere = await DeflateWs.connect(srv.port, path="/ws/small:raw")
+    for channel, n in (("big:raw", 5), ("small:raw", 1)):  # subscribed before the 101
+        assert srv.hub.subscribers(channel) == n
+    text = "x" * 100 + "".join(f"line {i}\n" for i in range(300))
+    await publish(srv, "big:raw", text)
+    await publish(srv, "big:raw", "short")
+    await publish(srv, "small:raw", text)
+    assert counted == [text.encode()]
+    frames = []
+    for ws in deflating:
+        first, data, whole = await ws.frame()
+        assert first == 0xC1 and inflate(data).decode() == text
+        assert await ws.message() == (False, b"short")
+        frames.append(whole)
+    assert len(set(frames)) == 1
+    assert await plain.message() == (False, text.encode())
+    assert await elsewhere.message() == (False, text.encode())
     for ws in [*deflating, plain, elsewhere]:
         ws.close()
 
