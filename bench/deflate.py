@@ -4,7 +4,7 @@ Every subscriber is a raw client over a real socket that offers deflate as Chrom
 (``permessage-deflate; client_max_window_bits``) and speaks the Centrifugo JSON protocol on
 ``/connection/websocket``. One publication at a time goes in through ``POST /api/publish``; the
 next goes once every subscriber has received the previous one (whole frames counted at the
-socket, not inflated: the client's cost is not measured). The server runs in its own process;
+socket; the client's own CPU is not measured). The server runs in its own process;
 its CPU time (user + system, from ``/proc``) over the publishing phase divided by the deliveries
 is the number, with the bytes every client read divided by the deliveries beside it.
 
@@ -32,6 +32,7 @@ import struct
 import subprocess
 import sys
 import time
+import zlib
 from typing import Any
 
 import httpx
@@ -78,6 +79,9 @@ class Subscriber:
         self.frames = 0
         self.compressed = 0
         self.changed = asyncio.Event()
+        # inflates with context takeover: valid for both servers (a message compressed
+        # without it refers to nothing before it, which an inflater with history reads too)
+        self.inflater = zlib.decompressobj(-zlib.MAX_WBITS)
 
     @classmethod
     async def open(cls, port: int, channel: str) -> Subscriber:
@@ -93,10 +97,19 @@ class Subscriber:
         sub = cls(reader, writer)
         # uncompressed commands: a deflate connection may send plain messages (RSV1 clear)
         sub.send(orjson.dumps({"id": 1, "connect": {}}))
-        await sub.frame()  # the reply: one at a time, so no two replies share a frame
+        await sub.reply()  # one at a time, so no two replies share a frame
         sub.send(orjson.dumps({"id": 2, "subscribe": {"channel": channel}}))
-        await sub.frame()
+        await sub.reply()
         return sub
+
+    async def reply(self) -> None:
+        """Read up to the next frame that is not a ping (a reply), inflating it if needed."""
+        while True:
+            first, _, data = await self.frame()
+            if first & 0x0F == 0x1:
+                if first & 0x40:
+                    self.inflater.decompress(data + b"\x00\x00\xff\xff")
+                return
 
     def send(self, payload: bytes) -> None:
         mask = os.urandom(4)
@@ -105,7 +118,7 @@ class Subscriber:
             struct.pack("!BBH", 0x81, 0x80 | 126, n))  # fmt: skip
         self.writer.write(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
 
-    async def frame(self) -> tuple[int, int]:
+    async def frame(self) -> tuple[int, int, bytes]:
         head = await self.reader.readexactly(2)
         n = head[1] & 0x7F
         extra = 0
@@ -113,20 +126,29 @@ class Subscriber:
             extra, n = 2, struct.unpack("!H", await self.reader.readexactly(2))[0]
         elif n == 127:
             extra, n = 8, struct.unpack("!Q", await self.reader.readexactly(8))[0]
-        await self.reader.readexactly(n)
-        return head[0], 2 + extra + n
+        data = await self.reader.readexactly(n)
+        return head[0], 2 + extra + n, data
 
     async def run(self) -> None:
         while True:
             try:
-                first, size = await self.frame()
+                first, size, data = await self.frame()
             except (asyncio.IncompleteReadError, ConnectionError):
                 return  # the server stopped
-            if first & 0x0F == 0x9:  # a WebSocket ping: not part of the measurement
+            if first & 0x0F != 0x1:  # a WebSocket ping: not part of the measurement
+                continue
+            compressed = bool(first & 0x40)
+            if compressed:
+                data = self.inflater.decompress(data + b"\x00\x00\xff\xff")
+            lines = data.split(b"\n")
+            if b"{}" in lines:  # a Centrifugo ping: answer it, or the server closes us
+                self.send(b"{}")
+            pushes = sum(line.startswith(b'{"push"') for line in lines)
+            if not pushes:
                 continue
             self.bytes += size
-            self.frames += 1
-            self.compressed += bool(first & 0x40)
+            self.frames += pushes
+            self.compressed += compressed * pushes
             self.changed.set()
 
 
