@@ -148,7 +148,9 @@ async def test_a_late_watcher_of_the_tasks_example_gets_every_step() -> None:
             started = (await http.post("/tasks", params={"steps": 3, "delay": 0})).json()
             channel = started["channel"]
             for _ in range(500):  # the job has finished before anyone watches
-                history = await http.post("/api/history", json={"channel": channel, "limit": -1})
+                history = await http.post(
+                    "/api/history", json={"channel": channel, "limit": -1}
+                )
                 if len(history.json()["result"]["publications"]) == 4:
                     break
                 await asyncio.sleep(0.01)

@@ -99,7 +99,7 @@ async def test_demo_page(serve: Serve, browser: Any, size: str) -> None:
     assert await page.locator("#empty").is_visible()
     assert not await page.locator("#log").is_visible()
     hints = await page.text_content("#hints") or ""
-    assert f'tidings publish news "hello" --url {srv.url}' in hints
+    assert f"tidings publish news \"hello\" --url {srv.url}" in hints
     assert f"curl -X POST {srv.url}/api/publish" in hints
 
     await subscribe(page, "lobby")
