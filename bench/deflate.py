@@ -108,7 +108,10 @@ class Subscriber:
             first, _, data = await self.frame()
             if first & 0x0F == 0x1:
                 if first & 0x40:
-                    self.inflater.decompress(data + b"\x00\x00\xff\xff")
+                    data = self.inflater.decompress(data + b"\x00\x00\xff\xff")
+                if data == b"{}":  # a Centrifugo ping came first: answer it, read on
+                    self.send(b"{}")
+                    continue
                 return
 
     def send(self, payload: bytes) -> None:
@@ -135,6 +138,9 @@ class Subscriber:
                 first, size, data = await self.frame()
             except (asyncio.IncompleteReadError, ConnectionError):
                 return  # the server stopped
+            if first & 0x0F == 0x8:
+                code = struct.unpack("!H", data[:2])[0] if len(data) >= 2 else 1005
+                raise SystemExit(f"the server closed a subscriber: {code} {data[2:]!r}")
             if first & 0x0F != 0x1:  # a WebSocket ping: not part of the measurement
                 continue
             compressed = bool(first & 0x40)
