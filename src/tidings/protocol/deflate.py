@@ -23,7 +23,7 @@ the client's inflate would cost more than the bytes saved.
 from __future__ import annotations
 
 import zlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..frames import WsFrame, text_frame
 
@@ -59,24 +59,29 @@ class Compressor:
     message on a byte boundary *and* resets the LZ77 window, so the next message refers to
     nothing before it and a fresh inflater decodes it alone, which is what
     ``server_no_context_takeover`` promises. Reusing the stream saves zlib's allocation
-    (~260 KiB with the default ``memLevel``) per message. Not thread-safe: one per hub.
+    (~260 KiB with the default ``memLevel``, zlib's documented figure) per message; it is made
+    on the first message. Not thread-safe: one per hub.
 
     ``level``: zlib's 1 (fastest) to 9 (smallest). ``min_size``: bytes; shorter payloads are
     framed uncompressed."""
 
-    __slots__ = ("_zlib", "min_size")
+    __slots__ = ("_zlib", "level", "min_size")
 
     def __init__(self, level: int = 1, min_size: int = 0) -> None:
         if not 1 <= level <= 9:
             raise ValueError("compression level must be between 1 and 9")
-        self._zlib = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+        self.level = level
         self.min_size = min_size
+        # made on first use: a hub whose clients never negotiate deflate allocates nothing
+        self._zlib: Any = None
 
     def compress(self, payload: bytes) -> bytes:
         """``payload`` as the compressed data of one message (RFC 7692 section 7.2.1: the
         DEFLATE blocks without the trailing ``00 00 ff ff`` the receiver appends again)."""
         z = self._zlib
-        data = z.compress(payload) + z.flush(zlib.Z_FULL_FLUSH)
+        if z is None:
+            z = self._zlib = zlib.compressobj(self.level, zlib.DEFLATED, -zlib.MAX_WBITS)
+        data: bytes = z.compress(payload) + z.flush(zlib.Z_FULL_FLUSH)
         return data[:-4] if data.endswith(_TAIL) else data
 
     def text_frame(self, payload: bytes) -> WsFrame:
