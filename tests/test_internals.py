@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
+import zlib
 from typing import Any
 
 import pytest
@@ -67,6 +68,40 @@ def test_limit_incoming_changes_the_limit_after_the_handshake() -> None:
     assert _internals.parser_failed(conn)
     assert conn.close_sent is not None and conn.close_sent.code == 1009
     assert b"".join(conn.data_to_send()).startswith(b"\x88")  # the close frame
+
+
+def test_deflate_negotiated_reads_the_agreed_extension_and_inflates_up_to_the_limit() -> None:
+    from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+
+    def handshake(offer: bytes, factory: ServerPerMessageDeflateFactory) -> ServerProtocol:
+        conn = ServerProtocol(max_size=2**20, extensions=[factory])
+        conn.receive_data(HANDSHAKE[:-2] + b"Sec-WebSocket-Extensions: " + offer + b"\r\n\r\n")
+        [request] = conn.events_received()
+        assert isinstance(request, Request)
+        conn.send_response(conn.accept(request))
+        conn.data_to_send()
+        _internals.frames_only(conn)
+        return conn
+
+    alone = ServerPerMessageDeflateFactory(
+        server_no_context_takeover=True, client_no_context_takeover=True
+    )
+    conn = handshake(b"permessage-deflate; client_max_window_bits", alone)
+    assert _internals.deflate_negotiated(conn)
+    # the frame parser inflates with the agreed extension, within the limit set afterwards
+    _internals.limit_incoming(conn, 1000)
+    z = zlib.compressobj(9, zlib.DEFLATED, -15)
+    bomb = z.compress(b"a" * 5000) + z.flush(zlib.Z_SYNC_FLUSH)
+    body = bomb[:-4]
+    assert len(body) < 126
+    conn.receive_data(bytes((0xC1, 0x80 | len(body))) + b"\0\0\0\0" + body)  # RSV1, zero mask
+    conn.events_received()
+    assert conn.close_sent is not None and conn.close_sent.code == 1009
+    # context takeover on the server side: frames built once for all would be wrong there
+    assert not _internals.deflate_negotiated(
+        handshake(b"permessage-deflate", ServerPerMessageDeflateFactory())
+    )
+    assert not _internals.deflate_negotiated(opened())  # nothing offered
 
 
 def test_parser_failed_on_a_protocol_error() -> None:

@@ -62,6 +62,11 @@ class ChannelOptions(BaseModel):
     allow_history: bool = Field(True, description="Clients may read history.")
     allow_presence: bool = Field(True, description="Clients may read presence.")
     force_recovery: bool = Field(False, description="Recover on resubscribe even if not asked.")
+    compression: bool | None = Field(
+        None,
+        description="Send publications permessage-deflate compressed to clients that "
+        "negotiated it (`tidings serve`; unset: the global `compression` setting).",
+    )
 
 
 class Settings(BaseSettings):
@@ -165,6 +170,17 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds over which a stopping node closes its connections (3001 shutdown), "
         "so clients reconnect elsewhere spread out, not all at once.",
+    )
+    compression: bool = Field(
+        False,
+        description="permessage-deflate for every namespace that does not set its own "
+        "`compression` (`tidings serve`: one compressed frame per publication).",
+    )
+    compression_min_size: int = Field(
+        512, ge=0, description="Messages shorter than this go uncompressed, bytes."
+    )
+    compression_level: int = Field(
+        1, ge=1, le=9, description="zlib level of permessage-deflate (1 fastest, 9 smallest)."
     )
     max_channel_length: int = Field(255, ge=1, description="Longest channel name.")
     channel_chars: str = Field(

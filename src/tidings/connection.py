@@ -56,7 +56,7 @@ from .protocol import centrifuge as wire
 from .protocol.centrifuge_protobuf import SUBPROTOCOL as PROTOBUF
 from .session import Session
 from .subscriptions import SERVER_UNSUBSCRIBE, Subscription, Subscriptions
-from .transport import open_transport
+from .transport import negotiated_deflate, open_transport
 
 if TYPE_CHECKING:
     from .app import Tidings
@@ -391,7 +391,10 @@ class CentrifugeEndpoint:
     def __init__(self, tidings: Tidings) -> None:
         self.tidings = tidings
         #: this hub's encoders: their caches are shared by its clients, by no other hub's
-        self.encoders = wire.CentrifugeEncoders()
+        settings = tidings.settings
+        self.encoders = wire.CentrifugeEncoders(
+            settings.compression_level, settings.compression_min_size
+        )
         tidings.hub.on_control_message(self._on_control)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -428,7 +431,10 @@ class CentrifugeEndpoint:
         # Pings start once the client has connected: before that any frame, a pong too, is a
         # protocol error (3501), so a ping would only provoke one.
         # a direct transport writes pre-built frames: pushes are framed once per publication
-        fmt = self.encoders.wire_format(takes_frames(transport), protobuf=protobuf)
+        # and, if it negotiated permessage-deflate (JSON only), compressed once per publication
+        fmt = self.encoders.wire_format(
+            takes_frames(transport), protobuf=protobuf, deflate=negotiated_deflate(transport)
+        )
         session = Session(hub, transport, fmt, pong_timeout=settings.pong_timeout)
         return session if await admit(session) else None
 

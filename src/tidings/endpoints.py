@@ -16,9 +16,11 @@ from .control import ControlMessage, UnsubscribeUser
 from .delivery import takes_frames
 from .errors import UNAVAILABLE, BadRequest, CloseReason, Disconnect, TidingsError, Unavailable
 from .frames import Frame
-from .protocol.raw import RawText, raw_format
+from .protocol import deflate
+from .protocol.deflate import Compressor
+from .protocol.raw import RawDeflate, RawText, raw_format
 from .session import Session
-from .transport import open_transport
+from .transport import negotiated_deflate, open_transport
 
 if TYPE_CHECKING:
     from .app import Tidings
@@ -142,6 +144,11 @@ class RawEndpoint:
 
     def __init__(self, tidings: Tidings) -> None:
         self.tidings = tidings
+        settings = tidings.settings
+        #: this hub's compressing format (for connections that negotiated permessage-deflate)
+        self.deflating = RawDeflate(
+            Compressor(settings.compression_level, settings.compression_min_size)
+        )
         tidings.hub.on_control_message(self._on_control)
 
     def _on_control(self, message: ControlMessage) -> None:
@@ -192,6 +199,8 @@ class RawEndpoint:
         try:
             name = scope["path_params"]["channel"]
             channel = hub.channel(name)
+            if negotiated_deflate(transport) and deflate.compressed(settings, channel.options):
+                wire = session.format = self.deflating
             query = parse_qs(scope.get("query_string", b"").decode())
             who = await self._credentials(query)
             check_user_limit(hub, settings, who.user)

@@ -27,6 +27,7 @@ from .brokers.base import ClientInfo, HistoryResult, JoinLeave, StreamPosition, 
 from .channels import PRIVATE_PREFIX, USER_SEPARATOR, Channel
 from .errors import AlreadySubscribed, LimitExceeded, PermissionDenied, UnrecoverablePosition
 from .protocol import centrifuge as wire
+from .protocol import deflate
 from .session import Session
 
 if TYPE_CHECKING:
@@ -164,7 +165,8 @@ class Subscriptions:
         join_leave = opts.force_push_join_leave or bool(
             opts.join_leave and request.get("join_leave")
         )
-        sub = Subscription(ch, info, opts.presence, self.format.encoder(join_leave))
+        compress = deflate.compressed(self.settings, opts)
+        sub = Subscription(ch, info, opts.presence, self.format.encoder(join_leave, compress))
         keeps = opts.history_size > 0 and opts.history_ttl > 0
         recoverable = keeps and bool(request.get("recoverable") or opts.force_recovery)
         positioned = keeps and bool(request.get("positioned") or recoverable)

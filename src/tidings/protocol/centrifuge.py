@@ -24,6 +24,7 @@ import orjson
 from ..brokers.base import ClientInfo, JoinLeave, Publication
 from ..errors import BAD_REQUEST, BadRequest, CloseReason, Disconnect, TidingsError
 from ..frames import Frame, payload, text_frame
+from .deflate import Compressor
 from .depth import MAX_DEPTH, too_deep
 
 PING = "{}"
@@ -271,8 +272,10 @@ class CentrifugeJson:
         plain._pair = with_join_leave._pair = (plain, with_join_leave)
         return plain
 
-    def encoder(self, join_leave: bool) -> CentrifugeJson:
-        """The encoder of this pair for a subscription with or without join/leave pushes."""
+    def encoder(self, join_leave: bool, compress: bool = False) -> CentrifugeJson:
+        """The encoder of this pair for a subscription with or without join/leave pushes.
+        ``compress``: the channel's namespace wants compression (only a format whose
+        connection negotiated permessage-deflate has a compressing encoder to give)."""
         return self._pair[join_leave]
 
     def _frame(self, data: bytes) -> Frame:
@@ -389,6 +392,63 @@ class CentrifugeUniFramed(_Unidirectional, CentrifugeFramed):
     __slots__ = ()
 
 
+class CentrifugeDeflate(CentrifugeFramed):
+    """The framed variant for connections that negotiated permessage-deflate: a push of at
+    least ``compression_min_size`` bytes is ONE compressed frame per publication, written
+    as it is to every such subscriber (:mod:`.deflate`: no context takeover, so the same
+    compressed bytes are valid on every connection).
+
+    As a session's wire format it also gives out the plain framed encoders, for channels
+    whose namespace is not compressed (:meth:`encoder`), and it compresses the session's own
+    large replies (history, presence), which are its alone anyway (:meth:`pack`)."""
+
+    __slots__ = ("_compressor", "_plain")
+
+    def __init__(
+        self,
+        with_join_leave: bool,
+        last: _LastPush,
+        compressor: Compressor | None = None,
+        plain: CentrifugeJson | None = None,
+    ) -> None:
+        super().__init__(with_join_leave, last)
+        self._compressor = compressor or Compressor()
+        self._plain: CentrifugeJson = plain or self
+
+    @classmethod
+    def made(cls, compressor: Compressor, plain: CentrifugeJson) -> CentrifugeDeflate:
+        """A new pair sharing ``compressor`` (one per hub), beside the ``plain`` framed pair."""
+        last = _LastPush()
+        without, with_join_leave = (
+            cls(False, last, compressor, plain),
+            cls(True, last, compressor, plain),
+        )
+        without._pair = with_join_leave._pair = (without, with_join_leave)
+        return without
+
+    def encoder(self, join_leave: bool, compress: bool = False) -> CentrifugeJson:
+        if compress:
+            return self._pair[join_leave]
+        return self._plain.encoder(join_leave)
+
+    def _frame(self, data: bytes) -> Frame:
+        return self._compressor.text_frame(data)
+
+    def pack(self, frames: list[Frame]) -> list[Frame]:
+        """The queued frames as they are, in one write: a compressed frame cannot be joined
+        with others without inflating it again. Replies (``str``) of at least
+        ``compression_min_size`` bytes are compressed here, once each."""
+        compressor = self._compressor
+        minimum = compressor.min_size
+        out: list[Frame] = []
+        for f in frames:
+            if type(f) is str and len(f) >= minimum:
+                out.append(compressor.text_frame(f.encode()))
+            else:
+                out.append(f)
+        return out
+
+
 class CentrifugeEncoders:
     """The Centrifugo encoders (and session wire formats) of one hub, per flavour (JSON,
     protobuf): a pair for ASGI transports and a framed pair for direct ones.
@@ -397,9 +457,17 @@ class CentrifugeEncoders:
     made per hub (the Centrifugo endpoint of a :class:`~tidings.app.Tidings` makes it), never
     per process: two hubs in one process, on one thread or several, share no encoder state."""
 
-    __slots__ = ("framed", "protobuf", "protobuf_framed", "text", "uni_framed", "uni_text")
+    __slots__ = (
+        "deflate",
+        "framed",
+        "protobuf",
+        "protobuf_framed",
+        "text",
+        "uni_framed",
+        "uni_text",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, level: int = 1, min_size: int = 0) -> None:
         from .centrifuge_protobuf import CentrifugeProtobuf, CentrifugeProtobufFramed
 
         #: for transports that take text (ASGI): pushes are ``str``
@@ -413,15 +481,24 @@ class CentrifugeEncoders:
         self.protobuf: CentrifugeJson = CentrifugeProtobuf.pair()
         #: the protobuf flavour on direct transports: pushes are complete binary frames
         self.protobuf_framed: CentrifugeJson = CentrifugeProtobufFramed.pair()
+        #: for direct transports that negotiated permessage-deflate: pushes are frames,
+        #: compressed once per publication (``level``: zlib's 1-9; ``min_size``: bytes,
+        #: shorter pushes and replies go uncompressed)
+        self.deflate: CentrifugeJson = CentrifugeDeflate.made(
+            Compressor(level, min_size), self.framed
+        )
 
     def wire_format(
-        self, framed: bool, uni: bool = False, protobuf: bool = False
+        self, framed: bool, uni: bool = False, protobuf: bool = False, deflate: bool = False
     ) -> CentrifugeJson:
         """The session's format (and encoder without join/leave) for a transport that does or
         does not write pre-built frames; ``uni``: for a unidirectional transport (JSON only);
-        ``protobuf``: the protobuf flavour."""
+        ``protobuf``: the protobuf flavour; ``deflate``: the transport negotiated
+        permessage-deflate (JSON on direct transports only: protobuf frames go uncompressed)."""
         if uni:
             return self.uni_framed if framed else self.uni_text
         if protobuf:
             return self.protobuf_framed if framed else self.protobuf
-        return self.framed if framed else self.text
+        if not framed:
+            return self.text
+        return self.deflate if deflate else self.framed

@@ -12,6 +12,7 @@ import orjson
 from ..brokers.base import JoinLeave, Publication
 from ..errors import SERVICE_RESTART
 from ..frames import Frame, text_frame
+from .deflate import Compressor
 
 
 def text_of(data: bytes) -> str:
@@ -52,11 +53,30 @@ class RawFramed(RawText):
     __slots__ = ()
 
     def push(self, publication: Publication) -> Frame:
-        data = publication.data
-        if data[:1] == b'"' and data[-1:] == b'"' and b"\\" not in data:
-            # a JSON string without escapes: its UTF-8 text is what lies between the quotes
-            return text_frame(data[1:-1])
-        return text_frame(text_of(data).encode())
+        return text_frame(text_bytes(publication.data))
+
+
+class RawDeflate(RawFramed):
+    """The fast transport's raw format for a connection that negotiated permessage-deflate, in
+    a channel whose namespace compresses: a push of at least ``compression_min_size`` bytes is
+    one compressed frame per publication, shared by every such subscriber (:mod:`.deflate`).
+    One per hub (its compressor is not shared across hubs or threads)."""
+
+    __slots__ = ("_compressor",)
+
+    def __init__(self, compressor: Compressor) -> None:
+        self._compressor = compressor
+
+    def push(self, publication: Publication) -> Frame:
+        return self._compressor.text_frame(text_bytes(publication.data))
+
+
+def text_bytes(data: bytes) -> bytes:
+    """The UTF-8 text a raw subscriber sees for JSON ``data``."""
+    if data[:1] == b'"' and data[-1:] == b'"' and b"\\" not in data:
+        # a JSON string without escapes: its UTF-8 text is what lies between the quotes
+        return data[1:-1]
+    return text_of(data).encode()
 
 
 RAW_TEXT = RawText()

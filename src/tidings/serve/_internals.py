@@ -14,6 +14,10 @@ websockets (sans-I/O ``ServerProtocol``, :mod:`.websocket`):
   it later changes the limit (an endpoint's own limit applies after the handshake).
 * :func:`parser_failed`: ``parser_exc`` is set when the parser failed the connection (oversize,
   bad UTF-8, protocol error) and queued a close frame.
+* :func:`deflate_negotiated`: after ``accept``, the ``extensions`` attribute lists what the
+  handshake response agreed on (a ``PerMessageDeflate`` whose ``local_no_context_takeover``
+  is what a frame compressed once for every connection needs); the frame parser inflates
+  with them, and fails 1009 once an inflated message passes ``max_message_size``.
 * ``close_sent``/``close_rcvd`` (public attributes) and ``fail(code, reason)``.
 
 uvicorn (its protocol classes' constructor interface, ``Config`` and ``ServerState`` fields):
@@ -34,6 +38,7 @@ from __future__ import annotations
 import logging
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.protocol import Protocol as WsProtocol
 from websockets.server import ServerProtocol
 
@@ -47,6 +52,7 @@ CONFIG_FIELDS = (
     "asgi_version",
     "root_path",
     "ws_max_size",
+    "ws_per_message_deflate",
     "ws_ping_interval",
     "ws_ping_timeout",
 )
@@ -116,6 +122,16 @@ def limit_incoming(conn: ServerProtocol, max_size: int | None) -> None:
     conn.max_message_size = max_size
 
 
+def deflate_negotiated(conn: ServerProtocol) -> bool:
+    """The handshake agreed on permessage-deflate *without server context takeover*: the
+    client inflates every message on its own, so one compressed frame fits every such
+    connection. (With context takeover the compressed frames tidings builds would be wrong.)"""
+    return any(
+        isinstance(ext, PerMessageDeflate) and ext.local_no_context_takeover
+        for ext in conn.extensions
+    )
+
+
 def parser_failed(conn: ServerProtocol) -> bool:
     """websockets failed the connection while parsing (it queued the close frame)."""
     return conn.parser_exc is not None
@@ -129,6 +145,7 @@ __all__ = [
     "STATUS_LINE",
     "HttpToolsProtocol",
     "ServerProtocol",
+    "deflate_negotiated",
     "frames_only",
     "limit_incoming",
     "parser_failed",

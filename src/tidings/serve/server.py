@@ -13,6 +13,7 @@ from typing import Any
 import typer
 
 from ..config import Settings
+from ..protocol import deflate
 
 
 def _installed(module: str) -> bool:
@@ -25,7 +26,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
     """uvicorn settings of `tidings serve`: the fast WebSocket path, uvloop and httptools
     (FastHttp: the publishing routes without an ASGI cycle, one write per response) when
     installed, and the WebSocket limits and heartbeats from ``settings``. permessage-deflate
-    is declined (see serve/websocket.py)."""
+    is negotiated only if the settings compress some namespace (see serve/websocket.py)."""
     from .websocket import FastWebSocket
 
     http: Any = "h11"
@@ -40,7 +41,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
         "ws_max_size": settings.max_message_size,
         "ws_ping_interval": settings.ping_interval,
         "ws_ping_timeout": settings.pong_timeout,
-        "ws_per_message_deflate": False,
+        "ws_per_message_deflate": deflate.offered(settings),
         # a line per publish request costs more than the publish itself: only when debugging
         # (logs.Redact cuts query strings, and the tokens in them, from these lines)
         "access_log": settings.log_level.lower() in ("debug", "trace"),

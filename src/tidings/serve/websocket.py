@@ -14,9 +14,14 @@ message.
   ``Sec-WebSocket-Accept``, unmasking, fragments, ping -> pong, close handshake, UTF-8 check,
   ``max_size`` -> close 1009).
 * Outgoing data frames: :mod:`.frames` (unmasked header + payload).
-* permessage-deflate is declined (no extension is offered to the client): compression would cost
-  a deflate per subscriber, or a shared context that clients cannot use, and the fan-out
-  pre-builds frames once per publication for everyone.
+* permessage-deflate (RFC 7692) is accepted only if uvicorn's ``ws_per_message_deflate`` is on
+  (`tidings serve` turns it on when the settings compress some namespace,
+  :func:`tidings.protocol.deflate.offered`), and then with ``server_no_context_takeover`` and
+  ``client_no_context_takeover``: every message stands alone, so a tidings session writes ONE
+  compressed frame per publication, built by the fan-out, to every subscriber that negotiated
+  it (``deflate`` is True; :mod:`tidings.protocol.deflate`), and keeps no zlib state while
+  idle. websockets' ``PerMessageDeflate`` inflates incoming messages and stops at the message
+  size limit (1009). A plain ASGI app's messages go uncompressed (allowed per message).
 * Flow control: above the transport's high-water mark uvicorn's event loop calls
   :meth:`pause_writing`; from then on frames stay in the session's bounded outbox (it counts
   them; past ``outbox_limit`` the client is closed 3008) until :meth:`resume_writing`.
@@ -55,6 +60,7 @@ from urllib.parse import unquote
 
 from starlette.types import Message, Scope
 from websockets.exceptions import InvalidState
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import Frame as LibFrame
 from websockets.frames import Opcode
 from websockets.http11 import Request
@@ -118,6 +124,7 @@ class FastWebSocket(asyncio.Protocol):
         "close_timer",
         "config",
         "conn",
+        "deflate",
         "on_drain",
         "on_gone",
         "on_sink",
@@ -147,7 +154,13 @@ class FastWebSocket(asyncio.Protocol):
         self.server_state = server_state
         self.app_state = app_state
         # websockets' default logger, not uvicorn's: its debug checks stay off in production
-        self.conn = ServerProtocol(max_size=config.ws_max_size)
+        self.conn = ServerProtocol(
+            max_size=config.ws_max_size,
+            extensions=_DEFLATE if config.ws_per_message_deflate else None,
+        )
+        #: the client accepted permessage-deflate without context takeover (set at the
+        #: handshake): frames compressed once per publication may be written to it
+        self.deflate = False
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.scope: dict[str, Any] | None = None
         self.response: Any = None
@@ -309,6 +322,7 @@ class FastWebSocket(asyncio.Protocol):
             self._close_transport()
             return
         self.response = response
+        self.deflate = _internals.deflate_negotiated(self.conn)
         # websockets' handshake parser keeps the request (headers and all) alive in its
         # generator frame for the connection's life: go on with the plain frame parser, which
         # reads the same buffer and keeps nothing of the request
@@ -695,6 +709,12 @@ def heartbeat(server_state: Any, config: Any) -> Wheel[FastWebSocket]:
         wheel = server_state.tidings_heartbeat = Wheel(min(1.0, shortest / 4))
     return wheel
 
+
+#: what :class:`FastWebSocket` negotiates when deflate is on: no context takeover either way
+#: (shared: the factory is stateless; each connection gets its own ``PerMessageDeflate``)
+_DEFLATE = [
+    ServerPerMessageDeflateFactory(server_no_context_takeover=True, client_no_context_takeover=True)
+]
 
 _NAMES: dict[str, bytes] = {}
 

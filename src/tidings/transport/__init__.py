@@ -38,6 +38,14 @@ class ServerTransport(EndpointTransport, Protocol):
         """Close 1009 on an incoming message over ``max_size`` bytes."""
 
 
+def negotiated_deflate(transport: EndpointTransport) -> bool:
+    """Whether the client and the server's own transport agreed on permessage-deflate (RFC 7692)
+    with ``server_no_context_takeover``: the transport then takes compressed frames built once
+    per publication. A server that offers a transport says so in its ``deflate`` attribute;
+    plain ASGI has no such thing (the server compresses, or not, on its own)."""
+    return bool(getattr(transport, "deflate", False))
+
+
 def open_transport(
     scope: Scope, receive: Receive, send: Send, max_size: int, close_timeout: float | None = None
 ) -> EndpointTransport:
@@ -56,4 +64,10 @@ def open_transport(
     return AsgiTransport(receive, send, max_size)
 
 
-__all__ = ["EXTENSION", "EndpointTransport", "ServerTransport", "open_transport"]
+__all__ = [
+    "EXTENSION",
+    "EndpointTransport",
+    "ServerTransport",
+    "negotiated_deflate",
+    "open_transport",
+]
