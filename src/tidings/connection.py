@@ -43,7 +43,7 @@ from .errors import (
 from .frames import Frame
 from .protocol import centrifuge as wire
 from .session import Session
-from .subscriptions import SERVER_UNSUBSCRIBE, Subscription, Subscriptions
+from .subscriptions import INSUFFICIENT_STATE, SERVER_UNSUBSCRIBE, Subscription, Subscriptions
 from .transport import open_transport
 
 if TYPE_CHECKING:
@@ -311,6 +311,16 @@ class Client:
         if sub is not None:
             await self.subs.drop(name, sub)
             self.session.enqueue(wire.push(name, "unsubscribe", SERVER_UNSUBSCRIBE))
+
+    def stream_lost(self, name: str) -> None:
+        """The hub cannot continue ``name``'s stream for this client (it no longer delivers it
+        here): the unsubscribe push 2500 asks the SDK to resubscribe, and its recovery then
+        answers ``recovered: false`` (as centrifuge does for a client-side subscription)."""
+        sub = self.subs.by_name.pop(name, None)
+        if sub is None:
+            return
+        self.session.enqueue(wire.push(name, "unsubscribe", INSUFFICIENT_STATE))
+        self.spawn(self.subs.drop(name, sub))  # presence and the leave event
 
     def server_refresh(self, expire_at: float | None, expired: bool) -> None:
         self.creds.server_refresh(expire_at, expired)

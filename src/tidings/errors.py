@@ -89,6 +89,9 @@ class Disconnect(Exception):
 
 SHUTDOWN = Disconnect(3001, "shutdown")
 SLOW = Disconnect(3008, "slow")
+#: the channel's stream cannot be continued for this client (a broker restart started a new
+#: epoch, or a gap history no longer holds): reload the state. Centrifugo's 3010.
+INSUFFICIENT_STATE = Disconnect(3010, "insufficient state")
 NO_PONG = Disconnect(3012, "no pong")
 TOO_BIG = Disconnect(1009, "message too big")
 TOO_MANY = Disconnect(1013, "too many connections")

@@ -38,6 +38,10 @@ log = logging.getLogger("tidings.connection")
 
 #: the unsubscribe push's body when the server unsubscribes a client (Centrifugo's code 2000)
 SERVER_UNSUBSCRIBE = {"code": 2000, "reason": "server unsubscribe"}
+#: the unsubscribe push when the channel's stream cannot be continued (a new epoch, a gap
+#: history no longer holds): SDKs resubscribe and recover, or learn ``recovered: false``.
+#: Centrifugo's code 2500 (centrifuge's UnsubscribeCodeInsufficient).
+INSUFFICIENT_STATE = {"code": 2500, "reason": "insufficient state"}
 
 
 @dataclass(slots=True, eq=False)
