@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import httpx
+import orjson
 import pytest
 import websockets
 
-from .conftest import Serve
+from .conftest import Running, Serve
 from .test_fast import PATHS, wait_for
 
 
@@ -38,3 +40,76 @@ async def test_a_big_batch_does_not_close_a_fast_reader_as_slow(
         got = await reader
     assert got == [f"{i:05d}" + "x" * 40 for i in range(n)]
     assert srv.hub.metrics.slow_clients == 0
+
+
+def _post(path: str, body: bytes, version: str = "1.1", connection: str | None = None) -> bytes:
+    head = f"POST {path} HTTP/{version}\r\nHost: t\r\nContent-Length: {len(body)}\r\n"
+    if connection is not None:
+        head += f"Connection: {connection}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+def _api(channel: str, data: str, version: str = "1.1", connection: str | None = None) -> bytes:
+    body = orjson.dumps({"channel": channel, "data": data})
+    head = f"POST /api/publish HTTP/{version}\r\nHost: t\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(body)}\r\n"
+    if connection is not None:
+        head += f"Connection: {connection}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+#: byte sequences written at once; every one ends with a response that closes the connection
+SEQUENCES = {
+    "1.0 keep-alive, then 1.1": lambda c: (
+        _post(f"/publish/{c}", b"a", "1.0", "keep-alive")
+        + _post(f"/publish/{c}", b"b", connection="close")
+    ),
+    "1.0, then 1.1": lambda c: (
+        _post(f"/publish/{c}", b"a", "1.0") + _post(f"/publish/{c}", b"b", connection="close")
+    ),
+    "1.1 close, then 1.1": lambda c: (
+        _post(f"/publish/{c}", b"a", connection="close")
+        + _post(f"/publish/{c}", b"b", connection="close")
+    ),
+    "1.1 twice, then close": lambda c: (
+        _post(f"/publish/{c}", b"a")
+        + _post(f"/publish/{c}", b"b")
+        + _post(f"/publish/{c}", b"c", connection="close")
+    ),
+    "api 1.0 keep-alive, then api": lambda c: (
+        _api(c, "a", "1.0", "keep-alive") + _api(c, "b", connection="close")
+    ),
+    "api close, then publish": lambda c: (
+        _api(c, "a", connection="close") + _post(f"/publish/{c}", b"b", connection="close")
+    ),
+}
+
+
+async def _exchange(srv: Running, channel: str, data: bytes) -> tuple[list[int], list[str]]:
+    """Write ``data`` in one write; read every answer until the server closes. What was
+    answered (status codes) and executed (the channel's publications)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    writer.write(data)
+    await writer.drain()
+    received = await asyncio.wait_for(reader.read(), 10)  # to EOF: the server closes
+    writer.close()
+    statuses = [int(m) for m in re.findall(rb"HTTP/1\.[01] (\d{3}) ", received)]
+    history = await srv.hub.history(channel, limit=-1)
+    return statuses, [orjson.loads(p.data) for p in history.publications]
+
+
+async def test_pipelined_requests_behind_a_closing_answer_are_not_executed(serve: Serve) -> None:
+    """The same bytes to uvicorn's HTTP path and `tidings serve`'s own: each executes only what
+    it answers, and both answer the same."""
+    results: dict[bool, dict[str, tuple[list[int], list[str]]]] = {}
+    for fast in (False, True):
+        srv = await serve(fast=fast)
+        results[fast] = {}
+        for i, (name, make) in enumerate(SEQUENCES.items()):
+            channel = f"pipe{i}"
+            statuses, executed = await _exchange(srv, channel, make(channel))
+            assert len(statuses) == len(executed), (fast, name, statuses, executed)
+            results[fast][name] = (statuses, executed)
+    assert results[True] == results[False]
+    assert results[True]["1.0 keep-alive, then 1.1"] == ([200], ["a"])
+    assert results[True]["1.1 twice, then close"] == ([200, 200, 200], ["a", "b", "c"])
