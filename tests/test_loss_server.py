@@ -113,3 +113,34 @@ async def test_pipelined_requests_behind_a_closing_answer_are_not_executed(serve
     assert results[True] == results[False]
     assert results[True]["1.0 keep-alive, then 1.1"] == ([200], ["a"])
     assert results[True]["1.1 twice, then close"] == ([200, 200, 200], ["a", "b", "c"])
+
+
+async def _close_code(url: str) -> tuple[int | None, list[str]]:
+    """The close code a raw connection ends with, and what it received before."""
+    got: list[str] = []
+    async with websockets.connect(url) as ws:
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            while True:
+                got.append(str(await asyncio.wait_for(ws.recv(), 10)))
+    rcvd = closed.value.rcvd
+    return (rcvd.code if rcvd is not None else None), got
+
+
+async def test_a_raw_position_the_stream_does_not_have_closes_3010(serve: Serve) -> None:
+    srv = await serve(namespaces={"short": {"history_size": 2, "history_ttl": 60}})
+    positions = [await srv.hub.publish("short:log", f"m{i}") for i in range(1, 6)]
+    epoch = positions[-1].epoch
+    for query in (
+        f"since=2&epoch={epoch}",  # 3 is trimmed: only 4 and 5 are kept
+        "since=2",
+        f"since=9&epoch={epoch}",  # past the top
+        "since=5&epoch=another",  # another epoch
+        "since=9",
+    ):
+        code, got = await _close_code(f"{srv.ws}/ws/short:log?{query}")
+        assert (code, got) == (3010, []), query
+    async with websockets.connect(f"{srv.ws}/ws/short:log?since=3&epoch={epoch}") as ws:
+        assert [await asyncio.wait_for(ws.recv(), 5) for _ in range(2)] == ["m4", "m5"]
+    async with websockets.connect(f"{srv.ws}/ws/short:log?since=5&epoch={epoch}") as ws:
+        await srv.hub.publish("short:log", "m6")
+        assert await asyncio.wait_for(ws.recv(), 5) == "m6"

@@ -10,10 +10,17 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from .auth import ANONYMOUS, Credentials, can_subscribe
-from .brokers.base import ClientInfo
+from .brokers.base import ClientInfo, Publication, StreamPosition
 from .control import ControlMessage, UnsubscribeUser
 from .delivery import takes_frames
-from .errors import UNAVAILABLE, BadRequest, Disconnect, TidingsError, Unavailable
+from .errors import (
+    INSUFFICIENT_STATE,
+    UNAVAILABLE,
+    BadRequest,
+    Disconnect,
+    TidingsError,
+    Unavailable,
+)
 from .frames import Frame
 from .protocol.raw import RawText, raw_format
 from .session import Session
@@ -46,6 +53,15 @@ def _replay_from(query: dict[str, list[str]]) -> tuple[int, str] | None:
     except ValueError:
         raise BadRequest("since must be an integer offset") from None
     return max(offset, 0), query.get("epoch", [""])[0]
+
+
+def continues(top: StreamPosition, after: list[Publication], offset: int, epoch: str) -> bool:
+    """Whether a client that has everything up to ``offset`` (of ``epoch``; "" if it did not
+    say) is made whole by ``after``, the publications history keeps past ``offset``, in a
+    stream now at ``top``: same epoch, ``offset`` not past the top, and nothing trimmed."""
+    if (epoch and epoch != top.epoch) or offset > top.offset:
+        return False
+    return after[0].offset == offset + 1 if after else offset == top.offset
 
 
 def log_refused(path: str, code: int, reason: str, logger: logging.Logger = log) -> None:
@@ -186,6 +202,12 @@ class RawEndpoint:
                 await hub.subscribe(session, channel.name, wire)
             else:
                 await self._replay(session, channel.name, *since)
+        except Disconnect as reason:  # ?since= names a position the stream cannot continue
+            await hub.forget(session)
+            await transport.accept()
+            log_refused(path, reason.code, reason.reason)
+            await transport.close(reason.code, reason.reason)
+            return None
         except TidingsError as exc:
             await hub.forget(session)
             await transport.accept()
@@ -208,8 +230,10 @@ class RawEndpoint:
         """Subscribe, then send what history holds after ``offset`` before anything live.
 
         Live publications arriving meanwhile are held by the hub and sent after the history,
-        skipping offsets already sent. An ``epoch`` that is not the stream's current one means
-        the offset belongs to a lost stream: everything kept is replayed."""
+        skipping offsets already sent. A position the stream cannot continue from (another
+        epoch, an offset past its top, or publications after it that history no longer
+        keeps) raises :data:`~.errors.INSUFFICIENT_STATE` (closed 3010: reload), never a
+        replay with a hole. ``offset`` 0 asks for everything kept."""
         hub, wire = self.tidings.hub, session.format
         assert isinstance(wire, RawText)
         await hub.subscribe(session, channel, wire, buffer=True)
@@ -218,9 +242,10 @@ class RawEndpoint:
         except BaseException:
             hub.activate(session, channel, wire)
             raise
-        if epoch and epoch != history.position.epoch:
-            offset = 0
         replay = [p for p in history.publications if p.offset > offset]
+        if offset and not continues(history.position, replay, offset, epoch):
+            hub.activate(session, channel, wire)
+            raise INSUFFICIENT_STATE
         last = max(offset, replay[-1].offset if replay else 0)
         # A networked broker may still deliver a publication the history read already returned.
         held = hub.activate(session, channel, wire, after=last)
