@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+from typing import Any
 
 import httpx
 import orjson
 import pytest
 import websockets
+
+from tidings.brokers.memory import MemoryBroker
 
 from .conftest import Running, Serve
 from .test_fast import PATHS, wait_for
@@ -144,3 +147,38 @@ async def test_a_raw_position_the_stream_does_not_have_closes_3010(serve: Serve)
     async with websockets.connect(f"{srv.ws}/ws/short:log?since=5&epoch={epoch}") as ws:
         await srv.hub.publish("short:log", "m6")
         assert await asyncio.wait_for(ws.recv(), 5) == "m6"
+
+
+async def _frames(ws: websockets.ClientConnection) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in str(await asyncio.wait_for(ws.recv(), 10)).split("\n")]
+
+
+async def test_a_new_epoch_unsubscribes_centrifugo_clients_2500(serve: Serve) -> None:
+    """A Centrifugo client is sent ``unsubscribe`` 2500 (its SDK resubscribes and is told
+    ``recovered: false``), never the new stream's publications after the old one's."""
+    srv = await serve(broker_url="memory://loss-epoch")
+    broker = srv.hub.broker
+    assert isinstance(broker, MemoryBroker)
+    async with websockets.connect(f"{srv.ws}/connection/websocket") as ws:
+        await ws.send(orjson.dumps({"id": 1, "connect": {}}).decode())
+        assert "connect" in (await _frames(ws))[0]
+        sub = {"channel": "room", "recoverable": True}
+        await ws.send(orjson.dumps({"id": 2, "subscribe": sub}).decode())
+        assert "subscribe" in (await _frames(ws))[0]
+        first = await srv.hub.publish("room", "old 1")
+        assert (await _frames(ws))[0]["push"]["pub"]["offset"] == 1
+        del broker._store.streams["room"]  # the broker lost the stream: a new epoch
+        await srv.hub.publish("room", "new 1")
+        push = (await _frames(ws))[0]["push"]
+        assert push == {
+            "channel": "room",
+            "unsubscribe": {"code": 2500, "reason": "insufficient state"},
+        }
+        recover = {**sub, "recover": True, "offset": 1, "epoch": first.epoch}
+        await ws.send(orjson.dumps({"id": 3, "subscribe": recover}).decode())
+        reply = (await _frames(ws))[0]
+        assert reply["id"] == 3 and reply["subscribe"].get("recovered") is not True
+        assert reply["subscribe"]["epoch"] != first.epoch
+        await srv.hub.publish("room", "new 2")
+        pub = (await _frames(ws))[0]["push"]["pub"]
+        assert (pub["data"], pub["offset"]) == ("new 2", 2)
