@@ -14,6 +14,7 @@ import websockets
 
 from . import redis_servers
 from .conftest import IN_CI, Serve, free_port
+from .test_centrifuge_sdk import SubEvents, next_item, sdk_client
 from .test_fast import wait_for
 
 
@@ -59,3 +60,43 @@ async def test_a_redis_restart_closes_raw_subscribers_3010_and_publishes_go_on(
         await wait_for(lambda: srv.hub.subscribers("room") == 1)
         await srv.hub.publish("room", 5)
         assert await asyncio.wait_for(again.recv(), 10) == "5"
+
+
+async def test_a_channels_first_publication_lost_in_a_broker_drop_is_healed(
+    serve: Serve, private_redis: tuple[redis_servers.Servers, int]
+) -> None:
+    """The channel's first publication is larger than the pub/sub output-buffer limit: Redis
+    drops the node's pub/sub connection with it. After the reconnect both a raw subscriber and
+    a recoverable SDK subscriber at offset 0 get offsets 1 and 2, in order: the hub had a
+    baseline for the channel (read at subscribe time) although nothing was delivered yet."""
+    port = private_redis[1]
+    redis_servers._redis_cli(port, "CONFIG", "SET", "client-output-buffer-limit", "pubsub 64kb 0 0")
+    srv = await serve(
+        broker_url=f"redis://127.0.0.1:{port}/0",
+        namespaces={"cold": {"force_recovery": True}},
+    )
+    big = "x" * 100_000  # past the 64 KiB pub/sub limit: Redis drops the subscriber with it
+    client = sdk_client(srv)
+    events = SubEvents()
+    sub = client.new_subscription("cold:feed", events, recoverable=True)
+    async with websockets.connect(f"{srv.ws}/ws/cold:feed") as ws:
+        await client.connect()
+        await sub.subscribe()
+        await next_item(events.subscribed)
+        await wait_for(lambda: srv.hub.subscribers("cold:feed") == 2)
+        async with httpx.AsyncClient() as http:
+            r = await http.post(
+                f"{srv.url}/api/publish", json={"channel": "cold:feed", "data": big}
+            )
+            assert r.json()["result"]["offset"] == 1
+            # wait until the node noticed the drop and healed, then publish the second
+            got = [str(await asyncio.wait_for(ws.recv(), 30))]
+            r = await http.post(f"{srv.url}/api/publish", json={"channel": "cold:feed", "data": 2})
+            assert r.json()["result"]["offset"] == 2
+        got.append(str(await asyncio.wait_for(ws.recv(), 30)))
+    assert got == [big, "2"]
+    pubs = [(await next_item(events.pubs, 30)).pub for _ in range(2)]
+    assert [(p.offset, p.data) for p in pubs] == [(1, big), (2, 2)]
+    assert events.unsubscribed.empty()
+    assert srv.hub.metrics.gaps_healed >= 1
+    await client.disconnect()
