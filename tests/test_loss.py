@@ -12,8 +12,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import pytest
+
 from tidings import Settings
 from tidings.brokers.memory import MemoryBroker
+from tidings.errors import Disconnect
 from tidings.hub import Hub
 from tidings.session import Session
 
@@ -150,3 +153,34 @@ async def test_a_new_subscriber_after_a_reset_gets_the_new_stream() -> None:
         async with subscriber(n.hub, "room") as again:
             await n.publish("room", b"z")
             await until(lambda: again.frames == [b"z"])
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.lost: list[str] = []
+
+    def stream_lost(self, channel: str) -> None:
+        self.lost.append(channel)
+
+
+async def test_a_subscription_still_buffering_is_told_when_activated() -> None:
+    """A subscriber whose subscribe reply is not queued yet is told after it, at activation:
+    the protocol's listener (Centrifugo: unsubscribe 2500), or 3010 raised to close with."""
+    async with node("buffering") as n:
+        hub = n.hub
+        encoder = CountingEncoder()
+        told, plain = Session(hub, Recorder(), encoder), Session(hub, Recorder(), encoder)
+        listener = told.protocol = Listener()
+        await n.publish("room", b"1")
+        for session in (told, plain):
+            await hub.subscribe(session, "room", encoder, buffer=True)
+        n.reset_stream("room")
+        await n.publish("room", b"new 1")  # the hub sees a new epoch while both buffer
+        assert listener.lost == []  # not before its subscribe reply
+        assert hub.activate(told, "room", encoder, after=1) == []
+        assert listener.lost == ["room"]
+        with pytest.raises(Disconnect) as raised:
+            hub.activate(plain, "room", encoder, after=1)
+        assert raised.value.code == 3010
+        assert hub.subscribers("room") == 0
+        assert told.channels == plain.channels == set()

@@ -90,6 +90,9 @@ class _Local:
     last: int = 0
     #: while a gap is filled from history, newer publications wait here, in order
     healing: list[Publication] | None = None
+    #: buffering sessions whose stream was lost meanwhile: told when they are activated
+    #: (after their subscribe reply), not before it
+    lost: set[Session] = field(default_factory=set)
 
 
 def encode_json(data: Any) -> bytes:
@@ -242,6 +245,9 @@ class Hub:
         local = self._local.get(channel)
         if local is None or session not in local.buffering:
             return []
+        if session in local.lost:
+            self._tell_lost(session, channel, local)
+            return []
         held = local.buffering.pop(session)
         local.groups.setdefault(encoder, {})[session] = None
         if after:
@@ -261,6 +267,7 @@ class Hub:
         session.channels.discard(channel)
         local.count -= 1
         local.floor.pop(session, None)
+        local.lost.discard(session)
         if local.buffering.pop(session, None) is None:
             for encoder, members in list(local.groups.items()):
                 if session in members:
@@ -473,16 +480,32 @@ class Hub:
             extra={"event": "stream_lost", "channel": channel, "subscribers": len(sessions)},
         )
         for session in sessions:
-            self._remove(session, channel, local)
-            listener = getattr(session.protocol, "stream_lost", None)
-            if listener is not None:
-                listener(channel)
+            if session in local.buffering:
+                # still subscribing: its reply is not queued yet, and an unsubscribe (or a
+                # close) must follow it; what it held is of the lost stream
+                local.buffering[session].clear()
+                local.lost.add(session)
             else:
-                session.close(INSUFFICIENT_STATE)
+                self._tell_lost(session, channel, local)
+
+    def _tell_lost(self, session: Session, channel: str, local: _Local) -> None:
+        """Stop delivering ``channel`` to ``session`` and tell it (see :meth:`_lose`).
+
+        A session without a protocol listener that is still being set up (``activate`` of a
+        raw replay) gets :data:`~.errors.INSUFFICIENT_STATE` raised instead, to close with."""
+        buffering = session in local.buffering
+        self._remove(session, channel, local)
         if local.count == 0:  # nobody left: let the broker subscription go
             task = asyncio.get_running_loop().create_task(self._sync(channel, local))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        listener = getattr(session.protocol, "stream_lost", None)
+        if listener is not None:
+            listener(channel)
+        elif buffering:
+            raise INSUFFICIENT_STATE
+        else:
+            session.close(INSUFFICIENT_STATE)
 
     @staticmethod
     def _seen(local: _Local, offset: int) -> set[Session]:
