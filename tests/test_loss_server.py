@@ -13,6 +13,7 @@ import websockets
 
 from tidings.brokers.memory import MemoryBroker
 
+from .cfutil import SECRET, token
 from .conftest import Running, Serve
 from .test_fast import PATHS, wait_for
 
@@ -182,3 +183,24 @@ async def test_a_new_epoch_unsubscribes_centrifugo_clients_2500(serve: Serve) ->
         await srv.hub.publish("room", "new 2")
         pub = (await _frames(ws))[0]["push"]["pub"]
         assert (pub["data"], pub["offset"]) == ("new 2", 2)
+
+
+async def test_a_new_epoch_closes_a_server_side_subscriber_3010(serve: Serve) -> None:
+    """A server-side subscription cannot be resubscribed by the SDK: the connection is closed
+    with 3010 (it reconnects and recovers), as centrifuge does."""
+    srv = await serve(broker_url="memory://loss-server-side", token_hmac_secret=SECRET)
+    broker = srv.hub.broker
+    assert isinstance(broker, MemoryBroker)
+    async with websockets.connect(f"{srv.ws}/connection/websocket") as ws:
+        await ws.send(orjson.dumps({"id": 1, "connect": {"token": token("alice")}}).decode())
+        assert "connect" in (await _frames(ws))[0]
+        await srv.hub.subscribe_user("alice", "room")
+        assert (await _frames(ws))[0]["push"]["subscribe"] is not None
+        await srv.hub.publish("room", "old 1")
+        assert (await _frames(ws))[0]["push"]["pub"]["offset"] == 1
+        del broker._store.streams["room"]
+        await srv.hub.publish("room", "new 1")
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            while True:
+                assert "pub" not in (await _frames(ws))[0].get("push", {})
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 3010

@@ -31,6 +31,7 @@ from .delivery import takes_frames
 from .endpoints import admit, log_closed, log_connected, log_refused
 from .errors import (
     BAD_REQUEST,
+    INSUFFICIENT_STATE,
     BadRequest,
     Disconnect,
     MethodNotFound,
@@ -43,7 +44,7 @@ from .errors import (
 from .frames import Frame
 from .protocol import centrifuge as wire
 from .session import Session
-from .subscriptions import INSUFFICIENT_STATE, SERVER_UNSUBSCRIBE, Subscription, Subscriptions
+from .subscriptions import INSUFFICIENT_UNSUBSCRIBE, SERVER_UNSUBSCRIBE, Subscription, Subscriptions
 from .transport import open_transport
 
 if TYPE_CHECKING:
@@ -165,7 +166,9 @@ class Client:
             try:
                 ch = self.hub.channel(name)
                 asked = wanted.get(name) if isinstance(wanted.get(name), dict) else {}
-                subs[name] = await self.subs.add(ch, asked or {}, None, activations)
+                subs[name] = await self.subs.add(
+                    ch, asked or {}, None, activations, server_side=True
+                )
             except TidingsError as exc:
                 log.warning("server-side subscription to %r failed: %s", name, exc.message)
         return wire.compact(
@@ -300,7 +303,9 @@ class Client:
             return
         activations: Activations = {}
         try:
-            result = await self.subs.add(self.hub.channel(name), {}, None, activations)
+            result = await self.subs.add(
+                self.hub.channel(name), {}, None, activations, server_side=True
+            )
         except TidingsError as exc:
             log.warning("server-side subscribe to %r failed: %s", name, exc.message)
             return
@@ -315,11 +320,16 @@ class Client:
     def stream_lost(self, name: str) -> None:
         """The hub cannot continue ``name``'s stream for this client (it no longer delivers it
         here): the unsubscribe push 2500 asks the SDK to resubscribe, and its recovery then
-        answers ``recovered: false`` (as centrifuge does for a client-side subscription)."""
+        answers ``recovered: false``. A server-side subscription, which the SDK cannot
+        resubscribe, closes the connection with 3010 instead: the SDK reconnects and recovers.
+        As centrifuge does (client.go, handleInsufficientState)."""
         sub = self.subs.by_name.pop(name, None)
         if sub is None:
             return
-        self.session.enqueue(wire.push(name, "unsubscribe", INSUFFICIENT_STATE))
+        if sub.server_side:
+            self.session.close(INSUFFICIENT_STATE)
+            return
+        self.session.enqueue(wire.push(name, "unsubscribe", INSUFFICIENT_UNSUBSCRIBE))
         self.spawn(self.subs.drop(name, sub))  # presence and the leave event
 
     def server_refresh(self, expire_at: float | None, expired: bool) -> None:
