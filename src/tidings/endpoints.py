@@ -45,21 +45,27 @@ def close_reason(message: str) -> str:
 
 
 def _replay_from(query: dict[str, list[str]]) -> tuple[int, str] | None:
-    """``?since=OFFSET[&epoch=EPOCH]``: where a reconnecting raw client left off."""
+    """``?since=OFFSET&epoch=EPOCH``: where a reconnecting raw client left off (``since=0``,
+    everything kept, needs no epoch); BadRequest otherwise."""
     if "since" not in query:
         return None
     try:
         offset = int(query["since"][0])
     except ValueError:
         raise BadRequest("since must be an integer offset") from None
-    return max(offset, 0), query.get("epoch", [""])[0]
+    epoch = query.get("epoch", [""])[0]
+    if offset > 0 and not epoch:
+        # without the epoch an offset of a lost stream would be taken for one of the
+        # current stream, and the publications before it skipped silently
+        raise BadRequest("since=OFFSET needs the stream's epoch: &epoch=EPOCH")
+    return max(offset, 0), epoch
 
 
 def continues(top: StreamPosition, after: list[Publication], offset: int, epoch: str) -> bool:
-    """Whether a client that has everything up to ``offset`` (of ``epoch``; "" if it did not
-    say) is made whole by ``after``, the publications history keeps past ``offset``, in a
-    stream now at ``top``: same epoch, ``offset`` not past the top, and nothing trimmed."""
-    if (epoch and epoch != top.epoch) or offset > top.offset:
+    """Whether a client that has everything up to ``offset`` of ``epoch`` is made whole by
+    ``after``, the publications history keeps past ``offset``, in a stream now at ``top``:
+    same epoch, ``offset`` not past the top, and nothing trimmed."""
+    if epoch != top.epoch or offset > top.offset:
         return False
     return after[0].offset == offset + 1 if after else offset == top.offset
 
