@@ -15,6 +15,7 @@ from tidings.brokers.memory import MemoryBroker
 
 from .cfutil import SECRET, token
 from .conftest import Running, Serve
+from .engines import ENGINES, namespace
 from .test_fast import PATHS, wait_for
 
 
@@ -102,21 +103,30 @@ async def _exchange(srv: Running, channel: str, data: bytes) -> tuple[list[int],
     return statuses, [orjson.loads(p.data) for p in history.publications]
 
 
-async def test_pipelined_requests_behind_a_closing_answer_are_not_executed(serve: Serve) -> None:
+@pytest.mark.parametrize("engine", ["memory", "redis"])
+async def test_pipelined_requests_behind_a_closing_answer_are_not_executed(
+    serve: Serve, engine: str
+) -> None:
     """The same bytes to uvicorn's HTTP path and `tidings serve`'s own: each executes only what
-    it answers, and both answer the same."""
+    it answers, and both answer the same. Over a broker that answers at once (memory: the fast
+    path runs the publish in the parser's callback) and one that must be waited for."""
     results: dict[bool, dict[str, tuple[list[int], list[str]]]] = {}
     for fast in (False, True):
-        srv = await serve(fast=fast)
-        results[fast] = {}
-        for i, (name, make) in enumerate(SEQUENCES.items()):
-            channel = f"pipe{i}"
-            statuses, executed = await _exchange(srv, channel, make(channel))
-            assert len(statuses) == len(executed), (fast, name, statuses, executed)
-            results[fast][name] = (statuses, executed)
+        async with namespace(ENGINES[engine]) as url:
+            results[fast] = await _sequences(await serve(fast=fast, broker_url=url))
     assert results[True] == results[False]
     assert results[True]["1.0 keep-alive, then 1.1"] == ([200], ["a"])
     assert results[True]["1.1 twice, then close"] == ([200, 200, 200], ["a", "b", "c"])
+
+
+async def _sequences(srv: Running) -> dict[str, tuple[list[int], list[str]]]:
+    results = {}
+    for i, (name, make) in enumerate(SEQUENCES.items()):
+        channel = f"pipe{i}"
+        statuses, executed = await _exchange(srv, channel, make(channel))
+        assert len(statuses) == len(executed), (srv.fast, name, statuses, executed)
+        results[name] = (statuses, executed)
+    return results
 
 
 async def _close_code(url: str) -> tuple[int | None, list[str]]:
