@@ -11,11 +11,21 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import websockets
+from centrifuge import SubscribingContext
 
 from . import redis_servers
 from .conftest import IN_CI, Serve, free_port
 from .test_centrifuge_sdk import SubEvents, next_item, sdk_client
 from .test_fast import wait_for
+
+
+class Resubscribing(SubEvents):
+    def __init__(self) -> None:
+        super().__init__()
+        self.subscribing: asyncio.Queue[SubscribingContext] = asyncio.Queue()
+
+    async def on_subscribing(self, ctx: SubscribingContext) -> None:
+        await self.subscribing.put(ctx)
 
 
 @pytest.fixture
@@ -33,21 +43,35 @@ def private_redis() -> Iterator[tuple[redis_servers.Servers, int]]:
         servers.stop()
 
 
-async def test_a_redis_restart_closes_raw_subscribers_3010_and_publishes_go_on(
+async def test_a_redis_restart_tells_every_subscriber_and_publishes_go_on(
     serve: Serve, private_redis: tuple[redis_servers.Servers, int]
 ) -> None:
+    """Redis restarted without persistence: the raw subscriber is closed 3010, the SDK's
+    recoverable subscription is unsubscribed (2500), resubscribes and hears
+    ``recovered: false`` — never the new stream's offsets after the old one's. The first
+    publish after the restart (over a stale pooled connection) is answered."""
     servers, port = private_redis
-    srv = await serve(broker_url=f"redis://127.0.0.1:{port}/0")
-    async with websockets.connect(f"{srv.ws}/ws/room") as ws, httpx.AsyncClient() as http:
-        await wait_for(lambda: srv.hub.subscribers("room") == 1)
-        first = await http.post(f"{srv.url}/api/publish", json={"channel": "room", "data": 1})
+    srv = await serve(
+        broker_url=f"redis://127.0.0.1:{port}/0", namespaces={"room": {"force_recovery": True}}
+    )
+    client = sdk_client(srv)
+    events = Resubscribing()
+    sub = client.new_subscription("room:a", events, recoverable=True)
+    await client.connect()
+    await sub.subscribe()
+    await next_item(events.subscribed)
+    assert (await next_item(events.subscribing)).code == 0  # the first subscribe's
+    async with websockets.connect(f"{srv.ws}/ws/room:a") as ws, httpx.AsyncClient() as http:
+        await wait_for(lambda: srv.hub.subscribers("room:a") == 2)
+        first = await http.post(f"{srv.url}/api/publish", json={"channel": "room:a", "data": 1})
         assert first.json()["result"]["offset"] == 1
         assert await asyncio.wait_for(ws.recv(), 10) == "1"
+        assert (await next_item(events.pubs, 10)).pub.offset == 1
         servers.kill(port)
         servers.start(port)  # empty: the stream starts again, a new epoch
         answers = []
         for i in (2, 3, 4):  # the first goes over a pooled connection the restart made stale
-            r = await http.post(f"{srv.url}/api/publish", json={"channel": "room", "data": i})
+            r = await http.post(f"{srv.url}/api/publish", json={"channel": "room:a", "data": i})
             answers.append(r.json()["result"])
         assert [a["offset"] for a in answers] == [1, 2, 3]
         assert answers[0]["epoch"] != first.json()["result"]["epoch"]
@@ -55,11 +79,19 @@ async def test_a_redis_restart_closes_raw_subscribers_3010_and_publishes_go_on(
             while True:  # never 2, 3, 4 spliced after 1 as if the stream went on
                 assert await asyncio.wait_for(ws.recv(), 30) not in ("2", "3", "4")
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 3010
+    resubscribing = await next_item(events.subscribing, 30)
+    assert (resubscribing.code, resubscribing.reason) == (2500, "insufficient state")
+    again = await next_item(events.subscribed, 30)
+    assert again.was_recovering and not again.recovered
+    assert events.pubs.empty()  # nothing of the new stream passed off as offsets 2, 3, 4
     assert srv.hub.metrics.gaps_lost >= 1
-    async with websockets.connect(f"{srv.ws}/ws/room") as again:  # a reload gets the new stream
-        await wait_for(lambda: srv.hub.subscribers("room") == 1)
-        await srv.hub.publish("room", 5)
-        assert await asyncio.wait_for(again.recv(), 10) == "5"
+    async with websockets.connect(f"{srv.ws}/ws/room:a") as ws:  # a reload gets the new stream
+        await wait_for(lambda: srv.hub.subscribers("room:a") == 2)
+        await srv.hub.publish("room:a", 5)
+        assert await asyncio.wait_for(ws.recv(), 10) == "5"
+        pub = (await next_item(events.pubs, 10)).pub
+        assert (pub.offset, pub.data) == (4, 5)
+    await client.disconnect()
 
 
 async def test_a_channels_first_publication_lost_in_a_broker_drop_is_healed(
