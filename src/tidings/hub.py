@@ -88,6 +88,9 @@ class _Local:
     #: delivered anything yet is healed too. "" before that.
     epoch: str = ""
     last: int = 0
+    #: the last offset actually delivered in ``epoch`` (``last`` may be a baseline): a copy
+    #: the broker delivers after history already sent it (healing) is not sent again
+    sent: int = 0
     #: while a gap is filled from history, newer publications wait here, in order
     healing: list[Publication] | None = None
     #: buffering sessions whose stream was lost meanwhile: told when they are activated
@@ -300,7 +303,7 @@ class Hub:
                     await self.broker.unsubscribe(channel)
                     local.subscribed = False
                     # what follows a resubscription is not a gap
-                    local.epoch, local.last = "", 0
+                    local.epoch, local.last, local.sent = "", 0, 0
             finally:
                 local.op = None
                 done.set_result(None)
@@ -395,15 +398,18 @@ class Hub:
         elif publication.epoch != local.epoch:
             # The stream was lost (broker restarted without persistence): a new epoch.
             self._lose(publication.channel, local, "a new epoch", publication.offset)
-            local.epoch, local.last = publication.epoch, publication.offset
+            local.epoch, local.last, local.sent = publication.epoch, publication.offset, 0
         elif publication.offset > local.last + 1:
             # The broker skipped offsets (e.g. its connection dropped): fill in from history.
             self._heal(publication.channel, local, [publication])
+        elif publication.offset <= local.sent:
+            return  # late live copy of what a heal already sent from history
         else:
             self._deliver(local, publication)
 
     def _deliver(self, local: _Local, publication: Publication) -> None:
         local.epoch, local.last = publication.epoch, publication.offset
+        local.sent = publication.offset
         seen = self._seen(local, publication.offset) if local.floor else None
         through = self.flusher.write_through()
         delivered = 0
@@ -446,13 +452,14 @@ class Hub:
         if history is not None and history.position.epoch != local.epoch:
             self._lose(channel, local, "a new epoch", history.position.offset)
             local.epoch, local.last = history.position.epoch, history.position.offset
+            local.sent = 0
             return
         missed = history.publications if history is not None else []
         before = local.last
         for publication in [*missed, *held]:
             if publication.epoch != local.epoch:
                 self._lose(channel, local, "a new epoch", publication.offset)
-                local.epoch, local.last = publication.epoch, publication.offset
+                local.epoch, local.last, local.sent = publication.epoch, publication.offset, 0
                 return
             if publication.offset > local.last + 1:  # not kept by history any more
                 lost = f"offsets {local.last + 1}-{publication.offset - 1}"
