@@ -41,6 +41,7 @@ from .delivery import takes_frames
 from .endpoints import POLICY, admit, log_closed, log_connected, log_refused, refuse_origin
 from .errors import (
     BAD_REQUEST,
+    INSUFFICIENT_STATE,
     BadRequest,
     CloseReason,
     Disconnect,
@@ -55,7 +56,7 @@ from .frames import Frame
 from .protocol import centrifuge as wire
 from .protocol.centrifuge_protobuf import SUBPROTOCOL as PROTOBUF
 from .session import Session
-from .subscriptions import SERVER_UNSUBSCRIBE, Subscription, Subscriptions
+from .subscriptions import INSUFFICIENT_UNSUBSCRIBE, SERVER_UNSUBSCRIBE, Subscription, Subscriptions
 from .transport import negotiated_deflate, open_transport
 
 if TYPE_CHECKING:
@@ -196,7 +197,9 @@ class Client:
             try:
                 ch = self.hub.channel(name)
                 asked = wanted.get(name) if isinstance(wanted.get(name), dict) else {}
-                subs[name] = await self.subs.add(ch, asked or {}, None, activations)
+                subs[name] = await self.subs.add(
+                    ch, asked or {}, None, activations, server_side=True
+                )
             except TidingsError as exc:
                 log.warning("server-side subscription to %r failed: %s", name, exc.message)
         return wire.compact(
@@ -329,7 +332,9 @@ class Client:
             return
         activations: Activations = {}
         try:
-            result = await self.subs.add(self.hub.channel(name), {}, None, activations)
+            result = await self.subs.add(
+                self.hub.channel(name), {}, None, activations, server_side=True
+            )
         except TidingsError as exc:
             log.warning("server-side subscribe to %r failed: %s", name, exc.message)
             return
@@ -341,6 +346,22 @@ class Client:
             await self.subs.drop(name, sub)
             push = self.subs.format.push_frame(name, "unsubscribe", SERVER_UNSUBSCRIBE)
             self.session.enqueue(push)
+
+    def stream_lost(self, name: str) -> None:
+        """The hub cannot continue ``name``'s stream for this client (it no longer delivers it
+        here): the unsubscribe push 2500 asks the SDK to resubscribe, and its recovery then
+        answers ``recovered: false``. A server-side subscription, which the SDK cannot
+        resubscribe, closes the connection with 3010 instead: the SDK reconnects and recovers.
+        As centrifuge does (client.go, handleInsufficientState)."""
+        sub = self.subs.by_name.pop(name, None)
+        if sub is None:
+            return
+        if sub.server_side:
+            self.session.close(INSUFFICIENT_STATE())
+            return
+        push = self.subs.format.push_frame(name, "unsubscribe", INSUFFICIENT_UNSUBSCRIBE)
+        self.session.enqueue(push)  # in the connection's flavour, JSON or protobuf
+        self.spawn(self.subs.drop(name, sub))  # presence and the leave event
 
     def server_refresh(self, expire_at: float | None, expired: bool) -> None:
         self.creds.server_refresh(expire_at, expired)

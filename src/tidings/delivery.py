@@ -144,6 +144,10 @@ def fan_out(members: Iterable[Session], frame: Frame, through: bool) -> None:
             session.writer.send(frame)
 
 
+#: publications fanned out in one loop iteration after which publishers yield to the writers
+CROWDED = 64
+
+
 class Flusher:
     """Hands dirty sessions to their writers once per loop iteration, not once per message.
 
@@ -180,6 +184,14 @@ class Flusher:
         if self._after is None:
             self._after = asyncio.get_running_loop().create_future()
         return self._after
+
+    @property
+    def crowded(self) -> bool:
+        """This loop iteration fanned out so many publications (:data:`CROWDED`) that a
+        publisher should let the writers run before it publishes more: a loop that never
+        suspends (a batch on the memory broker) would otherwise fill every outbox and close
+        fast readers as slow (3008)."""
+        return self._published >= CROWDED
 
     def write_through(self) -> bool:
         """Count a publication in; True if it should be written straight through: it is the

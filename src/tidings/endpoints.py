@@ -11,10 +11,18 @@ from starlette.types import Receive, Scope, Send
 
 from .admission import admitted, check_user_limit
 from .auth import ANONYMOUS, Credentials, can_subscribe, scope_origin_allowed
-from .brokers.base import ClientInfo
+from .brokers.base import ClientInfo, Publication, StreamPosition
 from .control import ControlMessage, UnsubscribeUser
 from .delivery import takes_frames
-from .errors import UNAVAILABLE, BadRequest, CloseReason, Disconnect, TidingsError, Unavailable
+from .errors import (
+    INSUFFICIENT_STATE,
+    UNAVAILABLE,
+    BadRequest,
+    CloseReason,
+    Disconnect,
+    TidingsError,
+    Unavailable,
+)
 from .frames import Frame
 from .protocol import deflate
 from .protocol.deflate import Compressor
@@ -41,14 +49,29 @@ def close_reason(message: str) -> str:
 
 
 def _replay_from(query: dict[str, list[str]]) -> tuple[int, str] | None:
-    """``?since=OFFSET[&epoch=EPOCH]``: where a reconnecting raw client left off."""
+    """``?since=OFFSET&epoch=EPOCH``: where a reconnecting raw client left off (``since=0``,
+    everything kept, needs no epoch); BadRequest otherwise."""
     if "since" not in query:
         return None
     try:
         offset = int(query["since"][0])
     except ValueError:
         raise BadRequest("since must be an integer offset") from None
-    return max(offset, 0), query.get("epoch", [""])[0]
+    epoch = query.get("epoch", [""])[0]
+    if offset > 0 and not epoch:
+        # without the epoch an offset of a lost stream would be taken for one of the
+        # current stream, and the publications before it skipped silently
+        raise BadRequest("since=OFFSET needs the stream's epoch: &epoch=EPOCH")
+    return max(offset, 0), epoch
+
+
+def continues(top: StreamPosition, after: list[Publication], offset: int, epoch: str) -> bool:
+    """Whether a client that has everything up to ``offset`` of ``epoch`` is made whole by
+    ``after``, the publications history keeps past ``offset``, in a stream now at ``top``:
+    same epoch, ``offset`` not past the top, and nothing trimmed."""
+    if epoch != top.epoch or offset > top.offset:
+        return False
+    return after[0].offset == offset + 1 if after else offset == top.offset
 
 
 def log_refused(path: str, code: int, reason: str, logger: logging.Logger = log) -> None:
@@ -215,7 +238,8 @@ class RawEndpoint:
                 await hub.subscribe(session, channel.name, wire)
             else:
                 await self._replay(session, channel.name, *since)
-        except Disconnect as reason:  # user_connection_limit
+        except Disconnect as reason:  # user_connection_limit, or ?since= names a position
+            # the stream cannot continue
             await hub.forget(session)
             await transport.accept()
             log_refused(path, reason.code, reason.reason)
@@ -243,8 +267,10 @@ class RawEndpoint:
         """Subscribe, then send what history holds after ``offset`` before anything live.
 
         Live publications arriving meanwhile are held by the hub and sent after the history,
-        skipping offsets already sent. An ``epoch`` that is not the stream's current one means
-        the offset belongs to a lost stream: everything kept is replayed."""
+        skipping offsets already sent. A position the stream cannot continue from (another
+        epoch, an offset past its top, or publications after it that history no longer
+        keeps) raises :data:`~.errors.INSUFFICIENT_STATE` (closed 3010: reload), never a
+        replay with a hole. ``offset`` 0 asks for everything kept."""
         hub, wire = self.tidings.hub, session.format
         assert isinstance(wire, RawText)
         await hub.subscribe(session, channel, wire, buffer=True)
@@ -253,9 +279,10 @@ class RawEndpoint:
         except BaseException:
             hub.activate(session, channel, wire)
             raise
-        if epoch and epoch != history.position.epoch:
-            offset = 0
         replay = [p for p in history.publications if p.offset > offset]
+        if offset and not continues(history.position, replay, offset, epoch):
+            hub.activate(session, channel, wire)
+            raise INSUFFICIENT_STATE()
         last = max(offset, replay[-1].offset if replay else 0)
         # A networked broker may still deliver a publication the history read already returned.
         held = hub.activate(session, channel, wire, after=last)

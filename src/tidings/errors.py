@@ -108,6 +108,9 @@ SHUTDOWN = CloseReason(3001, "shutdown")
 #: a raw client's close when the node stops: RFC 6455's registry, "Service Restart"
 SERVICE_RESTART = CloseReason(1012, "service restart")
 SLOW = CloseReason(3008, "slow")
+#: the channel's stream cannot be continued for this client (a broker restart started a new
+#: epoch, or a gap history no longer holds): reload the state. Centrifugo's 3010.
+INSUFFICIENT_STATE = CloseReason(3010, "insufficient state")
 NO_PONG = CloseReason(3012, "no pong")
 TOO_BIG = CloseReason(1009, "message too big")
 TOO_MANY = CloseReason(1013, "too many connections")

@@ -32,7 +32,7 @@ from .brokers.base import (
 from .channels import Channel, ChannelRules
 from .config import Settings
 from .delivery import Flusher, fan_out
-from .errors import SHUTDOWN, TOO_MANY, BadRequest, CloseReason, Disconnect
+from .errors import INSUFFICIENT_STATE, SHUTDOWN, TOO_MANY, BadRequest, CloseReason, Disconnect
 from .frames import Frame
 from .nodes import NodeDirectory
 from .session import Session
@@ -83,11 +83,19 @@ class _Local:
     published: int = 0
     subscribed: bool = False  # the broker delivers this channel to us
     op: asyncio.Future[None] | None = None  # a broker (un)subscribe in flight
-    #: the stream position this node delivered last, to notice publications the broker lost
+    #: the stream position this node delivered last, to notice publications the broker lost;
+    #: set when the broker subscription is made (the baseline), so a channel that has not
+    #: delivered anything yet is healed too. "" before that.
     epoch: str = ""
     last: int = 0
+    #: the last offset actually delivered in ``epoch`` (``last`` may be a baseline): a copy
+    #: the broker delivers after history already sent it (healing) is not sent again
+    sent: int = 0
     #: while a gap is filled from history, newer publications wait here, in order
     healing: list[Publication] | None = None
+    #: buffering sessions whose stream was lost meanwhile: told when they are activated
+    #: (after their subscribe reply), not before it
+    lost: set[Session] = field(default_factory=set)
 
 
 def encode_json(data: Any) -> bytes:
@@ -109,6 +117,13 @@ def wheel_resolution(settings: Settings) -> float:
     """A quarter of the shortest deadline the hub's wheel serves, at most 1 s."""
     shortest = min(settings.ping_interval, settings.pong_timeout, settings.connect_timeout)
     return min(1.0, shortest / 4)
+
+
+class StreamLossListener(Protocol):
+    """What a protocol object (``session.protocol``) implements to hear that a channel's
+    stream cannot be continued for its session; without it the session is closed (3010)."""
+
+    def stream_lost(self, channel: str) -> None: ...
 
 
 class Hub:
@@ -323,6 +338,9 @@ class Hub:
         local = self._local.get(channel)
         if local is None or session not in local.buffering:
             return []
+        if session in local.lost:
+            self._tell_lost(session, channel, local)
+            return []
         held = local.buffering.pop(session)
         local.groups.setdefault(encoder, {})[session] = None
         if after:
@@ -345,6 +363,7 @@ class Hub:
         session.channels.discard(channel)
         local.count -= 1
         local.floor.pop(session, None)
+        local.lost.discard(session)
         if local.buffering.pop(session, None) is None:
             for encoder, members in list(local.groups.items()):
                 if session in members:
@@ -371,14 +390,29 @@ class Hub:
             try:
                 if want:
                     await self.broker.subscribe(channel)
+                    local.subscribed = True
+                    await self._baseline(channel, local)
                 else:
                     await self.broker.unsubscribe(channel)
-                local.subscribed = want
-                if not want:  # what follows a resubscription is not a gap
-                    local.epoch, local.last = "", 0
+                    local.subscribed = False
+                    # what follows a resubscription is not a gap
+                    local.epoch, local.last, local.sent = "", 0, 0
             finally:
                 local.op = None
                 done.set_result(None)
+
+    async def _baseline(self, channel: str, local: _Local) -> None:
+        """Read the stream position the broker subscription starts from, so a publication lost
+        before the channel's first delivery is noticed too (a gap, or another epoch)."""
+        try:
+            position = (
+                await self.broker.history(channel, limit=0, meta_ttl=self.settings.history_meta_ttl)
+            ).position
+        except Exception as exc:  # the subscription stands: gaps are noticed from the first
+            log.warning("could not read the stream position of %r: %s", channel, exc)
+            return
+        if not local.epoch:  # a publication delivered meanwhile is a newer baseline
+            local.epoch, local.last = position.epoch, position.offset
 
     def subscribers(self, channel: str) -> int:
         """Sessions on this node subscribed to ``channel`` (other nodes' are not counted)."""
@@ -444,6 +478,11 @@ class Hub:
             kept = HistoryOptions(0, 0.0, kept.meta_ttl)
         position = await self.broker.publish(ch.name, data, kept, info=info, tags=tags)
         self.metrics.published += 1
+        if self.flusher.crowded:
+            # Every loop that publishes (batch, broadcast, publish_many, a client's stream of
+            # publishes) lets the writers run here: a broker that does not suspend (memory)
+            # would otherwise queue everything before anything is written.
+            await asyncio.sleep(0)
         return position
 
     async def publish_many(self, items: Iterable[tuple[str, Any]]) -> list[StreamPosition]:
@@ -453,15 +492,8 @@ class Hub:
         Stops at the first failure with its error (as :meth:`publish`): the items before it
         are published, the rest are not.
 
-        Yields to the event loop every 64 items: with a broker that does not suspend (memory)
-        a long batch would otherwise queue everything before the Flusher writes anything, and
-        close subscribers as slow."""
-        positions = []
-        for i, (channel, data) in enumerate(items):
-            positions.append(await self.publish(channel, data))
-            if i % 64 == 63:
-                await asyncio.sleep(0)
-        return positions
+        Lets the writers run whenever a loop iteration gets crowded (see :meth:`publish_json`)."""
+        return [await self.publish(channel, data) for channel, data in items]
 
     # -- broker events (EventHandler) ------------------------------------------------------------
 
@@ -474,16 +506,23 @@ class Hub:
             held.append(publication)
         if local.healing is not None:
             local.healing.append(publication)
-        elif (
-            local.last and publication.epoch == local.epoch and publication.offset > local.last + 1
-        ):
+        elif not local.epoch or not publication.offset:  # no baseline, or no offsets kept
+            self._deliver(local, publication)
+        elif publication.epoch != local.epoch:
+            # The stream was lost (broker restarted without persistence): a new epoch.
+            self._lose(publication.channel, local, "a new epoch", publication.offset)
+            local.epoch, local.last, local.sent = publication.epoch, publication.offset, 0
+        elif publication.offset > local.last + 1:
             # The broker skipped offsets (e.g. its connection dropped): fill in from history.
             self._heal(publication.channel, local, [publication])
+        elif publication.offset <= local.sent:
+            return  # late live copy of what a heal already sent from history
         else:
             self._deliver(local, publication)
 
     def _deliver(self, local: _Local, publication: Publication) -> None:
         local.epoch, local.last = publication.epoch, publication.offset
+        local.sent = publication.offset
         seen = self._seen(local, publication.offset) if local.floor else None
         through = self.flusher.write_through()
         delivered = 0
@@ -499,7 +538,7 @@ class Hub:
     def on_resync(self) -> None:
         """The broker may have missed deliveries (it reconnected): catch every channel up."""
         for channel, local in self._local.items():
-            if local.last and local.healing is None:
+            if local.epoch and local.healing is None:
                 self._heal(channel, local, [])
 
     def _heal(self, channel: str, local: _Local, held: list[Publication]) -> None:
@@ -509,33 +548,84 @@ class Hub:
         task.add_done_callback(self._tasks.discard)
 
     async def _catch_up(self, channel: str, local: _Local) -> None:
-        """Deliver what history kept after the last offset sent, then what waited, in order."""
-        missed: list[Publication] = []
+        """Deliver what history kept after the last offset sent, then what waited, in order.
+
+        Another epoch in history, or offsets history no longer holds, cannot be made whole:
+        every subscriber of the channel is told (:meth:`_lose`), never sent a splice."""
+        history: HistoryResult | None = None
         try:
             history = await self.broker.history(
                 channel,
                 since=StreamPosition(local.last, local.epoch),
                 meta_ttl=self.settings.history_meta_ttl,
             )
-            if history.position.epoch == local.epoch:
-                missed = history.publications
         except Exception as exc:
             log.warning("could not catch up channel %r from history: %s", channel, exc)
         held, local.healing = local.healing or [], None
+        if history is not None and history.position.epoch != local.epoch:
+            self._lose(channel, local, "a new epoch", history.position.offset)
+            local.epoch, local.last = history.position.epoch, history.position.offset
+            local.sent = 0
+            return
+        missed = history.publications if history is not None else []
         before = local.last
         for publication in [*missed, *held]:
-            if publication.epoch != local.epoch or publication.offset > local.last:
-                if publication.epoch == local.epoch and publication.offset > local.last + 1:
-                    self.metrics.gaps_lost += 1  # not kept by history any more
-                    log.warning(
-                        "channel %r lost offsets %d-%d",
-                        channel,
-                        local.last + 1,
-                        publication.offset - 1,
-                    )
+            if publication.epoch != local.epoch:
+                self._lose(channel, local, "a new epoch", publication.offset)
+                local.epoch, local.last, local.sent = publication.epoch, publication.offset, 0
+                return
+            if publication.offset > local.last + 1:  # not kept by history any more
+                lost = f"offsets {local.last + 1}-{publication.offset - 1}"
+                self._lose(channel, local, lost, publication.offset - local.last - 1)
+                local.last = publication.offset
+                return
+            if publication.offset == local.last + 1:
                 self._deliver(local, publication)
         if local.last > before:
             self.metrics.gaps_healed += 1
+
+    def _lose(self, channel: str, local: _Local, what: str, count: int = 0) -> None:
+        """The channel's stream cannot be continued for its subscribers here: tell each (its
+        protocol's ``stream_lost``, e.g. Centrifugo's unsubscribe 2500; else a close with
+        3010) and stop delivering to them. Logged; counted in ``gaps_lost``.
+
+        ``count``: publications lost, when known (at least one is counted)."""
+        sessions = [*local.buffering, *(s for group in local.groups.values() for s in group)]
+        self.metrics.gaps_lost += max(count, 1)
+        log.warning(
+            "channel %r lost %s: %d subscriber(s) told to resubscribe",
+            channel,
+            what,
+            len(sessions),
+            extra={"event": "stream_lost", "channel": channel, "subscribers": len(sessions)},
+        )
+        for session in sessions:
+            if session in local.buffering:
+                # still subscribing: its reply is not queued yet, and an unsubscribe (or a
+                # close) must follow it; what it held is of the lost stream
+                local.buffering[session].clear()
+                local.lost.add(session)
+            else:
+                self._tell_lost(session, channel, local)
+
+    def _tell_lost(self, session: Session, channel: str, local: _Local) -> None:
+        """Stop delivering ``channel`` to ``session`` and tell it (see :meth:`_lose`).
+
+        A session without a protocol listener that is still being set up (``activate`` of a
+        raw replay) gets :data:`~.errors.INSUFFICIENT_STATE` raised instead, to close with."""
+        buffering = session in local.buffering
+        self._remove(session, channel, local)
+        if local.count == 0:  # nobody left: let the broker subscription go
+            task = asyncio.get_running_loop().create_task(self._sync(channel, local))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        listener = getattr(session.protocol, "stream_lost", None)
+        if listener is not None:
+            listener(channel)
+        elif buffering:
+            raise INSUFFICIENT_STATE()
+        else:
+            session.close(INSUFFICIENT_STATE())
 
     @staticmethod
     def _seen(local: _Local, offset: int) -> set[Session]:

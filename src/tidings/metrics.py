@@ -51,7 +51,12 @@ class HubCollector(Collector):
             ),
             ("tidings_connections_opened", "Connections accepted.", m.connections_total),
             ("tidings_gaps_healed", "Broker delivery gaps filled from history.", m.gaps_healed),
-            ("tidings_gaps_lost", "Publications lost in a gap, not kept by history.", m.gaps_lost),
+            (
+                "tidings_gaps_lost",
+                "Publications lost to subscribers (a gap history no longer held, a lost stream);"
+                " they were told (unsubscribe 2500 or close 3010).",
+                m.gaps_lost,
+            ),
         ]
         evicted = getattr(hub.broker, "streams_evicted", None)
         if evicted is not None:  # the memory broker's cap (history_max_streams)

@@ -44,6 +44,10 @@ REJECT_UNRECOVERED = 2
 
 #: the unsubscribe push's body when the server unsubscribes a client (Centrifugo's code 2000)
 SERVER_UNSUBSCRIBE = {"code": 2000, "reason": "server unsubscribe"}
+#: the unsubscribe push when the channel's stream cannot be continued (a new epoch, a gap
+#: history no longer holds): SDKs resubscribe and recover, or learn ``recovered: false``.
+#: Centrifugo's code 2500 (centrifuge's UnsubscribeCodeInsufficient).
+INSUFFICIENT_UNSUBSCRIBE = {"code": 2500, "reason": "insufficient state"}
 
 
 @dataclass(slots=True, eq=False)
@@ -55,6 +59,7 @@ class Subscription:
     presence: bool
     encoder: wire.CentrifugeJson  # with join/leave pushes or not, str or pre-built frames
     closes_at: float | None = None  # loop time: closed 3006 then unless refreshed
+    server_side: bool = False  # made by the server (connect, subscribe_user), not the client
 
 
 def is_recovered(history: HistoryResult, since: StreamPosition) -> bool:
@@ -145,11 +150,14 @@ class Subscriptions:
         request: dict[str, Any],
         claims: dict[str, Any] | None,
         activations: dict[str, int],
+        *,
+        server_side: bool = False,
     ) -> dict[str, Any]:
         """Subscribe buffered, read the position (and recover); ``activations`` gets the offset
         after which buffered publications are still news to the client. Undone on any error.
 
-        ``claims``: a verified subscription token's (its ``info`` and ``exp``), or None."""
+        ``claims``: a verified subscription token's (its ``info`` and ``exp``), or None;
+        ``server_side``: the server subscribes the client (it cannot resubscribe itself)."""
         if len(self.by_name) >= self.settings.max_channels_per_connection:
             raise LimitExceeded("too many channels on this connection")
         opts = ch.options
@@ -166,7 +174,13 @@ class Subscriptions:
             opts.join_leave and request.get("join_leave")
         )
         compress = deflate.compressed(self.settings, opts)
-        sub = Subscription(ch, info, opts.presence, self.format.encoder(join_leave, compress))
+        sub = Subscription(
+            ch,
+            info,
+            opts.presence,
+            self.format.encoder(join_leave, compress),
+            server_side=server_side,
+        )
         keeps = opts.history_size > 0 and opts.history_ttl > 0
         recoverable = keeps and bool(request.get("recoverable") or opts.force_recovery)
         positioned = keeps and bool(request.get("positioned") or recoverable)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
@@ -332,8 +333,14 @@ class RedisBroker(Broker):
             orjson.dumps(meta) + b"\n" + data,
             history.size,
             _ms(history.ttl) if history.ttl > 0 else 0,
+            secrets.token_bytes(8),  # the publish id: a retry publishes at most once
         ]
-        offset, epoch = await self._publish(keys, args)
+        try:
+            offset, epoch = await self._publish(keys, args)
+        except RedisConnectionError:
+            # A pooled connection that went stale (Redis restarted) fails the first command
+            # sent on it; whether that try ran or not, the same publish id makes one retry safe.
+            offset, epoch = await self._publish(keys, args)
         return StreamPosition(int(offset), epoch.decode())
 
     @_reachable

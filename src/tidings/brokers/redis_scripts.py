@@ -37,10 +37,16 @@ end
     + _NOW
 )
 
-# KEYS: meta, hist. ARGV: epoch candidate, meta_ttl ms, topic, body, size, ttl ms.
+# KEYS: meta, hist. ARGV: epoch candidate, meta_ttl ms, topic, body, size, ttl ms, publish id.
+# The publish id makes a retry safe: the same id again (the reply to the first try was lost)
+# answers the position that try got, and publishes nothing.
 PUBLISH = (
     _META
     + """
+if redis.call('HGET', KEYS[1], 'p') == ARGV[7] then
+  return {tonumber(redis.call('HGET', KEYS[1], 'o')), epoch}
+end
+redis.call('HSET', KEYS[1], 'p', ARGV[7])
 local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 local message = 'P' .. offset .. ' ' .. epoch .. '\\n' .. ARGV[4]

@@ -199,6 +199,8 @@ class FastHttp(CorkedHttpTools):
         self.too_long = False
 
     def on_url(self, url: bytes) -> None:
+        if self.discarding:  # behind a closing answer: parsed, never executed
+            return
         # httptools hands the target over in pieces and keeps no bound: without one, a
         # request line could grow until the peer stops sending
         self.url += url
@@ -214,6 +216,9 @@ class FastHttp(CorkedHttpTools):
             return
         self.transport.write(_URI_TOO_LONG)
         self.transport.close()
+        #: the request being parsed arrived behind a response that closed the connection
+        #: (HTTP/1.0, ``Connection: close``): it cannot be answered, so it is not executed
+        self.discarding = False
 
     def data_received(self, data: bytes) -> None:
         """Answers written while parsing ``data`` (several, if pipelined) leave in one write
@@ -239,6 +244,12 @@ class FastHttp(CorkedHttpTools):
                     cork.flush()
 
     def on_message_begin(self) -> None:
+        # Requests pipelined behind one whose answer closed the connection are parsed from
+        # the same read, but nobody will hear their answer: executing them would make a
+        # client that retries do it twice (uvicorn's own path queues them and never runs them).
+        self.discarding = self.transport.is_closing()
+        if self.discarding:
+            return
         if self.front is None:
             super().on_message_begin()
         else:  # uvicorn's scope is built in on_headers_complete, only if uvicorn needs it
@@ -248,6 +259,8 @@ class FastHttp(CorkedHttpTools):
             self.declared = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.discarding:
+            return
         name = name.lower()
         if name == b"content-length":
             self.declared = int(value) if value.isdigit() else 0
@@ -256,6 +269,8 @@ class FastHttp(CorkedHttpTools):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self.discarding:
+            return
         if self.front is not None:
             if self._take(self.front):
                 return
@@ -286,6 +301,8 @@ class FastHttp(CorkedHttpTools):
         return True
 
     def on_body(self, body: bytes) -> None:
+        if self.discarding:
+            return
         if self.answer is None:
             super().on_body(body)
             return
@@ -294,6 +311,8 @@ class FastHttp(CorkedHttpTools):
             self.chunks.append(body)
 
     def on_message_complete(self) -> None:
+        if self.discarding:
+            return
         answer = self.answer
         if answer is None:
             super().on_message_complete()
