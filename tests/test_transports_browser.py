@@ -50,7 +50,8 @@ CLIENT = """
   window.pubs = [];
   window.subscribed = [];
   const client = new Centrifuge(
-    [{transport, endpoint: base + '/connection/' + transport}],
+    [{transport, endpoint: (transport === 'websocket' ? base.replace(/^http/, 'ws') : base)
+      + '/connection/' + transport}],
     {token, emulationEndpoint: base + '/emulation'},
   );
   const sub = client.newSubscription(channel);
@@ -74,7 +75,7 @@ async def publish(http: httpx.AsyncClient, channel: str, data: Any) -> int:
     return offset
 
 
-@pytest.mark.parametrize("transport", ["http_stream", "sse"])
+@pytest.mark.parametrize("transport", ["websocket", "http_stream", "sse"])
 async def test_centrifuge_js_recovers_after_going_offline(
     serve: Serve, context: Any, transport: str
 ) -> None:
