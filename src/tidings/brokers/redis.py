@@ -362,6 +362,11 @@ class RedisBroker(Broker):
     async def start(self, handler: EventHandler) -> None:
         await super().start(handler)
         try:
+            if isinstance(self._redis, RedisCluster):
+                # learn the slots now: the client does on its first command, but a burst of
+                # first commands each starts it anew and one resets the connections the
+                # others are using ("unable to perform operation on <TCPTransport closed>")
+                await self._redis.initialize()
             await self._pubsub.start()
             await self._pubsub.subscribe(self._control)
         except BaseException:
