@@ -128,10 +128,13 @@ async def test_every_key_is_under_the_prefix_and_expires(cluster: Cluster, clien
     await a.add_presence("k", ClientInfo("c"), 20)
     keys = sorted([k.decode() async for k in client.scan_iter(match=f"{a.prefix}:*")])
     # {k}: the channel is the hash tag, so its keys share a Redis Cluster slot
-    assert keys == [f"{a.prefix}:{kind}:{{k}}" for kind in ("hist", "meta", "pres", "presz")]
+    kinds = ("hist", "meta", "pres", "presz")
+    # and the index of streams that bounds their count (history_max_streams)
+    assert keys == [f"{a.prefix}:{kind}:{{k}}" for kind in kinds] + [f"{a.prefix}:streams"]
     ttls = {k.rsplit(":", 2)[1]: await client.pttl(k) for k in keys}
     assert 0 < ttls["hist"] <= 30_000
     assert 30_000 < ttls["meta"] <= 600_000
+    assert 30_000 < ttls["streams"] <= 600_000
     assert 0 < ttls["pres"] <= 20_000 and 0 < ttls["presz"] <= 20_000
 
 

@@ -30,7 +30,6 @@ from .admission import ConnectionRate
 from .api import HttpApi
 from .auth import TokenVerifier
 from .brokers import create_broker
-from .brokers.memory import MemoryBroker
 from .config import Settings
 from .connection import CentrifugeEndpoint
 from .endpoints import RawEndpoint
@@ -66,7 +65,7 @@ class Tidings:
         logs.install_redaction()
         self.settings = settings
         self.broker = create_broker(settings.broker_url)
-        if isinstance(self.broker, MemoryBroker):  # the networked engines expire keys instead
+        if hasattr(self.broker, "max_streams"):  # engines with a cap (memory, Redis)
             self.broker.max_streams = settings.history_max_streams
         self.hub = Hub(self.broker, settings)
         self.tokens = TokenVerifier(settings)

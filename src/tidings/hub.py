@@ -32,7 +32,15 @@ from .brokers.base import (
 from .channels import Channel, ChannelRules
 from .config import Settings
 from .delivery import Flusher, fan_out
-from .errors import INSUFFICIENT_STATE, SHUTDOWN, TOO_MANY, BadRequest, CloseReason, Disconnect
+from .errors import (
+    INSUFFICIENT_STATE,
+    SHUTDOWN,
+    TOO_MANY,
+    BadRequest,
+    CloseReason,
+    Disconnect,
+    TidingsError,
+)
 from .frames import Frame
 from .nodes import NodeDirectory
 from .session import Session
@@ -248,7 +256,12 @@ class Hub:
         o = channel.options
         kept = self._kept.get(id(o))
         if kept is None or kept[0] is not o:  # made once per namespace, not per publish
-            history = HistoryOptions(o.history_size, o.history_ttl, self.settings.history_meta_ttl)
+            history = HistoryOptions(
+                o.history_size,
+                o.history_ttl,
+                self.settings.history_meta_ttl,
+                stream=o.history_size > 0,
+            )
             kept = self._kept[id(o)] = (o, history)
         return kept[1]
 
@@ -401,9 +414,22 @@ class Hub:
                 local.op = None
                 done.set_result(None)
 
+    def _streamless(self, channel: str) -> bool:
+        """Whether the broker keeps no stream for ``channel`` (it keeps no history and the
+        engine keeps no offsets for such channels): its publications carry no offset."""
+        if self.broker.streams_without_history:
+            return False
+        try:
+            return not self.history_options(self.channel(channel)).stream
+        except TidingsError:  # not a channel name of this configuration: treat as kept
+            return False
+
     async def _baseline(self, channel: str, local: _Local) -> None:
         """Read the stream position the broker subscription starts from, so a publication lost
-        before the channel's first delivery is noticed too (a gap, or another epoch)."""
+        before the channel's first delivery is noticed too (a gap, or another epoch). None for
+        a channel without a stream: the read would create one."""
+        if self._streamless(channel):
+            return
         try:
             position = (
                 await self.broker.history(channel, limit=0, meta_ttl=self.settings.history_meta_ttl)
@@ -475,7 +501,7 @@ class Hub:
         ch = self.channel(channel)
         kept = self.history_options(ch)
         if skip_history:
-            kept = HistoryOptions(0, 0.0, kept.meta_ttl)
+            kept = HistoryOptions(0, 0.0, kept.meta_ttl, kept.stream)
         position = await self.broker.publish(ch.name, data, kept, info=info, tags=tags)
         self.metrics.published += 1
         if self.flusher.crowded:
@@ -536,10 +562,15 @@ class Hub:
         self.metrics.delivered += delivered
 
     def on_resync(self) -> None:
-        """The broker may have missed deliveries (it reconnected): catch every channel up."""
-        for channel, local in self._local.items():
+        """The broker may have missed deliveries (it reconnected): catch every channel up.
+
+        A channel without a stream (:meth:`_streamless`) has no offsets to tell whether it
+        missed any: its subscribers are told they may have (as for a lost stream)."""
+        for channel, local in list(self._local.items()):
             if local.epoch and local.healing is None:
                 self._heal(channel, local, [])
+            elif local.subscribed and self._streamless(channel):
+                self._lose(channel, local, "what was published while the broker reconnected")
 
     def _heal(self, channel: str, local: _Local, held: list[Publication]) -> None:
         local.healing = held

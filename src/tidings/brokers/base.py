@@ -78,14 +78,26 @@ class Publication:
     time: float = 0.0
 
 
+#: Default cap on the streams an engine keeps (the setting ``history_max_streams``).
+DEFAULT_MAX_STREAMS = 100_000
+
+
 @dataclass(frozen=True, slots=True)
 class HistoryOptions:
     """How a publication is kept: ``size`` items for ``ttl`` seconds (0 size: not kept);
-    ``meta_ttl`` is how long an idle stream keeps its offset and epoch."""
+    ``meta_ttl`` is how long an idle stream keeps its offset and epoch.
+
+    ``stream``: False when the channel keeps no history at all (its namespace's
+    ``history_size`` is 0), not just this publication (``skip_history``). An engine whose
+    :attr:`Broker.streams_without_history` is False then keeps nothing for the channel and
+    publishes with offset 0 and no epoch, as Centrifugo publishes without history
+    (centrifuge ``broker_redis.go``: a plain PUBLISH when ``HistorySize`` or ``HistoryTTL`` is
+    0); the others advance the offset anyway."""
 
     size: int = 0
     ttl: float = 0.0
     meta_ttl: float = DEFAULT_META_TTL
+    stream: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +162,10 @@ class Broker(abc.ABC):
     #: True when no method ever suspends (memory): callers may run them without a task
     #: (tidings.eager); a networked engine awaits I/O and leaves it False.
     synchronous: bool = False
+    #: False when channels that keep no history (``HistoryOptions.stream`` False) get no
+    #: stream at all (Redis): their publications carry offset 0, so the hub reads no stream
+    #: position for them and cannot check their deliveries for gaps.
+    streams_without_history: bool = True
 
     def __init__(self, url: str) -> None:
         self.url = url

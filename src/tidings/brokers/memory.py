@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from .base import (
+    DEFAULT_MAX_STREAMS,
     DEFAULT_META_TTL,
     Broker,
     BrokerUnavailable,
@@ -46,8 +47,6 @@ from .base import (
 )
 
 SWEEP_INTERVAL = 30.0
-#: default of :attr:`MemoryBroker.max_streams` (the setting ``history_max_streams``)
-DEFAULT_MAX_STREAMS = 100_000
 #: seconds between checks for sibling workers: often at first (a pre-fork server starts its
 #: workers together), then rarely
 WATCH_INTERVALS = (1.0,) * 10 + (5.0,) * 10
