@@ -1,8 +1,10 @@
 """Slow, partial and oversized requests on `tidings serve`'s HTTP path and WebSocket handshake
 (serve/guard.py): header and body timeouts (408), header size and count limits (431).
 
-Only the fast path: an app mounted under stock uvicorn gets uvicorn's behaviour (README,
-"Production"). Every loop is bounded and every wait has a deadline; nothing here measures time.
+The fast path, and at the end what a tidings mounted under stock uvicorn guards itself
+(router.GuardedRoute: body timeout and header limits on its HTTP routes; README "Production"
+says what is left to uvicorn). Every loop is bounded and every wait has a deadline; nothing
+here measures time.
 """
 
 from __future__ import annotations
@@ -215,3 +217,70 @@ async def test_many_pipelined_requests_are_not_one_large_head(serve: Serve) -> N
     assert got.count(b"HTTP/1.1 200 ") == count + 1
     assert b" 431 " not in got
     writer.close()
+
+
+# -- a tidings mounted under stock uvicorn: what its routes guard themselves (router.py) -------
+
+
+@pytest.mark.one_path
+async def test_mounted_partial_body_gets_408_and_others_are_served(serve: Serve) -> None:
+    srv = await serve(fast=False, body_timeout=1.0)
+    stalled = [await open_raw(srv) for _ in range(5)]
+    for _, writer in stalled:  # half a body, then nothing
+        writer.write(
+            b"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"channel":'
+        )
+    await healthy(srv)  # the others do not wait for them
+    for reader, writer in stalled:
+        got = await answer(reader)  # the answer comes, then the server ends the connection
+        assert got.startswith(b"HTTP/1.1 408 "), got[:80]
+        assert b"connection: close" in got.lower()
+        assert b'"code":107' in got and b"not received within 1 s" in got, got
+        writer.close()
+    async with httpx.AsyncClient() as http:
+        r = await http.post(f"{srv.url}/api/publish", json={"channel": "c", "data": 1})
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.one_path
+@pytest.mark.parametrize(
+    ("headers", "what"),
+    [
+        (b"".join(b"X-%d: 1\r\n" % i for i in range(10_000)), b"more than 100 header fields"),
+        (b"X-Big: " + b"a" * 100_000 + b"\r\n", b"larger than 65536 bytes"),
+    ],
+    ids=["10000 headers", "a 100 KB header"],
+)
+async def test_mounted_routes_refuse_large_heads_with_431(
+    serve: Serve, headers: bytes, what: bytes
+) -> None:
+    srv = await serve(fast=False)
+    for target in (b"POST /api/publish", b"GET /health"):
+        reader, writer = await open_raw(srv)
+        writer.write(
+            target + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n" + headers + b"\r\n{}"
+        )
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        got = await answer(reader)
+        assert got.startswith(b"HTTP/1.1 431 "), got[:80]
+        assert b'"code":107' in got and what in got, got[-200:]
+        writer.close()
+    await healthy(srv)
+
+
+@pytest.mark.one_path
+async def test_mounted_header_limits_are_settings(serve: Serve) -> None:
+    srv = await serve(fast=False, max_headers=10, max_header_size=2048)
+    async with httpx.AsyncClient() as http:
+        many = {f"X-{i}": "1" for i in range(11)}
+        r = await http.post(
+            f"{srv.url}/api/publish", json={"channel": "c", "data": 1}, headers=many
+        )
+        assert r.status_code == 431, r.text
+        big = {"X-Big": "b" * 2048}
+        r = await http.post(f"{srv.url}/api/publish", json={"channel": "c", "data": 1}, headers=big)
+        assert r.status_code == 431, r.text
+        r = await http.post(f"{srv.url}/api/publish", json={"channel": "c", "data": 1})
+        assert r.status_code == 200, r.text

@@ -210,16 +210,19 @@ class Settings(BaseSettings):
         30.0,
         gt=0,
         description="Seconds a request body may take to arrive, whole; late: 408 and closed "
-        "(`tidings serve`).",
+        "(`tidings serve`; mounted: on tidings' HTTP API routes).",
     )
     max_header_size: int = Field(
         65_536,
         ge=1024,
         description="Largest request head (request line and headers), bytes; over: 431 "
-        "(`tidings serve`).",
+        "(`tidings serve`; mounted: the headers of tidings' HTTP routes).",
     )
     max_headers: int = Field(
-        100, ge=8, description="Most header fields in a request; over: 431 (`tidings serve`)."
+        100,
+        ge=8,
+        description="Most header fields in a request; over: 431 (`tidings serve`; mounted: "
+        "on tidings' HTTP routes).",
     )
     node_info_interval: float = Field(
         3.0, gt=0, description="Seconds between this node's announcements to the others (info)."

@@ -30,11 +30,15 @@ def server_options(settings: Settings) -> dict[str, Any]:
     from .websocket import FastWebSocket
 
     http: Any = "h11"
+    limits: dict[str, Any] = {}
     if _installed("httptools"):
         from .guard import guarded
 
         http = guarded(settings)  # FastHttp with header/body timeouts and header limits
+    else:  # h11 bounds a head still arriving (uvicorn's own limit); no timeouts
+        limits["h11_max_incomplete_event_size"] = settings.max_header_size
     return {
+        **limits,
         "ws": FastWebSocket,
         "loop": "uvloop" if _installed("uvloop") else "asyncio",
         "http": http,
