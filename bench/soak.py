@@ -470,6 +470,19 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     report.update(
         rss_samples=len(rss),
         rss_slope_kib_per_min=round(slope_kib_per_min(warm), 1),
+        # the second half alone: a leak keeps its slope, an allocator settling flattens out
+        rss_slope_second_half_kib_per_min=round(
+            slope_kib_per_min([x for x in rss if x[0] >= args.duration * 0.5]), 1
+        ),
+        # [seconds into the run, KiB] at every tenth of it: the shape behind the slopes
+        rss_profile_kib=[
+            [round(t), kib]
+            for t, kib in (
+                max((x for x in rss if x[0] <= args.duration * k / 10), default=(0.0, 0))
+                for k in range(1, 11)
+            )
+            if kib
+        ],
         rss_first_kib=rss[0][1] if rss else None,
         rss_last_kib=rss[-1][1] if rss else None,
         published=sum(published.values()),
