@@ -304,6 +304,9 @@ class KafkaBroker(Broker):
         #: created again (see _stuck_partition and _reset)
         self._broken: tuple[int, int] | None = None
         self._stuck: dict[int, tuple[int, float]] = {}  # partition -> (position, since)
+        #: (partition, position) found unreadable once: asked again with new clients
+        self._doubted: set[tuple[int, int]] = set()
+        self._stale: str | None = None  # why the clients must be replaced (see _renew)
         self._retiring: set[asyncio.Task[None]] = set()  # replaced clients being stopped
         self._advanced = asyncio.Event()
         self._check_now = asyncio.Event()
@@ -673,6 +676,11 @@ class KafkaBroker(Broker):
                 if self._lost is not None:
                     await self._reset(self._lost)
                     self._lost = None
+                else:
+                    stale = self._stale or self._stopped_fetching()
+                    if stale is not None:
+                        log.warning("kafka clients replaced: %s", stale)
+                        await self._renew()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -692,9 +700,22 @@ class KafkaBroker(Broker):
                 self._outage = None
                 self._resync()
 
+    def _stopped_fetching(self) -> str | None:
+        """Whether the reader's or the checker's client stopped fetching for good.
+
+        aiokafka (0.14) fetches in one background task per consumer; an unexpected error there
+        (under uvloop, a RuntimeError writing to a connection the server just closed) ends that
+        task, and from then on ``getmany`` returns nothing, without an error, forever."""
+        for name, client in (("reader", self._consumer), ("checker", self._checker)):
+            task = getattr(getattr(client, "_fetcher", None), "error_future", None)
+            if isinstance(task, asyncio.Future) and task.done():
+                return f"the {name}'s client stopped fetching"
+        return None
+
     async def _renew(self) -> None:
         """Replace the clients and read on from where the reader stopped (the log is not
         known to be lost). Raises TimeoutError, KafkaError or OSError after ``timeout``."""
+        self._stale = None
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -788,7 +809,22 @@ class KafkaBroker(Broker):
             if seen != position:
                 self._stuck[tp.partition] = (position, now)
                 continue
-            if now - since < patience or await self._read_one(tp, position) is not None:
+            if now - since < patience:
+                continue
+            if await self._read_one(tp, position) is not None:
+                # readable, yet the reader did not read it all this time: its client is stuck
+                self._stale = (
+                    f"the reader did not read partition {tp.partition} from offset {position} "
+                    f"for {patience:g}s, and it can be read"
+                )
+                self._stuck[tp.partition] = (position, now)
+                continue
+            if (tp.partition, position) not in self._doubted:
+                # a second opinion from new clients before anything is deleted: the checker's
+                # own client may be the one that cannot read
+                self._doubted.add((tp.partition, position))
+                self._stale = f"nothing could be read from partition {tp.partition}"
+                self._stuck[tp.partition] = (position, now)
                 continue
             why = (
                 f"partition {tp.partition} ends at offset {ends[tp]} but nothing can be read "
@@ -865,6 +901,7 @@ class KafkaBroker(Broker):
             self._last.clear()
             self._positions.clear()
             self._stuck.clear()
+            self._doubted.clear()
         # new clients first: the old ones may still hold the old topic's partitions and leaders
         async with asyncio.timeout(self.timeout):
             await self._open_clients()
