@@ -307,6 +307,7 @@ class KafkaBroker(Broker):
         #: (partition, position) found unreadable once: asked again with new clients
         self._doubted: set[tuple[int, int]] = set()
         self._stale: str | None = None  # why the clients must be replaced (see _renew)
+        self._unsent = 0  # records in a row the producer did not get acknowledged in time
         self._retiring: set[asyncio.Task[None]] = set()  # replaced clients being stopped
         self._advanced = asyncio.Event()
         self._check_now = asyncio.Event()
@@ -677,7 +678,7 @@ class KafkaBroker(Broker):
                     await self._reset(self._lost)
                     self._lost = None
                 else:
-                    stale = self._stale or self._stopped_fetching()
+                    stale = self._stale or self._stopped_working()
                     if stale is not None:
                         log.warning("kafka clients replaced: %s", stale)
                         await self._renew()
@@ -700,22 +701,28 @@ class KafkaBroker(Broker):
                 self._outage = None
                 self._resync()
 
-    def _stopped_fetching(self) -> str | None:
-        """Whether the reader's or the checker's client stopped fetching for good.
+    def _stopped_working(self) -> str | None:
+        """Whether a client's background task ended for good.
 
-        aiokafka (0.14) fetches in one background task per consumer; an unexpected error there
-        (under uvloop, a RuntimeError writing to a connection the server just closed) ends that
-        task, and from then on ``getmany`` returns nothing, without an error, forever."""
+        aiokafka (0.14) fetches in one background task per consumer and sends in one per
+        producer. An unexpected error there ends the task: under uvloop, a RuntimeError writing
+        to a connection the server just closed (aio-libs/aiokafka#1038), seen here when Tansu
+        restarts. From then on a consumer's ``getmany`` returns nothing and a producer's records
+        are never sent, without an error, forever (aio-libs/aiokafka#983 is the same symptom)."""
         for name, client in (("reader", self._consumer), ("checker", self._checker)):
             task = getattr(getattr(client, "_fetcher", None), "error_future", None)
             if isinstance(task, asyncio.Future) and task.done():
                 return f"the {name}'s client stopped fetching"
+        task = getattr(getattr(self._producer, "_sender", None), "sender_task", None)
+        if isinstance(task, asyncio.Future) and task.done():
+            return "the producer stopped sending"
         return None
 
     async def _renew(self) -> None:
         """Replace the clients and read on from where the reader stopped (the log is not
         known to be lost). Raises TimeoutError, KafkaError or OSError after ``timeout``."""
         self._stale = None
+        self._unsent = 0
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -984,6 +991,7 @@ class KafkaBroker(Broker):
                     partition=partition,
                     headers=[("k", kind), ("i", rid), *(headers or ())],
                 )
+                self._unsent = 0
                 if (
                     waiter is not None
                     and not waiter.done()
@@ -1004,6 +1012,13 @@ class KafkaBroker(Broker):
         except TimeoutError as exc:
             if sent is not None:  # acknowledged, never read back: is the log still there?
                 self._check_now.set()
+            else:
+                self._unsent += 1
+                if self._unsent >= 2:  # the watcher replaces it if the server answers it
+                    self._stale = (
+                        f"the producer had {self._unsent} records in a row not acknowledged "
+                        f"within {self.timeout:g}s"
+                    )
             raise BrokerUnavailable(
                 f"kafka at {','.join(self.bootstrap)}: the record was not confirmed within "
                 f"{self.timeout:g}s"
