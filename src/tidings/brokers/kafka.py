@@ -51,9 +51,21 @@ within ``timeout`` and ``ping()`` (``/health``) fails; the reader resumes where 
 the server is back (nothing is lost: the log kept it) and the hub is asked to resync. When the
 log itself is lost (a server restarted without its data, the topic deleted or re-created with
 other partitions) the node notices within ``check_interval`` (sooner when it publishes), logs
-an error, forgets every stream and reads the new log from its beginning: every stream gets a
-new epoch, so subscribers are told they could not be recovered. A publication confirmed in the
-moment between the loss and its discovery is counted in the old epoch, then again in the new.
+an error, forgets every stream and reads the new log from its beginning with new clients (the
+old ones hold the lost topic's partitions, leaders and fetch positions): every stream gets a
+new epoch, so subscribers are told they could not be recovered. Until the new log is read,
+writes raise :class:`BrokerUnavailable` at once (rather than go to a topic being deleted or
+created again); each step of that reset is bounded by ``timeout`` and tried again at the next
+check. A publication confirmed in the moment between the loss and its discovery is counted in
+the old epoch, then again in the new.
+
+A client that stops working is replaced (the reader resumes where it stopped): aiokafka (0.14)
+runs each consumer's fetches and each producer's sends in one background task, which an
+unexpected error ends for good (under uvloop, a write to a connection the server just closed
+raises RuntimeError, aio-libs/aiokafka#1038), leaving the client silently idle. The watcher
+replaces the clients when such a task ended, when the reader does not read what the checker
+can read, or when the producer got no record acknowledged twice in a row while the server
+answers.
 
 Tansu (0.6, memory storage), found by the tests: a restart loses every topic; its end offsets
 can lag behind records it already serves (so the last record read, not the end offset, proves
@@ -62,8 +74,10 @@ about a topic that does not exist makes Tansu create it with 4 partitions (nodes
 topic's partitions, whatever their number); and a record sent right after a restart by a client
 that still believes in the old topic is acknowledged but can, depending on timing, never be
 read, after which its partition takes no other record. A node notices such a partition (its end
-stays ahead of where nothing can be read for ``max(timeout, 3 * check_interval)``); with
-``repair=1`` it deletes the topic and creates it again, otherwise it logs an error saying so.
+stays ahead of where nothing can be read for ``max(timeout, 3 * check_interval)``, once more
+with new clients); with ``repair=1`` it deletes the topic and creates it again (unless the
+partition ends before that offset by then: another node was first), otherwise it logs an error
+saying so.
 
 Limits: every node replays the whole topic when it starts, and keeps in memory the history its
 channels keep (bounded by their history size). Records must not be deleted from the topic by
@@ -709,6 +723,8 @@ class KafkaBroker(Broker):
         to a connection the server just closed (aio-libs/aiokafka#1038), seen here when Tansu
         restarts. From then on a consumer's ``getmany`` returns nothing and a producer's records
         are never sent, without an error, forever (aio-libs/aiokafka#983 is the same symptom)."""
+        if self._reader is None or self._reader.done():  # a replacement that failed midway
+            return "the reader is not running"
         for name, client in (("reader", self._consumer), ("checker", self._checker)):
             task = getattr(getattr(client, "_fetcher", None), "error_future", None)
             if isinstance(task, asyncio.Future) and task.done():
@@ -962,17 +978,20 @@ class KafkaBroker(Broker):
         partition: int | None = None,
     ) -> StreamPosition | None:
         """Append one record; with ``wait``, return once this node's reader applied it (the
-        position it got, for a publication). Raises BrokerUnavailable after ``timeout``."""
+        position it got, for a publication). Raises BrokerUnavailable after ``timeout`` seconds,
+        or at once while the server is unreachable or the node reads a new log after a loss."""
         self._require_started()
         if self._outage is not None:
             raise BrokerUnavailable(f"unreachable: {self._outage}")
         producer = self._producer
         if self._lost is not None or producer is None or self._reader is None:
-            # not into a topic that is being deleted or created again: Tansu acknowledges a
-            # record sent there and then cannot read its partition (see the module docstring)
+            # not into a topic that is being deleted or created again: Tansu (0.6) acknowledges
+            # a record sent to a deleted topic, and what the topic created again then holds
+            # depends on timing (see the module docstring)
             raise BrokerUnavailable(
-                f"kafka: the log was lost ({self._lost or 'the reader stopped'}); "
-                "reading the new one"
+                f"kafka: the log was lost ({self._lost}); reading the new one"
+                if self._lost is not None
+                else "kafka: this node is replacing its clients"
             )
         if partition is None:
             partition = self._partition_of(key)
@@ -1045,7 +1064,8 @@ class KafkaBroker(Broker):
         """Append a publication; returns its position once this node read it back from the log.
 
         Raises :class:`BrokerUnavailable` if it is not confirmed within ``timeout`` seconds (it
-        may still have been written: a publisher that retries can publish twice)."""
+        may still have been written: a publisher that retries can publish twice), and at once
+        while the server is unreachable or the node reads a new log after a loss."""
         headers = [("h", b"%d %r %r" % (history.size, history.ttl, history.meta_ttl))]
         meta: dict[str, Any] = {}
         if info is not None:
