@@ -395,17 +395,25 @@ class KafkaBroker(Broker):
 
         After the log was lost the old clients describe a topic that is gone: their metadata
         (partitions, leaders), the reader's fetch positions and the batches the producer still
-        retries all belong to it, so they are replaced rather than trusted to notice.
-        Raises KafkaError or OSError if the server cannot be reached (the caller bounds it)."""
+        retries all belong to it, so they are replaced rather than trusted to notice. Until the
+        new ones have started there are none (calls raise BrokerUnavailable). Raises KafkaError
+        or OSError if the server cannot be reached (the caller bounds it)."""
         for old in (self._producer, self._consumer, self._checker):
             if old is not None:
                 self._retire(old)
-        self._producer = AIOKafkaProducer(**self._client_options(), acks="all", linger_ms=0)
-        self._consumer = self._consumer_for()
-        self._checker = self._consumer_for()
-        await self._producer.start()
-        await self._consumer.start()
-        await self._checker.start()
+        self._producer = self._consumer = self._checker = None
+        producer = AIOKafkaProducer(**self._client_options(), acks="all", linger_ms=0)
+        consumer, checker = self._consumer_for(), self._consumer_for()
+        started: list[AIOKafkaProducer | AIOKafkaConsumer] = []
+        try:
+            for client in (producer, consumer, checker):
+                await client.start()
+                started.append(client)
+        except BaseException:
+            for client in started:
+                self._retire(client)
+            raise
+        self._producer, self._consumer, self._checker = producer, consumer, checker
 
     def _retire(self, client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
         """Stop a client in the background, given ``timeout`` seconds: a producer's stop waits
@@ -687,15 +695,14 @@ class KafkaBroker(Broker):
             self._check_now.clear()
             try:
                 if self._lost is None:
-                    self._lost = await self._verify()
-                if self._lost is not None:
-                    await self._reset(self._lost)
-                    self._lost = None
-                else:
                     stale = self._stale or self._stopped_working()
                     if stale is not None:
                         log.warning("kafka clients replaced: %s", stale)
                         await self._renew()
+                    self._lost = await self._verify()
+                if self._lost is not None:
+                    await self._reset(self._lost)
+                    self._lost = None
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -723,8 +730,8 @@ class KafkaBroker(Broker):
         to a connection the server just closed (aio-libs/aiokafka#1038), seen here when Tansu
         restarts. From then on a consumer's ``getmany`` returns nothing and a producer's records
         are never sent, without an error, forever (aio-libs/aiokafka#983 is the same symptom)."""
-        if self._reader is None or self._reader.done():  # a replacement that failed midway
-            return "the reader is not running"
+        if self._consumer is None or self._reader is None or self._reader.done():
+            return "the reader is not running"  # a replacement that failed midway
         for name, client in (("reader", self._consumer), ("checker", self._checker)):
             task = getattr(getattr(client, "_fetcher", None), "error_future", None)
             if isinstance(task, asyncio.Future) and task.done():
