@@ -51,9 +51,21 @@ within ``timeout`` and ``ping()`` (``/health``) fails; the reader resumes where 
 the server is back (nothing is lost: the log kept it) and the hub is asked to resync. When the
 log itself is lost (a server restarted without its data, the topic deleted or re-created with
 other partitions) the node notices within ``check_interval`` (sooner when it publishes), logs
-an error, forgets every stream and reads the new log from its beginning: every stream gets a
-new epoch, so subscribers are told they could not be recovered. A publication confirmed in the
-moment between the loss and its discovery is counted in the old epoch, then again in the new.
+an error, forgets every stream and reads the new log from its beginning with new clients (the
+old ones hold the lost topic's partitions, leaders and fetch positions): every stream gets a
+new epoch, so subscribers are told they could not be recovered. Until the new log is read,
+writes raise :class:`BrokerUnavailable` at once (rather than go to a topic being deleted or
+created again); each step of that reset is bounded by ``timeout`` and tried again at the next
+check. A publication confirmed in the moment between the loss and its discovery is counted in
+the old epoch, then again in the new.
+
+A client that stops working is replaced (the reader resumes where it stopped): aiokafka (0.14)
+runs each consumer's fetches and each producer's sends in one background task, which an
+unexpected error ends for good (under uvloop, a write to a connection the server just closed
+raises RuntimeError, aio-libs/aiokafka#1038), leaving the client silently idle. The watcher
+replaces the clients when such a task ended, when the reader does not read what the checker
+can read, or when the producer got no record acknowledged twice in a row while the server
+answers.
 
 Tansu (0.6, memory storage), found by the tests: a restart loses every topic; its end offsets
 can lag behind records it already serves (so the last record read, not the end offset, proves
@@ -62,8 +74,10 @@ about a topic that does not exist makes Tansu create it with 4 partitions (nodes
 topic's partitions, whatever their number); and a record sent right after a restart by a client
 that still believes in the old topic is acknowledged but can, depending on timing, never be
 read, after which its partition takes no other record. A node notices such a partition (its end
-stays ahead of where nothing can be read for ``max(timeout, 3 * check_interval)``); with
-``repair=1`` it deletes the topic and creates it again, otherwise it logs an error saying so.
+stays ahead of where nothing can be read for ``max(timeout, 3 * check_interval)``, once more
+with new clients); with ``repair=1`` it deletes the topic and creates it again (unless the
+partition ends before that offset by then: another node was first), otherwise it logs an error
+saying so.
 
 Limits: every node replays the whole topic when it starts, and keeps in memory the history its
 channels keep (bounded by their history size). Records must not be deleted from the topic by
@@ -304,6 +318,11 @@ class KafkaBroker(Broker):
         #: created again (see _stuck_partition and _reset)
         self._broken: tuple[int, int] | None = None
         self._stuck: dict[int, tuple[int, float]] = {}  # partition -> (position, since)
+        #: (partition, position) found unreadable once: asked again with new clients
+        self._doubted: set[tuple[int, int]] = set()
+        self._stale: str | None = None  # why the clients must be replaced (see _renew)
+        self._unsent = 0  # records in a row the producer did not get acknowledged in time
+        self._retiring: set[asyncio.Task[None]] = set()  # replaced clients being stopped
         self._advanced = asyncio.Event()
         self._check_now = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
@@ -348,12 +367,7 @@ class KafkaBroker(Broker):
                 self._admin = AIOKafkaAdminClient(**self._client_options())
                 await self._admin.start()
                 await self._ensure_topic()
-                self._producer = AIOKafkaProducer(**self._client_options(), acks="all", linger_ms=0)
-                await self._producer.start()
-                self._consumer = self._consumer_for()
-                await self._consumer.start()
-                self._checker = self._consumer_for()
-                await self._checker.start()
+                await self._open_clients()
                 await self._assign()
             if self._presence is not None:
                 await self._presence.start(_Ignore())
@@ -375,6 +389,48 @@ class KafkaBroker(Broker):
             if isinstance(exc, KafkaError | OSError | TimeoutError):
                 raise BrokerUnavailable(f"cannot start: {self.describe(exc)}") from exc
             raise
+
+    async def _open_clients(self) -> None:
+        """Start a new producer, reader and checker, retiring the ones before (if any).
+
+        After the log was lost the old clients describe a topic that is gone: their metadata
+        (partitions, leaders), the reader's fetch positions and the batches the producer still
+        retries all belong to it, so they are replaced rather than trusted to notice. Until the
+        new ones have started there are none (calls raise BrokerUnavailable). Raises KafkaError
+        or OSError if the server cannot be reached (the caller bounds it)."""
+        for old in (self._producer, self._consumer, self._checker):
+            if old is not None:
+                self._retire(old)
+        self._producer = self._consumer = self._checker = None
+        producer = AIOKafkaProducer(**self._client_options(), acks="all", linger_ms=0)
+        consumer, checker = self._consumer_for(), self._consumer_for()
+        started: list[AIOKafkaProducer | AIOKafkaConsumer] = []
+        try:
+            for client in (producer, consumer, checker):
+                await client.start()
+                started.append(client)
+        except BaseException:
+            for client in started:
+                self._retire(client)
+            raise
+        self._producer, self._consumer, self._checker = producer, consumer, checker
+
+    def _retire(self, client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
+        """Stop a client in the background, given ``timeout`` seconds: a producer's stop waits
+        for the batches it still holds, which may be for a topic that is gone."""
+
+        async def stop() -> None:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await client.stop()
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                log.debug("stopping a replaced kafka client: %r", exc)
+
+        task = asyncio.get_running_loop().create_task(stop())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def _ensure_topic(self) -> None:
         assert self._admin is not None
@@ -443,6 +499,8 @@ class KafkaBroker(Broker):
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self._retiring:  # replaced clients: each stop is bounded by timeout
+            await asyncio.wait(list(self._retiring))
         for waiter in self._pending.values():
             if not waiter.done():
                 waiter.set_exception(BrokerUnavailable("kafka: the broker was closed"))
@@ -591,10 +649,16 @@ class KafkaBroker(Broker):
 
         Raises TimeoutError when the reader makes no progress for ``timeout`` seconds (a long
         replay that keeps moving is waited for)."""
-        assert self._consumer is not None
+        consumer = self._consumer
+        if consumer is None or self._lost is not None:
+            raise BrokerUnavailable(
+                f"kafka: the log was lost ({self._lost}); not reading it yet"
+                if self._lost
+                else "kafka: the reader stopped"
+            )
         if ends is None:
             async with asyncio.timeout(self.timeout):
-                ends = await self._consumer.end_offsets(self._tps)
+                ends = await consumer.end_offsets(self._tps)
         loop = asyncio.get_running_loop()
         progress, since = -1, loop.time()
         while True:
@@ -623,14 +687,19 @@ class KafkaBroker(Broker):
     # -- watching the server and the log -------------------------------------------------------
 
     async def _watch_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        renewed = 0.0  # when the clients were last replaced during this outage
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._check_now.wait(), self.check_interval)
             self._check_now.clear()
             try:
-                async with asyncio.timeout(self.timeout):
-                    if self._lost is None:
-                        self._lost = await self._verify()
+                if self._lost is None:
+                    stale = self._stale or self._stopped_working()
+                    if stale is not None:
+                        log.warning("kafka clients replaced: %s", stale)
+                        await self._renew()
+                    self._lost = await self._verify()
                 if self._lost is not None:
                     await self._reset(self._lost)
                     self._lost = None
@@ -639,12 +708,58 @@ class KafkaBroker(Broker):
             except Exception as exc:
                 if self._outage is None:
                     log.error("kafka unreachable: %s", self.describe(exc))
+                    renewed = loop.time()
                 self._outage = self.describe(exc)
+                if self._lost is None and loop.time() - renewed > 3 * self.timeout:
+                    # an outage this long may be the clients' own state (metadata of a topic
+                    # that changed under them): new ones, resuming where the reader stopped
+                    renewed = loop.time()
+                    with contextlib.suppress(Exception):
+                        await self._renew()
                 continue
             if self._outage is not None:
                 log.warning("kafka reachable again; the reader resumes where it stopped")
                 self._outage = None
                 self._resync()
+
+    def _stopped_working(self) -> str | None:
+        """Whether a client's background task ended for good.
+
+        aiokafka (0.14) fetches in one background task per consumer and sends in one per
+        producer. An unexpected error there ends the task: under uvloop, a RuntimeError writing
+        to a connection the server just closed (aio-libs/aiokafka#1038), seen here when Tansu
+        restarts. From then on a consumer's ``getmany`` returns nothing and a producer's records
+        are never sent, without an error, forever (aio-libs/aiokafka#983 is the same symptom)."""
+        if self._consumer is None or self._reader is None or self._reader.done():
+            return "the reader is not running"  # a replacement that failed midway
+        for name, client in (("reader", self._consumer), ("checker", self._checker)):
+            task = getattr(getattr(client, "_fetcher", None), "error_future", None)
+            if isinstance(task, asyncio.Future) and task.done():
+                return f"the {name}'s client stopped fetching"
+        task = getattr(getattr(self._producer, "_sender", None), "sender_task", None)
+        if isinstance(task, asyncio.Future) and task.done():
+            return "the producer stopped sending"
+        return None
+
+    async def _renew(self) -> None:
+        """Replace the clients and read on from where the reader stopped (the log is not
+        known to be lost). Raises TimeoutError, KafkaError or OSError after ``timeout``."""
+        self._stale = None
+        self._unsent = 0
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        async with asyncio.timeout(self.timeout):
+            await self._open_clients()
+            assert self._consumer is not None and self._checker is not None
+            self._consumer.assign(self._tps)
+            self._checker.assign(self._tps)
+            self._checker.pause(*self._tps)
+            for tp in self._tps:
+                self._consumer.seek(tp, self._positions.get(tp.partition, 0))
+        self._reader = asyncio.get_running_loop().create_task(self._read_forever())
 
     def _resync(self) -> None:
         try:
@@ -655,18 +770,34 @@ class KafkaBroker(Broker):
     async def _verify(self) -> str | None:
         """Why the log this node read is gone (None: it is not): a partition now ends before
         what this node read, or the last record it read is no longer there, or a partition
-        holds records nobody can read (then ``self._broken`` is set: see :meth:`_reset`)."""
+        holds records nobody can read (then ``self._broken`` is set: see :meth:`_reset`).
+
+        Raises TimeoutError (or KafkaError, OSError) when the server does not answer the topic's
+        layout and end offsets within ``timeout`` seconds: an outage. Records that do not come
+        within the time left for reading them are inconclusive, not an outage."""
         assert self._consumer is not None
-        layout = await self._layout()
-        known = {tp.partition for tp in self._tps}
-        if layout is None:
-            return f"topic {self.topic} is gone"
-        if layout != known:
-            return f"topic {self.topic} now has {len(layout)} partitions, not {len(known)}"
-        # what was read before asking: the answer describes the log at some moment after this,
-        # while the reader may read on (past the answer) before it arrives
-        read = dict(self._positions)
-        ends = await self._consumer.end_offsets(self._tps)
+        async with asyncio.timeout(self.timeout):
+            layout = await self._layout()
+            known = {tp.partition for tp in self._tps}
+            if layout is None:
+                return f"topic {self.topic} is gone"
+            if layout != known:
+                return f"topic {self.topic} now has {len(layout)} partitions, not {len(known)}"
+            # what was read before asking: the answer describes the log at some moment after
+            # this, while the reader may read on (past the answer) before it arrives
+            read = dict(self._positions)
+            ends = await self._consumer.end_offsets(self._tps)
+        # each read waits at most half the timeout (see _read_one)
+        try:
+            async with asyncio.timeout(self.timeout * (1 + len(self._tps))):
+                return await self._check_records(read, ends)
+        except TimeoutError:
+            return None
+
+    async def _check_records(
+        self, read: dict[int, int], ends: dict[TopicPartition, int]
+    ) -> str | None:
+        """The record checks of :meth:`_verify`, given what the reader had read and the ends."""
         # A partition that ends before what this node read was probably lost; but Tansu's end
         # offsets lag behind what it already serves under load, so the last record read decides.
         short = {tp.partition: ends[tp] for tp in self._tps if ends[tp] < read.get(tp.partition, 0)}
@@ -708,7 +839,22 @@ class KafkaBroker(Broker):
             if seen != position:
                 self._stuck[tp.partition] = (position, now)
                 continue
-            if now - since < patience or await self._read_one(tp, position) is not None:
+            if now - since < patience:
+                continue
+            if await self._read_one(tp, position) is not None:
+                # readable, yet the reader did not read it all this time: its client is stuck
+                self._stale = (
+                    f"the reader did not read partition {tp.partition} from offset {position} "
+                    f"for {patience:g}s, and it can be read"
+                )
+                self._stuck[tp.partition] = (position, now)
+                continue
+            if (tp.partition, position) not in self._doubted:
+                # a second opinion from new clients before anything is deleted: the checker's
+                # own client may be the one that cannot read
+                self._doubted.add((tp.partition, position))
+                self._stale = f"nothing could be read from partition {tp.partition}"
+                self._stuck[tp.partition] = (position, now)
                 continue
             why = (
                 f"partition {tp.partition} ends at offset {ends[tp]} but nothing can be read "
@@ -728,16 +874,27 @@ class KafkaBroker(Broker):
         return None
 
     async def _still_stuck(self, partition: int, position: int) -> bool:
+        """Whether ``partition`` still ends after ``position`` with nothing readable there.
+
+        The end is asked again after the read: another node may have deleted the topic and
+        created it again while this one waited for a record (its new partition ends at 0),
+        and deleting that new topic would only start every stream once more."""
         assert self._consumer is not None
         if partition not in (await self._layout() or ()):
             return False
         tp = TopicPartition(self.topic, partition)
-        end = (await self._consumer.end_offsets([tp]))[tp]
-        return bool(end > position) and await self._read_one(tp, position) is None
+        if (await self._consumer.end_offsets([tp]))[tp] <= position:
+            return False
+        if await self._read_one(tp, position) is not None:
+            return False
+        return bool((await self._consumer.end_offsets([tp]))[tp] > position)
 
     async def _read_one(self, tp: TopicPartition, offset: int) -> Any:
         """The first record at or after ``offset`` (None if none came in half the timeout)."""
         assert self._checker is not None
+        if tp not in self._checker.assignment():  # a new checker, not assigned yet
+            self._checker.assign([*self._checker.assignment(), tp])
+            self._checker.pause(*self._checker.assignment())
         self._checker.resume(tp)
         try:
             self._checker.seek(tp, offset)
@@ -753,8 +910,12 @@ class KafkaBroker(Broker):
         return int((await self._consumer.beginning_offsets([tp]))[tp])
 
     async def _reset(self, why: str) -> None:
-        """The log is lost: forget every stream and read the new log from its beginning.
-        Raises (and is tried again by the watcher) if the server cannot be reached."""
+        """The log is lost: forget every stream, delete the topic if it cannot be read (with
+        ``repair``), and read the new log from its beginning with new clients.
+
+        Every step that talks to the server is bounded by ``timeout`` seconds; a step that fails
+        raises (TimeoutError, KafkaError, OSError) and the watcher calls this again at its next
+        check, while writes keep failing fast with BrokerUnavailable (``self._lost`` is set)."""
         if self._reader is not None:
             log.error(
                 "the kafka log of topic %s was lost (%s): every stream starts again with a "
@@ -770,21 +931,27 @@ class KafkaBroker(Broker):
             self._last.clear()
             self._positions.clear()
             self._stuck.clear()
+            self._doubted.clear()
+        # new clients first: the old ones may still hold the old topic's partitions and leaders
+        async with asyncio.timeout(self.timeout):
+            await self._open_clients()
         if self._broken is not None:
             partition, position = self._broken
             self._broken = None
             # every node sees it at about the same time: one deletes, the others find the
-            # new topic fine when they look again
+            # new topic fine when they look again (see _still_stuck)
             await asyncio.sleep(random.uniform(0, self.check_interval))
-            if await self._still_stuck(partition, position):
-                log.error(
-                    "deleting kafka topic %s to create it again: it cannot be read", self.topic
-                )
-                await self._delete_topic()
-        await self._ensure_topic()
-        await self._assign()
-        if self._producer is not None:  # so it writes to the partitions the reader reads
-            await self._producer.client.force_metadata_update()
+            # three calls and a read of half the timeout (see _still_stuck)
+            async with asyncio.timeout(2 * self.timeout):
+                if await self._still_stuck(partition, position):
+                    log.error(
+                        "deleting kafka topic %s to create it again: it cannot be read",
+                        self.topic,
+                    )
+                    await self._delete_topic()
+        async with asyncio.timeout(self.timeout):
+            await self._ensure_topic()
+            await self._assign()
         self._reader = asyncio.get_running_loop().create_task(self._read_forever())
         self._outage = None
         self._resync()
@@ -818,11 +985,21 @@ class KafkaBroker(Broker):
         partition: int | None = None,
     ) -> StreamPosition | None:
         """Append one record; with ``wait``, return once this node's reader applied it (the
-        position it got, for a publication). Raises BrokerUnavailable after ``timeout``."""
+        position it got, for a publication). Raises BrokerUnavailable after ``timeout`` seconds,
+        or at once while the server is unreachable or the node reads a new log after a loss."""
         self._require_started()
-        assert self._producer is not None
         if self._outage is not None:
             raise BrokerUnavailable(f"unreachable: {self._outage}")
+        producer = self._producer
+        if self._lost is not None or producer is None or self._reader is None:
+            # not into a topic that is being deleted or created again: Tansu (0.6) acknowledges
+            # a record sent to a deleted topic, and what the topic created again then holds
+            # depends on timing (see the module docstring)
+            raise BrokerUnavailable(
+                f"kafka: the log was lost ({self._lost}); reading the new one"
+                if self._lost is not None
+                else "kafka: this node is replacing its clients"
+            )
         if partition is None:
             partition = self._partition_of(key)
         self._seq += 1
@@ -830,15 +1007,17 @@ class KafkaBroker(Broker):
         waiter: asyncio.Future[StreamPosition] | None = None
         if wait:
             waiter = self._pending[rid] = asyncio.get_running_loop().create_future()
+        sent = None
         try:
             async with asyncio.timeout(self.timeout):
-                sent = await self._producer.send_and_wait(
+                sent = await producer.send_and_wait(
                     self.topic,
                     value,
                     key=key,
                     partition=partition,
                     headers=[("k", kind), ("i", rid), *(headers or ())],
                 )
+                self._unsent = 0
                 if (
                     waiter is not None
                     and not waiter.done()
@@ -847,7 +1026,7 @@ class KafkaBroker(Broker):
                     self._check_now.set()  # read past where it went, without it: lost log?
                 return None if waiter is None else await waiter
         except AssertionError as exc:  # aiokafka: a partition its metadata does not know (yet)
-            self._producer.client.force_metadata_update()
+            producer.client.force_metadata_update()
             raise BrokerUnavailable(
                 f"kafka topic {self.topic}: partition {partition} is not known yet"
             ) from exc
@@ -857,6 +1036,15 @@ class KafkaBroker(Broker):
                 "(1 MiB unless max.message.bytes says otherwise)"
             ) from exc
         except TimeoutError as exc:
+            if sent is not None:  # acknowledged, never read back: is the log still there?
+                self._check_now.set()
+            else:
+                self._unsent += 1
+                if self._unsent >= 2:  # the watcher replaces it if the server answers it
+                    self._stale = (
+                        f"the producer had {self._unsent} records in a row not acknowledged "
+                        f"within {self.timeout:g}s"
+                    )
             raise BrokerUnavailable(
                 f"kafka at {','.join(self.bootstrap)}: the record was not confirmed within "
                 f"{self.timeout:g}s"
@@ -883,7 +1071,8 @@ class KafkaBroker(Broker):
         """Append a publication; returns its position once this node read it back from the log.
 
         Raises :class:`BrokerUnavailable` if it is not confirmed within ``timeout`` seconds (it
-        may still have been written: a publisher that retries can publish twice)."""
+        may still have been written: a publisher that retries can publish twice), and at once
+        while the server is unreachable or the node reads a new log after a loss."""
         headers = [("h", b"%d %r %r" % (history.size, history.ttl, history.meta_ttl))]
         meta: dict[str, Any] = {}
         if info is not None:
