@@ -28,6 +28,7 @@ from tidings.brokers import (
     StreamPosition,
     create_broker,
 )
+from tidings.brokers._aiokafka import fetching_ended, sending_ended
 from tidings.brokers.kafka import KafkaBroker
 from tidings.errors import LimitExceeded, NotAvailable
 from tidings.hub import Hub
@@ -353,18 +354,20 @@ async def test_a_client_whose_background_task_died_is_replaced_and_work_goes_on(
                 dead: object = node._consumer
                 assert node._consumer is not None
                 fetcher = node._consumer._fetcher
+                assert not fetching_ended(dead)
                 fetcher._proc_fetch_request = closed_transport  # the next fetch fails so
-                await until(lambda: fetcher.error_future.done())
+                await until(lambda: fetching_ended(dead))  # brokers/_aiokafka.py's assumption
                 assert "Unexpected error in fetcher routine" in caplog.text
                 expected = "kafka clients replaced: the reader's client stopped fetching"
             else:
                 dead = node._producer
                 assert node._producer is not None
                 sender = node._producer._sender
+                assert not sending_ended(dead)
                 sender._send_produce_req = closed_transport  # the next send fails so
                 with pytest.raises(BrokerUnavailable):
                     await node.publish("c", b"lost", KEEP)
-                assert sender.sender_task.done()
+                assert sending_ended(dead)  # brokers/_aiokafka.py's assumption
                 expected = "kafka clients replaced: the producer stopped sending"
             await until(
                 lambda: (

@@ -109,6 +109,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, TopicAlreadyExistsError
 
 from ..errors import LimitExceeded, NotAvailable
+from ._aiokafka import fetching_ended, sending_ended
 from .base import (
     DEFAULT_META_TTL,
     Broker,
@@ -733,11 +734,9 @@ class KafkaBroker(Broker):
         if self._consumer is None or self._reader is None or self._reader.done():
             return "the reader is not running"  # a replacement that failed midway
         for name, client in (("reader", self._consumer), ("checker", self._checker)):
-            task = getattr(getattr(client, "_fetcher", None), "error_future", None)
-            if isinstance(task, asyncio.Future) and task.done():
+            if fetching_ended(client):
                 return f"the {name}'s client stopped fetching"
-        task = getattr(getattr(self._producer, "_sender", None), "sender_task", None)
-        if isinstance(task, asyncio.Future) and task.done():
+        if sending_ended(self._producer):
             return "the producer stopped sending"
         return None
 
