@@ -46,6 +46,7 @@ from .cfutil import SECRET, token
 from .conftest import Running, Serve
 from .engines import ENGINES, WAIT, namespace
 from .nodes import Proc, tidings_serve
+from .proxy import Proxy
 
 CLIENTS = 100
 CHANNELS = [f"feed:{n}" for n in range(4)]
@@ -109,57 +110,6 @@ class Recorder(ClientEventHandler, SubscriptionEventHandler):
         self.changes.changed()
 
 
-class Failover:
-    """A TCP proxy on one port: each new connection goes to the first of ``ports`` that
-    accepts it (as a load balancer that skips a node refusing connections)."""
-
-    def __init__(self, ports: list[int]) -> None:
-        self.ports = ports
-        self.chosen: list[int] = []  # the upstream port of each connection, in order
-        self.server: asyncio.Server | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        for port in self.ports:
-            try:
-                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                continue
-            self.chosen.append(port)
-            break
-        else:
-            writer.close()
-            return
-        task = asyncio.current_task()
-        assert task is not None
-        self.tasks.add(task)
-        try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-        finally:
-            self.tasks.discard(task)
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        for task in list(self.tasks):
-            task.cancel()
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except OSError:
-        pass
-    finally:
-        writer.close()
-
-
 @pytest.fixture
 async def redis_url() -> AsyncIterator[str]:
     async with namespace(ENGINES["redis"]) as url:
@@ -202,7 +152,7 @@ async def test_sdk_clients_move_to_the_other_node_and_lose_nothing(
 ) -> None:
     a, b = node(tmp_path, redis_url, "a", procs), node(tmp_path, redis_url, "b", procs)
     await asyncio.gather(asyncio.to_thread(a.wait_healthy), asyncio.to_thread(b.wait_healthy))
-    proxy = Failover([a.port, b.port])
+    proxy = Proxy(a.port, b.port)  # new connections go to the first that accepts
     port = await proxy.start()
     changes = Changes()
     recorders = [Recorder(changes) for _ in range(CLIENTS)]

@@ -36,6 +36,7 @@ from tidings.session import Session
 
 from .conftest import IN_CI, Serve, free_port
 from .engines import ENGINES, REDIS_URL, WAIT, Cluster, Recorder, Tansu, namespace
+from .proxy import Proxy
 from .test_broker_contract import KEEP
 from .test_hub import CountingEncoder as PassThrough
 from .test_hub import Recorder as FrameRecorder
@@ -76,49 +77,6 @@ async def until(predicate: Callable[[], bool]) -> None:
             await asyncio.sleep(0.01)
 
 
-class Proxy:
-    """A TCP proxy to a server on a fixed port that can go down (refusing connections and
-    dropping the ones it carries) and come back, while the server behind it keeps running."""
-
-    def __init__(self, target_port: int, port: int) -> None:
-        self.target_port, self.port = target_port, port
-        self.links: set[asyncio.StreamWriter] = set()
-        self.server: asyncio.Server | None = None
-
-    async def up(self) -> None:
-        self.server = await asyncio.start_server(
-            self._link, "127.0.0.1", self.port, reuse_address=True
-        )
-
-    async def down(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-            self.server = None
-        for writer in list(self.links):
-            writer.transport.abort()
-        self.links.clear()
-
-    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.transport.abort()
-            return
-        self.links.update((writer, up_writer))
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
-
-        with contextlib.suppress(OSError):
-            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-        for w in (writer, up_writer):
-            self.links.discard(w)
-            w.transport.abort()
-
-
 @pytest.fixture
 async def proxied() -> AsyncIterator[tuple[Tansu, Proxy]]:
     """A private Tansu that advertises a proxy's port, so every client connects through it."""
@@ -132,12 +90,12 @@ async def proxied() -> AsyncIterator[tuple[Tansu, Proxy]]:
         if IN_CI:
             pytest.fail(f"tansu did not start on {listen}: {exc!r}")
         pytest.skip(f"tansu did not start: {exc!r}")
-    proxy = Proxy(server.port, proxy_port)
-    await proxy.up()
+    proxy = Proxy(server.port, port=proxy_port)
+    await proxy.start()
     try:
         yield server, proxy
     finally:
-        await proxy.down()
+        await proxy.stop()
         server.kill()
 
 
@@ -172,7 +130,7 @@ async def test_a_dropped_link_resumes_where_it_stopped_and_loses_nothing(
             await until(lambda: len(transport.frames) == 5)
 
             with caplog.at_level(logging.WARNING, logger="tidings.brokers.kafka"):
-                await proxy.down()
+                await proxy.stop()  # the port refuses connections
                 started = time.monotonic()
                 with pytest.raises(BrokerUnavailable):
                     await publisher.publish("feed", b"lost?", KEPT)
@@ -185,7 +143,7 @@ async def test_a_dropped_link_resumes_where_it_stopped_and_loses_nothing(
                             break
                         await asyncio.sleep(0.05)
                 assert "kafka unreachable" in caplog.text
-                await proxy.up()
+                await proxy.start()
                 async with asyncio.timeout(WAIT):
                     while True:
                         try:

@@ -38,6 +38,7 @@ from tidings.session import Session
 from .cfutil import Raw
 from .conftest import IN_CI, Serve, free_port
 from .engines import ENGINES, NATS_URL, WAIT, Cluster, Recorder, namespace, with_prefix
+from .proxy import Proxy
 from .test_broker_contract import KEEP, sentinel
 from .test_hub import CountingEncoder as PassThrough
 from .test_hub import Recorder as FrameRecorder
@@ -353,60 +354,12 @@ async def private(tmp_path: Path) -> AsyncIterator[PrivateNats]:
         await server.kill()
 
 
-class Cutter:
-    """A TCP proxy whose links can be cut (and new ones refused) while the server stays up."""
-
-    def __init__(self, port: int) -> None:
-        self.target = port
-        self.links: list[asyncio.StreamWriter] = []
-        self.refusing = False
-        self.dead: set[asyncio.StreamWriter] = set()  # links that swallow every byte
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    def cut(self) -> None:
-        self.refusing = True
-        for writer in self.links:
-            writer.transport.abort()
-        self.links.clear()
-
-    def swallow(self) -> None:
-        """Existing links go silent without closing: a peer gone without a FIN or RST."""
-        self.dead.update(self.links)
-
-    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.refusing:
-            writer.transport.abort()
-            return
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        self.links += [writer, up_writer]
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            while data := await src.read(65536):
-                if writer not in self.dead:
-                    dst.write(data)
-                    await dst.drain()
-
-        with contextlib.suppress(OSError):
-            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-        for w in (writer, up_writer):
-            w.transport.abort()
-
-    async def close(self) -> None:
-        self.cut()
-        if self.server is not None:
-            self.server.close()
-
-
 async def test_a_hub_catches_up_what_was_published_while_its_link_was_down(
     private: PrivateNats, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The node's connection is cut mid-stream and refused for a while; publications made
     meanwhile reach its subscriber after the reconnection, from JetStream, in order, once."""
-    proxy = Cutter(private.port)
+    proxy = Proxy(private.port)
     port = await proxy.start()
     prefix = "cut"
     publisher = create_broker(f"{private.url}?prefix={prefix}")
@@ -429,7 +382,7 @@ async def test_a_hub_catches_up_what_was_published_while_its_link_was_down(
                     await broker.publish("feed", b"lost?", keep)
                 for i in range(1, 11):  # while the link is down: missed live, kept in JetStream
                     await publisher.publish("feed", b"%d" % i, keep)
-                proxy.refusing = False
+                proxy.restore()
                 await until(lambda: len(transport.frames) >= 11)
             assert "reconnected" in caplog.text
             for i in range(11, 15):
@@ -444,13 +397,13 @@ async def test_a_hub_catches_up_what_was_published_while_its_link_was_down(
             await serving
     finally:
         await publisher.close()
-        await proxy.close()
+        await proxy.stop()
 
 
 async def test_a_silently_dead_link_is_noticed_and_replaced(
     private: PrivateNats, caplog: pytest.LogCaptureFixture
 ) -> None:
-    proxy = Cutter(private.port)
+    proxy = Proxy(private.port)
     port = await proxy.start()
     publisher = create_broker(f"{private.url}?prefix=quiet")
     listener = create_broker(f"nats://127.0.0.1:{port}?prefix=quiet&ping_interval=0.5")
@@ -459,7 +412,7 @@ async def test_a_silently_dead_link_is_noticed_and_replaced(
         await listener.start(got)
         await listener.subscribe("quiet")
         with caplog.at_level(logging.WARNING, logger="tidings.brokers.nats"):
-            proxy.swallow()
+            proxy.swallow_existing()
             await until(lambda: "reconnected" in caplog.text)
         assert "lost; reconnecting" in caplog.text
         for i in range(10):
@@ -469,7 +422,7 @@ async def test_a_silently_dead_link_is_noticed_and_replaced(
     finally:
         await listener.close()
         await publisher.close()
-        await proxy.close()
+        await proxy.stop()
 
 
 async def test_server_restart_keeps_streams_and_outage_is_a_prompt_error(

@@ -38,6 +38,7 @@ from tidings.session import Session
 
 from .conftest import IN_CI, Serve, free_port
 from .engines import ENGINES, POSTGRES_URL, WAIT, Cluster, Recorder, namespace
+from .proxy import Proxy
 from .test_broker_contract import KEEP, sentinel
 from .test_hub import CountingEncoder as PassThrough
 from .test_hub import Recorder as FrameRecorder
@@ -147,61 +148,6 @@ async def test_a_hub_catches_up_what_was_published_while_its_link_was_down(
         await serving
 
 
-class Proxy:
-    """A TCP proxy to PostgreSQL that a test can cut (every link closed, new ones closed at
-    once: the server is gone) and restore, or make swallow every byte (a link that died
-    without a FIN or RST)."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.links: list[asyncio.StreamWriter] = []
-        self.dead: set[asyncio.StreamWriter] = set()
-        self.down = False
-        self.black_hole = False  # new links swallow every byte too
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    def cut(self) -> None:
-        self.down = True
-        for writer in self.links:
-            writer.transport.abort()
-        self.links.clear()
-
-    def restore(self) -> None:
-        self.down = False
-
-    def swallow_existing(self) -> None:
-        self.dead.update(self.links)
-
-    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.down:
-            writer.transport.abort()
-            return
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-        self.links.append(writer)
-        if self.black_hole:
-            self.dead.add(writer)
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            while data := await src.read(65536):
-                if writer not in self.dead:
-                    dst.write(data)
-                    await dst.drain()
-
-        with contextlib.suppress(OSError):
-            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-        for w in (writer, up_writer):
-            w.transport.abort()
-
-    async def close(self) -> None:
-        self.cut()
-        if self.server is not None:
-            self.server.close()
-
-
 def via(url: str, port: int, **options: Any) -> str:
     """``url`` pointed at a proxy on ``port``, with more URL options."""
     parts = urlsplit(url)
@@ -224,12 +170,12 @@ async def frames(ws: websockets.ClientConnection, n: int) -> list[str]:
 @pytest.fixture
 async def proxy() -> AsyncIterator[tuple[Proxy, int]]:
     target = urlsplit(POSTGRES_URL)
-    p = Proxy(target.hostname or "127.0.0.1", target.port or 5432)
+    p = Proxy((target.hostname or "127.0.0.1", target.port or 5432))
     port = await p.start()
     try:
         yield p, port
     finally:
-        await p.close()
+        await p.stop()
 
 
 async def test_an_outage_shows_in_health_fails_publishes_and_heals_after(

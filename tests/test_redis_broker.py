@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import cast
@@ -19,6 +18,7 @@ from tidings.hub import Hub
 from tidings.session import Session
 
 from .engines import ENGINES, REDIS_URL, WAIT, Cluster, Recorder, namespace, with_prefix
+from .proxy import Proxy
 from .test_broker_contract import KEEP, sentinel
 from .test_hub import CountingEncoder as PassThrough
 from .test_hub import Recorder as FrameRecorder
@@ -198,51 +198,12 @@ def test_cluster_and_sentinel_urls() -> None:
         create_broker("redis+sentinel://s1:26379/")
 
 
-class BlackHole:
-    """A TCP proxy to Redis whose existing connections can be made to swallow every byte: a
-    link that died without a FIN or RST, which only the pub/sub pings can notice."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.links: list[asyncio.StreamWriter] = []
-        self.dead: set[asyncio.StreamWriter] = set()
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    def swallow_existing(self) -> None:
-        self.dead.update(self.links)
-
-    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-        self.links.append(writer)
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            while data := await src.read(65536):
-                if writer not in self.dead:
-                    dst.write(data)
-                    await dst.drain()
-
-        with contextlib.suppress(OSError):
-            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-        for w in (writer, up_writer):
-            w.close()
-
-    async def close(self) -> None:
-        for w in self.links:
-            w.close()
-        if self.server is not None:
-            self.server.close()
-
-
 async def test_a_silently_dead_pubsub_link_is_noticed_and_replaced(
     cluster: Cluster, caplog: pytest.LogCaptureFixture
 ) -> None:
     a, _ = await cluster.node()
     target = urlsplit(REDIS_URL)
-    proxy = BlackHole(target.hostname or "127.0.0.1", target.port or 6379)
+    proxy = Proxy((target.hostname or "127.0.0.1", target.port or 6379))
     port = await proxy.start()
     prefix = cast(RedisBroker, a).prefix
     via_proxy = create_broker(
@@ -273,4 +234,4 @@ async def test_a_silently_dead_pubsub_link_is_noticed_and_replaced(
         assert offsets == list(range(offsets[0], offsets[0] + 10))
     finally:
         await via_proxy.close()
-        await proxy.close()
+        await proxy.stop()

@@ -11,9 +11,12 @@ Payloads are bytes holding JSON: the hub encodes once and brokers move bytes unt
 from __future__ import annotations
 
 import abc
+import math
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import Unavailable
 
@@ -254,3 +257,100 @@ class Broker(abc.ABC):
     async def presence_stats(self, channel: str) -> PresenceStats:
         clients = await self.presence(channel)
         return PresenceStats(len(clients), len({c.user for c in clients.values()}))
+
+
+# -- URL options -------------------------------------------------------------------------------
+
+#: How an engine declares one of its URL options (:func:`url_options`): ``str`` (any text),
+#: ``float`` (a positive number of seconds), ``int`` (a positive whole number), ``bool`` (a
+#: flag) or a tuple of the words it may be.
+OptionKind = type[str] | type[float] | type[int] | type[bool] | tuple[str, ...]
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+_T = TypeVar("_T", str, float, int, bool)
+
+
+class UrlOptions:
+    """The options an engine read from its URL, converted (made by :func:`url_options`)."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: dict[str, str | float | int | bool]) -> None:
+        self._values = values
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._values
+
+    def get(self, name: str, default: _T) -> _T:
+        """The option's value, or ``default`` when the URL does not give it; ``default`` has
+        the type the option was declared with (a tuple of words: ``str``)."""
+        value = self._values.get(name, default)
+        assert type(value) is type(default), f"URL option {name} is not a {type(default)}"
+        return value
+
+
+def _convert(engine: str, name: str, raw: str, kind: OptionKind) -> str | float | int | bool:
+    """``raw`` as ``kind``; ValueError (naming the option and what it expects) if it is not."""
+    if isinstance(kind, tuple):
+        if raw in kind:
+            return raw
+        expected = " or ".join(kind)
+    elif kind is bool:
+        if raw.lower() in _TRUE + _FALSE:
+            return raw.lower() in _TRUE
+        expected = "true or false (or 1/0, yes/no, on/off)"
+    elif kind is int or kind is float:
+        try:
+            number = float(raw)  # "3", "3.0" and "1e2" alike
+        except ValueError:
+            number = math.nan
+        if kind is float and number > 0:
+            return number
+        if number > 0 and math.isfinite(number) and number == int(number):
+            return int(number)
+        expected = "a positive number of seconds" if kind is float else "a positive whole number"
+    else:
+        return raw
+    raise ValueError(f"{engine} URL option {name}={raw!r}: expected {expected}")
+
+
+def url_options(
+    url: str, engine: str, known: Mapping[str, OptionKind], *, passthrough: bool = False
+) -> tuple[str, UrlOptions]:
+    """Split an engine's own options out of ``url``'s query string.
+
+    Args:
+        url: the broker URL; its query is decoded as ``application/x-www-form-urlencoded``
+            (``%XX`` escapes and ``+`` for a space, as :func:`urllib.parse.parse_qsl` does).
+        engine: the engine's name in error messages (``"redis"``, ``"postgresql"`` ...).
+        known: each option's name and :data:`OptionKind`.
+        passthrough: True: any other query parameter stays in the URL returned (for a client
+            library that reads its own, e.g. redis-py's ``socket_timeout``); False: one is an
+            error.
+
+    Returns:
+        ``url`` without the engine's options (the rest of the query re-encoded by
+        :func:`urllib.parse.urlencode`, no ``?`` when nothing is left), and the options given,
+        converted.
+
+    Raises:
+        ValueError: an unknown option (unless ``passthrough``), an option given twice, or a
+            value that is not of the option's kind; the message names the option.
+    """
+    parts = urlsplit(url)
+    ours: dict[str, str | float | int | bool] = {}
+    theirs: list[tuple[str, str]] = []
+    for key, raw in parse_qsl(parts.query, keep_blank_values=True):
+        kind = known.get(key)
+        if kind is None:
+            theirs.append((key, raw))
+        elif key in ours:
+            # ambiguous: which one the user meant is not ours to guess
+            raise ValueError(f"{engine} URL option {key} is given more than once")
+        else:
+            ours[key] = _convert(engine, key, raw, kind)
+    if theirs and not passthrough:
+        unknown = ", ".join(sorted({k for k, _ in theirs}))
+        raise ValueError(f"unknown {engine} URL option(s): {unknown}; known: {', '.join(known)}")
+    return urlunsplit(parts._replace(query=urlencode(theirs))), UrlOptions(ours)

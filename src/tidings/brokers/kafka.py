@@ -119,9 +119,11 @@ from .base import (
     HistoryOptions,
     HistoryResult,
     JoinLeave,
+    OptionKind,
     Publication,
     StreamPosition,
     new_epoch,
+    url_options,
 )
 from .redis_scripts import decode_info, encode_info
 
@@ -169,17 +171,17 @@ _ONCE = _Once()
 for _name in _AIOKAFKA_LOGGERS:
     logging.getLogger(_name).addFilter(_ONCE)
 
-OPTIONS = (
-    "prefix",
-    "topic",
-    "partitions",
-    "replication",
-    "timeout",
-    "fetch_wait",
-    "check_interval",
-    "repair",
-    "presence",
-)
+OPTIONS: dict[str, OptionKind] = {
+    "prefix": str,
+    "topic": str,
+    "partitions": int,
+    "replication": int,
+    "timeout": float,
+    "fetch_wait": float,
+    "check_interval": float,
+    "repair": bool,
+    "presence": str,
+}
 
 # record kinds (the "k" header)
 _PUB, _JOIN, _LEAVE, _CONTROL, _TOUCH, _REMOVE = b"p", b"j", b"l", b"c", b"s", b"r"
@@ -207,20 +209,6 @@ def _reachable(method: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, 
     call.__name__ = method.__name__
     call.__doc__ = method.__doc__
     return call
-
-
-def _number(options: dict[str, str], name: str, default: float, *, integer: bool = False) -> float:
-    raw = options.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not value > 0 or (integer and value != int(value)):
-        kind = "a positive whole number" if integer else "a positive number of seconds"
-        raise ValueError(f"kafka URL option {name}={raw!r}: expected {kind}")
-    return value
 
 
 def _epoch(partition: int, offset: int, timestamp: int, rid: bytes) -> str:
@@ -270,32 +258,24 @@ class KafkaBroker(Broker):
 
     def __init__(self, url: str = "kafka://127.0.0.1:9092") -> None:
         super().__init__(url)
-        parts = urlsplit(url)
-        options = dict(parse_qsl(parts.query, keep_blank_values=True))
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise ValueError(
-                f"unknown kafka URL option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}"
-            )
+        server, options = url_options(url, "kafka", OPTIONS)
+        parts = urlsplit(server)
         if not parts.netloc:
             raise ValueError(f"kafka URL {url!r} names no server (kafka://host:port)")
         self.bootstrap = [h.strip() for h in parts.netloc.split(",") if h.strip()]
-        self.prefix = options.get("prefix") or "tidings"
-        self.topic = options.get("topic") or self.prefix
+        self.prefix = options.get("prefix", "") or "tidings"
+        self.topic = options.get("topic", "") or self.prefix
         if not _TOPIC_NAME.match(self.topic):
             raise ValueError(
                 f"kafka topic name {self.topic!r}: use 1-249 letters, digits, '.', '_' or '-'"
             )
-        self.partitions = int(_number(options, "partitions", 1, integer=True))
-        self.replication = int(_number(options, "replication", 1, integer=True))
-        self.timeout = _number(options, "timeout", 5.0)
-        self.fetch_wait = _number(options, "fetch_wait", 0.05)
-        self.check_interval = _number(options, "check_interval", 1.0)
-        repair = options.get("repair", "0").lower()
-        if repair not in ("0", "1", "true", "false", "yes", "no"):
-            raise ValueError(f"kafka URL option repair={repair!r}: expected 1 or 0")
-        self.repair = repair in ("1", "true", "yes")
-        self.presence_url = options.get("presence") or None
+        self.partitions = options.get("partitions", 1)
+        self.replication = options.get("replication", 1)
+        self.timeout = options.get("timeout", 5.0)
+        self.fetch_wait = options.get("fetch_wait", 0.05)
+        self.check_interval = options.get("check_interval", 1.0)
+        self.repair = options.get("repair", False)
+        self.presence_url = options.get("presence", "") or None
         self._presence: Broker | None = None
         if self.presence_url is not None:
             from . import create_broker

@@ -70,7 +70,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import nats
 import nats.errors
@@ -90,23 +90,25 @@ from .base import (
     HistoryOptions,
     HistoryResult,
     JoinLeave,
+    OptionKind,
     Publication,
     StreamPosition,
     new_epoch,
+    url_options,
 )
 from .redis_scripts import decode_info, encode_info
 
 log = logging.getLogger("tidings.brokers.nats")
 
-OPTIONS = (
-    "prefix",
-    "timeout",
-    "ping_interval",
-    "max_age",
-    "presence_max_age",
-    "replicas",
-    "storage",
-)
+OPTIONS: dict[str, OptionKind] = {
+    "prefix": str,
+    "timeout": float,
+    "ping_interval": float,
+    "max_age": float,
+    "presence_max_age": float,
+    "replicas": int,
+    "storage": ("file", "memory"),
+}
 RECONNECT_MIN = 0.05  # seconds before the first reconnection attempt, doubled up to:
 RECONNECT_MAX = 5.0
 #: records kept per channel beyond its history_size (meta records among the publications)
@@ -165,33 +167,6 @@ def token_channel(token: str) -> str:
         else:
             raise ValueError(f"not a channel token: {token!r}")
     return raw.decode()
-
-
-def _positive(options: dict[str, str], name: str, default: float) -> float:
-    raw = options.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise ValueError(f"nats URL option {name}={raw!r}: expected a positive number")
-    return value
-
-
-def _split_options(url: str) -> tuple[str, dict[str, str]]:
-    parts = urlsplit(url)
-    ours, theirs = {}, []
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key in OPTIONS:
-            ours[key] = value
-        else:
-            theirs.append((key, value))
-    if theirs:
-        unknown = ", ".join(sorted({k for k, _ in theirs}))
-        raise ValueError(f"unknown nats URL option(s): {unknown}; known: {', '.join(OPTIONS)}")
-    return urlunsplit(parts._replace(query=urlencode(theirs))), ours
 
 
 P = ParamSpec("P")
@@ -312,21 +287,18 @@ class NatsBroker(Broker):
 
     def __init__(self, url: str = "nats://127.0.0.1:4222") -> None:
         super().__init__(url)
-        server, options = _split_options(url)
-        self.server = server
-        self.prefix = options.get("prefix") or "tidings"
+        self.server, options = url_options(url, "nats", OPTIONS)
+        self.prefix = options.get("prefix", "") or "tidings"
         if not _PREFIX.fullmatch(self.prefix):
             raise ValueError(
                 f"nats URL option prefix={self.prefix!r}: use letters, digits, '_' and '-'"
             )
-        self.timeout = _positive(options, "timeout", 5.0)
-        self.ping_interval = _positive(options, "ping_interval", 10.0)
-        self.max_age = _positive(options, "max_age", DEFAULT_META_TTL)
-        self.presence_max_age = _positive(options, "presence_max_age", 3600.0)
-        self.replicas = int(_positive(options, "replicas", 1))
+        self.timeout = options.get("timeout", 5.0)
+        self.ping_interval = options.get("ping_interval", 10.0)
+        self.max_age = options.get("max_age", DEFAULT_META_TTL)
+        self.presence_max_age = options.get("presence_max_age", 3600.0)
+        self.replicas = options.get("replicas", 1)
         storage = options.get("storage", "file")
-        if storage not in ("file", "memory"):
-            raise ValueError(f"nats URL option storage={storage!r}: expected file or memory")
         self.storage = StorageType.FILE if storage == "file" else StorageType.MEMORY
         self.stream = f"{self.prefix}-channels"
         #: a JetStream key/value bucket (``nats kv ls <bucket>`` lists it)

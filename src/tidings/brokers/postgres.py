@@ -70,7 +70,6 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import orjson
@@ -85,9 +84,11 @@ from .base import (
     HistoryOptions,
     HistoryResult,
     JoinLeave,
+    OptionKind,
     Publication,
     StreamPosition,
     new_epoch,
+    url_options,
 )
 from .redis_scripts import decode_info, encode_info
 
@@ -105,35 +106,15 @@ SECONDS = {
     "cleanup_interval": 60.0,
     "fetch_ttl": 60.0,
 }
-OPTIONS = ("prefix", "pool_size", "unlogged", *SECONDS)
+OPTIONS: dict[str, OptionKind] = {
+    "prefix": str,
+    "pool_size": int,
+    "unlogged": bool,
+    **dict.fromkeys(SECONDS, float),
+}
 
 #: room kept in a notification for the offset and epoch the server writes into it
 _HEADROOM = 48
-
-
-def _split_options(url: str) -> tuple[str, dict[str, str]]:
-    """Our options out of the URL's query; the rest of the URL goes to asyncpg."""
-    parts = urlsplit(url)
-    ours, theirs = {}, []
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key in OPTIONS:
-            ours[key] = value
-        else:
-            theirs.append((key, value))
-    return urlunsplit(parts._replace(query=urlencode(theirs))), ours
-
-
-def _positive(options: dict[str, str], name: str, default: float) -> float:
-    raw = options.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise ValueError(f"postgresql URL option {name}={raw!r}: expected a positive number")
-    return value
 
 
 P = ParamSpec("P")
@@ -178,19 +159,17 @@ class PostgresBroker(Broker):
 
     def __init__(self, url: str = "postgresql://postgres@127.0.0.1:5432/postgres") -> None:
         super().__init__(url)
-        self._dsn, options = _split_options(url)
-        self.prefix = options.get("prefix") or "tidings"
+        # the rest of the query goes to asyncpg (server settings, sslmode ...)
+        self._dsn, options = url_options(url, "postgresql", OPTIONS, passthrough=True)
+        self.prefix = options.get("prefix", "") or "tidings"
         if len(self.prefix.encode()) > 63 or self.prefix.lower().startswith("pg_"):
             raise ValueError(
                 f"postgresql URL option prefix={self.prefix!r}: a schema name of at most 63 "
                 "bytes, not starting with pg_ (reserved by PostgreSQL)"
             )
-        self.pool_size = int(_positive(options, "pool_size", 5))
-        unlogged = options.get("unlogged", "false").lower()
-        if unlogged not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-            raise ValueError(f"postgresql URL option unlogged={unlogged!r}: expected true or false")
-        self.unlogged = unlogged in ("true", "1", "yes", "on")
-        t = {name: _positive(options, name, default) for name, default in SECONDS.items()}
+        self.pool_size = options.get("pool_size", 5)
+        self.unlogged = options.get("unlogged", False)
+        t = {name: options.get(name, default) for name, default in SECONDS.items()}
         self.connect_timeout = t["connect_timeout"]
         self.command_timeout = t["command_timeout"]
         self.subscribe_timeout = t["subscribe_timeout"]

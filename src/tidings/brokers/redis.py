@@ -74,7 +74,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
@@ -99,16 +99,23 @@ from .base import (
     HistoryOptions,
     HistoryResult,
     JoinLeave,
+    OptionKind,
     Publication,
     StreamPosition,
     new_epoch,
+    url_options,
 )
 from .redis_pubsub import PubSub
 from .redis_scripts import decode, decode_info, encode_info
 
 log = logging.getLogger("tidings.brokers.redis")
 
-OPTIONS = ("prefix", "subscribe_timeout", "ping_interval", "sentinel_password")
+OPTIONS: dict[str, OptionKind] = {
+    "prefix": str,
+    "subscribe_timeout": float,
+    "ping_interval": float,
+    "sentinel_password": str,
+}
 #: what redis-py raises when the deployment cannot serve right now (down, failing over, a
 #: cluster slot without a primary, a demoted primary): all BrokerUnavailable
 UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -133,31 +140,6 @@ EVICT_BATCH = 100
 
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
-
-
-def _split_options(url: str) -> tuple[str, dict[str, str]]:
-    """Our options out of the URL's query; the rest of the URL goes to redis-py."""
-    parts = urlsplit(url)
-    ours, theirs = {}, []
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key in OPTIONS:
-            ours[key] = value
-        else:
-            theirs.append((key, value))
-    return urlunsplit(parts._replace(query=urlencode(theirs))), ours
-
-
-def _seconds(options: dict[str, str], name: str, default: float) -> float:
-    raw = options.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise ValueError(f"redis URL option {name}={raw!r}: expected a positive number of seconds")
-    return value
 
 
 P = ParamSpec("P")
@@ -240,8 +222,9 @@ class RedisBroker(Broker):
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0") -> None:
         super().__init__(url)
-        redis_url, options = _split_options(url)
-        self.prefix = options.get("prefix") or "tidings"
+        # the rest of the query goes to redis-py (socket_timeout, password ...)
+        redis_url, options = url_options(url, "redis", OPTIONS, passthrough=True)
+        self.prefix = options.get("prefix", "") or "tidings"
         if "{" in self.prefix or "}" in self.prefix:
             # a brace would move the hash tag that keeps a channel's keys in one cluster slot
             raise ValueError(f"redis URL option prefix={self.prefix!r}: no braces allowed")
@@ -293,8 +276,8 @@ class RedisBroker(Broker):
             sentinel_kwargs: dict[str, Any] = {
                 "retry": Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.05), 1)
             }
-            if options.get("sentinel_password"):
-                sentinel_kwargs["password"] = options["sentinel_password"]
+            if sentinel_password := options.get("sentinel_password", ""):
+                sentinel_kwargs["password"] = sentinel_password
             self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
                 hosts, sentinel_kwargs=sentinel_kwargs, **kwargs
             )
@@ -337,8 +320,8 @@ class RedisBroker(Broker):
             pubsub_pools,
             name,
             self._on_message,
-            subscribe_timeout=_seconds(options, "subscribe_timeout", 10.0),
-            ping_interval=_seconds(options, "ping_interval", 10.0),
+            subscribe_timeout=options.get("subscribe_timeout", 10.0),
+            ping_interval=options.get("ping_interval", 10.0),
             on_resync=lambda: self.handler.on_resync(),
         )
 
