@@ -15,6 +15,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from .admin import AdminError
+from .api import body_timed_out
+from .router import BodyTimeout, ClientGone, guarded_route, read_limited
+from .router import refused as guard_refusal
 
 if TYPE_CHECKING:
     from .app import Tidings
@@ -51,12 +54,16 @@ def admin_router(tidings: Tidings) -> APIRouter:
 
     Login: ``{"password": str}`` -> 200 ``{"token": str, "expires_in": seconds}``; 401 wrong
     password; 429 (with ``Retry-After``) too many failures from the address; 400 a body that is
-    not that JSON; 403 (page and login) for a client off loopback in dev mode. Errors have
-    Centrifugo's shape, ``{"error": {"code", "message"}}``."""
+    not that JSON; 403 (page and login) for a client off loopback in dev mode; 413 a body over
+    4,096 bytes. Like the API routes, 431 past the header limits and 408 for a body not
+    complete within ``body_timeout`` seconds (:mod:`tidings.router`). Errors have Centrifugo's
+    shape, ``{"error": {"code", "message"}}``."""
     auth = tidings.admin
     assert auth is not None
     local_only = tidings.settings.dev_mode
-    router = APIRouter(include_in_schema=False)
+    body_timeout = tidings.settings.body_timeout
+    # the header limits and body timeout of the API routes (router.GuardedRoute), mounted too
+    router = APIRouter(include_in_schema=False, route_class=guarded_route(tidings.settings))
 
     def refused(request: Request) -> Response | None:
         """403 for a client off loopback in dev mode (the API behind the page is open)."""
@@ -86,11 +93,14 @@ def admin_router(tidings: Tidings) -> APIRouter:
     async def login(request: Request) -> Response:
         if (no := refused(request)) is not None:
             return no
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_LOGIN_BODY:
-                return error(413, "request body too large")
+        try:
+            body = await read_limited(request, MAX_LOGIN_BODY, body_timeout)
+        except ClientGone:  # logged; nobody is there to read an answer
+            return Response(status_code=400)
+        except BodyTimeout:  # logged
+            return guard_refusal(body_timed_out(body_timeout))
+        if body is None:
+            return error(413, "request body too large")
         try:
             payload: Any = orjson.loads(body)
         except orjson.JSONDecodeError:

@@ -52,6 +52,33 @@ def too_big(limit: int) -> BadRequest:
     return BadRequest(f"request body larger than {limit} bytes")
 
 
+# -- the guards' answers: one body on both paths ------------------------------------------------
+# `tidings serve`'s HTTP protocol (serve/guard.py) and the mounted routes (router.py) refuse
+# slow and oversized requests with these statuses and bodies, so a client or a proxy's log sees
+# the same answer whichever way tidings is served. Error code 107 (bad request), Centrifugo's
+# shape; the connection is closed after each (the rest of the request is not read).
+
+
+def too_many_headers(limit: int) -> Reply:
+    """431 (RFC 6585 section 5): more than ``limit`` header fields."""
+    return error_reply(BadRequest(f"more than {limit} header fields"), 431)
+
+
+def headers_too_large(limit: int) -> Reply:
+    """431 (RFC 6585 section 5): more than ``limit`` bytes of request headers."""
+    return error_reply(BadRequest(f"request headers larger than {limit} bytes"), 431)
+
+
+def head_timed_out(seconds: float) -> Reply:
+    """408 (RFC 9110 section 15.5.9): the request's head was not complete within ``seconds``."""
+    return error_reply(BadRequest(f"request head not received within {seconds:g} s"), 408)
+
+
+def body_timed_out(seconds: float) -> Reply:
+    """408 (RFC 9110 section 15.5.9): the request's body was not complete within ``seconds``."""
+    return error_reply(BadRequest(f"request body not received within {seconds:g} s"), 408)
+
+
 def parse_object(raw: bytes, what: str = "body") -> dict[str, Any]:
     """``raw`` as a JSON object; BadRequest saying what is wrong with ``what`` (also when it
     nests deeper than :data:`~tidings.protocol.depth.MAX_DEPTH`)."""

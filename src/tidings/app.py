@@ -35,7 +35,7 @@ from .connection import CentrifugeEndpoint
 from .endpoints import RawEndpoint
 from .hub import Hub
 from .metrics import exposition
-from .router import build_router
+from .router import GuardedApp, build_router
 from .server_api import ServerApi
 from .streaming import StreamingEndpoints
 
@@ -92,17 +92,19 @@ class Tidings:
 
             self.http.bearer = self.admin.allows
             router.include_router(admin_router(self))
-        router.routes.append(WebSocketRoute("/ws/{channel}", self.raw_endpoint, name="raw"))
-        router.routes.append(
-            WebSocketRoute("/connection/websocket", self.centrifuge_endpoint, name="centrifuge")
-        )
+        # the plain ASGI endpoints, behind the header limits and body timeout the FastAPI routes
+        # have (router.GuardedApp): under another server nothing else guards them
+        settings = self.settings
+        raw = GuardedApp(self.raw_endpoint, settings)
+        router.routes.append(WebSocketRoute("/ws/{channel}", raw, name="raw"))
+        centrifuge = GuardedApp(self.centrifuge_endpoint, settings)
+        router.routes.append(WebSocketRoute("/connection/websocket", centrifuge, name="centrifuge"))
         streaming = self.streaming
         for path, endpoint in streaming.paths.items():  # the endpoints check methods themselves
-            router.routes.append(Route(path, endpoint, name=path.rsplit("/", 1)[-1]))
-        uni_websocket = WebSocketRoute(
-            "/connection/uni_websocket", streaming.uni_websocket, name="uni_websocket"
-        )
-        router.routes.append(uni_websocket)
+            guarded = GuardedApp(endpoint, settings)
+            router.routes.append(Route(path, guarded, name=path.rsplit("/", 1)[-1]))
+        uni = GuardedApp(streaming.uni_websocket, settings)
+        router.routes.append(WebSocketRoute("/connection/uni_websocket", uni, name="uni_websocket"))
         return router
 
     async def start(self) -> None:

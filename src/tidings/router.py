@@ -7,8 +7,11 @@ protocol calls the same methods). Errors and statuses are described in :mod:`tid
 Mounted under another server (stock uvicorn), these routes guard themselves with what an ASGI
 app can see (:class:`GuardedRoute`): ``max_headers`` / ``max_header_size`` (431, RFC 6585
 section 5) and ``body_timeout`` (408, RFC 9110 section 15.5.9) on every HTTP route of the
-router; `tidings serve` applies the same settings in its own HTTP protocol (serve/guard.py),
-before the head is even complete. README "Production" says what only the server can do.
+router, and :class:`GuardedApp` does the same for its plain ASGI endpoints (the streaming
+transports; the WebSocket handshakes get the 431). The answers are :mod:`tidings.api`'s, the
+same bytes as `tidings serve`'s own HTTP protocol sends (serve/guard.py), which applies the
+same settings before the head is even complete. README "Production" says what only the
+server can do.
 """
 
 from __future__ import annotations
@@ -24,10 +27,17 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .api import ReadBody, Reply, error_reply, json_reply
+from .api import (
+    ReadBody,
+    Reply,
+    body_timed_out,
+    headers_too_large,
+    json_reply,
+    too_many_headers,
+)
 from .config import Settings
-from .errors import BadRequest
 
 if TYPE_CHECKING:
     from .app import Tidings
@@ -100,10 +110,11 @@ def body_reader(request: Request, timeout: float | None = None) -> ReadBody:
     return functools.partial(read_limited, request, timeout=timeout)
 
 
-def refused(status: int, message: str) -> Response:
-    """A guard's answer: the documented JSON error (code 107), and the connection closed,
-    since the rest of the request is not read."""
-    response = as_response(error_reply(BadRequest(message), status))
+def refused(reply: Reply) -> Response:
+    """A guard's answer (one of :mod:`tidings.api`'s: the documented JSON error, code 107, as
+    `tidings serve` answers), and the connection closed, since the rest of the request is not
+    read."""
+    response = as_response(reply)
     response.headers["connection"] = "close"
     return response
 
@@ -113,10 +124,10 @@ def head_refused(headers: list[tuple[bytes, bytes]], settings: Settings) -> Resp
     ``max_header_size`` bytes (names, values, ``": "`` and CRLF counted, as `tidings serve`
     counts them); None if they are within both. RFC 6585 section 5."""
     if len(headers) > settings.max_headers:
-        return refused(431, f"more than {settings.max_headers} header fields")
+        return refused(too_many_headers(settings.max_headers))
     size = sum(len(name) + len(value) + 4 for name, value in headers)
     if size > settings.max_header_size:
-        return refused(431, f"request headers larger than {settings.max_header_size} bytes")
+        return refused(headers_too_large(settings.max_header_size))
     return None
 
 
@@ -147,6 +158,92 @@ def guarded_route(settings: Settings) -> type[GuardedRoute]:
     return type("GuardedRoute", (GuardedRoute,), {"settings": settings})
 
 
+#: the ASGI extension that lets a WebSocket app answer its handshake with an HTTP response
+#: (the WebSocket Denial Response; uvicorn's websockets, websockets-sansio and wsproto have it)
+DENIAL = "websocket.http.response"
+
+
+class GuardedApp:
+    """A plain ASGI endpoint of ``Tidings.router`` (the streaming transports and the WebSocket
+    endpoints, :mod:`tidings.streaming`, :mod:`tidings.endpoints`) behind the guards of
+    :class:`GuardedRoute`, for a tidings mounted under another server:
+
+    * headers past ``max_headers`` / ``max_header_size``: 431 before the endpoint runs (the
+      body of :func:`refused`). A WebSocket handshake gets it as an HTTP response before the
+      upgrade where the server offers the Denial Response extension (``websocket.http.response``,
+      uvicorn), else it is closed 1008 before accepting, which the server answers HTTP 403.
+    * an HTTP request body not complete within ``body_timeout`` seconds of the endpoint being
+      called (a drip of bytes does not renew it): 408, the connection closed. Only the reading
+      of the body is timed; once it is complete, a stream lasts as long as it likes.
+
+    `tidings serve` and `tidings run` hand these paths to the endpoints themselves
+    (serve/front.py), behind their own HTTP protocol's guards (serve/guard.py)."""
+
+    __slots__ = ("app", "settings")
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # returns the endpoint's awaitable for a WebSocket: no frame of ours stays suspended
+        # under every idle connection (memory per connection)
+        refusal = head_refused(scope["headers"], self.settings)
+        if refusal is not None:
+            log.info("%s %s: headers refused (431)", scope.get("method", "GET"), scope["path"])
+            if scope["type"] == "websocket":
+                return _deny(refusal, scope, receive, send)
+            return refusal(scope, receive, send)
+        if scope["type"] == "http":
+            return self._timed(scope, receive, send)
+        return self.app(scope, receive, send)
+
+    async def _timed(self, scope: Scope, receive: Receive, send: Send) -> None:
+        timeout = self.settings.body_timeout
+        deadline = asyncio.get_running_loop().time() + timeout
+        read = 0
+        complete = False
+
+        async def timed_receive() -> Message:
+            nonlocal read, complete
+            if complete:  # the body is in: a stream waits for the client's disconnect here
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                complete = True
+            read += len(message.get("body", b""))
+            return message
+
+        try:
+            await self.app(scope, timed_receive, send)
+        except BodyTimeout:
+            log.info(
+                "%s %s: the body was not complete within %g s (%d bytes): 408",
+                scope["method"],
+                scope["path"],  # never the query: it may hold a token
+                timeout,
+                read,
+            )
+            # the endpoints read the body before they answer: no response has started
+            await refused(body_timed_out(timeout))(scope, receive, send)
+
+
+async def _deny(response: Response, scope: Scope, receive: Receive, send: Send) -> None:
+    """Refuse a WebSocket handshake with ``response`` (before the upgrade), or close 1008
+    where the server cannot send an HTTP response for a WebSocket (it answers 403)."""
+    await receive()  # websocket.connect
+    if DENIAL in (scope.get("extensions") or {}):
+        start = {"type": "websocket.http.response.start", "status": response.status_code}
+        await send({**start, "headers": response.raw_headers})
+        await send({"type": "websocket.http.response.body", "body": response.body})
+    else:
+        await send({"type": "websocket.close", "code": 1008, "reason": ""})
+
+
 def build_router(tidings: Tidings) -> APIRouter:
     router = APIRouter(route_class=guarded_route(tidings.settings))
     hub = tidings.hub
@@ -163,7 +260,7 @@ def build_router(tidings: Tidings) -> APIRouter:
         except ClientGone:  # logged; nobody is there to read an answer
             return Response(status_code=400)
         except BodyTimeout:  # logged
-            return refused(408, f"request body not received within {body_timeout:g} s")
+            return refused(body_timed_out(body_timeout))
         await http.flushed()
         return as_response(done)
 

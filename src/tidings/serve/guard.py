@@ -21,6 +21,12 @@ connection:
   bytes arrive, before the parser buffers them) and ``max_headers`` header fields. Over either:
   ``431 Request Header Fields Too Large`` and the connection closes. RFC 6585 section 5.
 
+Every refusal has the body a mounted tidings answers with (:mod:`tidings.router`, built by the
+same functions of :mod:`tidings.api`): ``{"error": {"code": 107, "message": "..."}}``
+(``application/json``), the message naming the limit (``request head not received within 10
+s``, ``request body not received within 30 s``, ``more than 100 header fields``, ``request
+headers larger than 65536 bytes``), and ``connection: close``.
+
 A WebSocket handshake is an HTTP request parsed here first, so the same timeouts and limits
 apply to it; once upgraded, the WebSocket protocol's own heartbeats take over. Nothing here
 applies to an app mounted under stock uvicorn (README "Production" says what uvicorn offers).
@@ -32,6 +38,13 @@ import asyncio
 import logging
 from typing import Any, ClassVar
 
+from ..api import (
+    Reply,
+    body_timed_out,
+    head_timed_out,
+    headers_too_large,
+    too_many_headers,
+)
 from ..config import Settings
 from ._internals import STATUS_LINE
 from .http import FastHttp
@@ -42,11 +55,6 @@ _IDLE, _HEAD, _BODY, _DONE = 0, 1, 2, 3
 
 #: seconds a refused connection is read (and dropped) after the answer, before it is closed
 LINGER = 2.0
-
-_PHRASES = {
-    408: b"Request Timeout",
-    431: b"Request Header Fields Too Large",
-}
 
 
 class _Refused(Exception):
@@ -70,7 +78,7 @@ class GuardedHttp(FastHttp):
         self.head_bytes = 0
         self.header_count = 0
         self.header_size = 0
-        self.refused = 0  # the status a parser callback refused the request with
+        self.refused: Reply | None = None  # the answer a parser callback refused with
         self.deadline: asyncio.TimerHandle | None = None
 
     # -- timers ------------------------------------------------------------------------------
@@ -96,20 +104,24 @@ class GuardedHttp(FastHttp):
         if cycle is not None and getattr(cycle, "response_started", False):
             transport.close()  # the app answers already: cut it short, do not interleave
             return
-        self._answer(408)
+        if self.phase == _BODY:
+            self._answer(body_timed_out(self.body_timeout))
+        else:
+            self._answer(head_timed_out(self.header_timeout))
 
-    def _answer(self, status: int) -> None:
-        """Write a final ``status`` answer and close: the request is not read any further."""
+    def _answer(self, reply: Reply) -> None:
+        """Write a final answer (status and JSON body) and close: the request is not read any
+        further."""
         self._disarm()
         self.phase = _DONE
         transport = self.transport
         if transport.is_closing():
             return
-        body = _PHRASES[status] + b"\n"
+        status, body = reply
         head = [STATUS_LINE[status]]
         head += [b"%s: %s\r\n" % h for h in self.server_state.default_headers]
         head.append(
-            b"content-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\n"
             b"connection: close\r\n\r\n" % len(body)
         )
         transport.write(b"".join(head) + body)
@@ -157,10 +169,11 @@ class GuardedHttp(FastHttp):
             self.head_bytes += len(data)
         super().data_received(data)
         if self.phase == _HEAD and self.head_bytes > self.max_header_size:
-            self._answer(431)  # the head is still incomplete past the limit
+            # the head is still incomplete past the limit
+            self._answer(headers_too_large(self.max_header_size))
 
     def send_400_response(self, msg: str) -> None:
-        if self.refused:  # our callback stopped the parser: uvicorn took it for a bad request
+        if self.refused is not None:  # our callback stopped the parser, not a bad request
             self._answer(self.refused)
             return
         super().send_400_response(msg)
@@ -182,8 +195,11 @@ class GuardedHttp(FastHttp):
         # a head that arrived whole in one chunk is measured here: names, values, ": ", CRLF
         self.header_count += 1
         self.header_size += len(name) + len(value) + 4
-        if self.header_count > self.max_headers or self.header_size > self.max_header_size:
-            self.refused = 431
+        if self.header_count > self.max_headers:
+            self.refused = too_many_headers(self.max_headers)
+            raise _Refused
+        if self.header_size > self.max_header_size:
+            self.refused = headers_too_large(self.max_header_size)
             raise _Refused
         super().on_header(name, value)
 

@@ -77,16 +77,19 @@ def find(app: Any) -> Found:
 
     Raises RunError if it includes none, or more than one."""
     from ..endpoints import RawEndpoint
+    from ..router import GuardedApp
 
     app_deps = bool(getattr(getattr(app, "router", None), "dependencies", None))
     routes = _routes(list(getattr(app, "routes", [])), deps=app_deps)
-    found = [
-        (path[: -len(RAW_ROUTE)], route.endpoint.tidings)
-        for path, route, _ in routes
-        if isinstance(route, WebSocketRoute)
-        and isinstance(route.endpoint, RawEndpoint)
-        and path.endswith(RAW_ROUTE)
-    ]
+    found = []
+    for path, route, _ in routes:
+        if not isinstance(route, WebSocketRoute) or not path.endswith(RAW_ROUTE):
+            continue
+        endpoint = route.endpoint
+        if isinstance(endpoint, GuardedApp):  # Tidings.router's (the mounted path's guards)
+            endpoint = endpoint.app
+        if isinstance(endpoint, RawEndpoint):
+            found.append((path[: -len(RAW_ROUTE)], endpoint.tidings))
     if not found:
         raise RunError(
             "the app includes no tidings routes: include them with "
