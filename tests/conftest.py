@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import hashlib
 import os
+import shutil
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -65,6 +71,40 @@ def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[
     import uvloop
 
     return {"uvloop": uvloop.new_event_loop}
+
+
+@contextlib.contextmanager
+def exclusive(what: str) -> Iterator[None]:
+    """Hold an inter-process lock named ``what`` for the block (an flock on a file in the
+    temporary directory): pytest-xdist's workers are separate processes, and two that install
+    into one directory at once break each other's install."""
+    digest = hashlib.sha256(what.encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"tidings-tests-{digest}.lock"
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
+def npm_once(directory: Path, done: Path, command: str = "install") -> None:
+    """``npm <command>`` in ``directory`` unless ``done`` (a file it installs) exists; one
+    process at a time (``exclusive``), so a second worker waits and finds it installed.
+
+    Raises:
+        pytest.fail.Exception: npm is missing under CI=true (``pytest.skip`` elsewhere).
+        subprocess.CalledProcessError: npm failed."""
+    if done.exists():
+        return
+    with exclusive(f"npm {directory.resolve()}"):
+        if done.exists():  # installed by another worker while this one waited
+            return
+        npm = shutil.which("npm")
+        if npm is None:
+            if IN_CI:
+                pytest.fail(f"npm is required under CI ({directory}: npm {command})")
+            pytest.skip("npm is not installed")
+        subprocess.run(
+            [npm, command, "--no-audit", "--no-fund"], cwd=directory, check=True, timeout=300
+        )
 
 
 def free_port() -> int:
