@@ -8,8 +8,6 @@ failure, not a skip.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +20,7 @@ from examples.taskboard import BoardSettings, create_app
 from examples.taskboard.security import hash_password
 from examples.taskboard.store import Store
 
-from .conftest import IN_CI
+from .conftest import IN_CI, npm_once
 
 ROOT = Path(__file__).resolve().parents[1]
 BOARD_DIR = ROOT / "examples" / "taskboard"
@@ -69,13 +67,20 @@ async def database(kind: str, tmp_path: Path) -> AsyncIterator[str]:
             await admin.close()
 
 
+#: user name -> the argon2id hash of ``password(name)``, made once per test process: a hash
+#: costs ~0.25 s of CPU by design, and a fresh salt per database tests nothing more
+_HASHES: dict[str, str] = {}
+
+
 async def add_users(url: str, *names: str) -> None:
     """Create the tables and the users (password: ``password(name)``)."""
     store = Store(url)
     try:
         await store.create()
         for name in names:
-            await store.add_user(name, await hash_password(password(name)))
+            if name not in _HASHES:
+                _HASHES[name] = await hash_password(password(name))
+            await store.add_user(name, _HASHES[name])
     finally:
         await store.close()
 
@@ -101,11 +106,4 @@ def token_of(client: httpx.AsyncClient) -> str:
 
 def install_sdk() -> None:
     """`npm ci` in examples/taskboard unless the centrifuge SDK is there already."""
-    if (BOARD_DIR / "node_modules" / "centrifuge" / "dist" / "centrifuge.js").is_file():
-        return
-    npm = shutil.which("npm")
-    if npm is None:
-        if IN_CI:
-            pytest.fail("npm is required under CI (examples/taskboard: npm ci)")
-        pytest.skip("npm is not installed")
-    subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=BOARD_DIR, check=True, timeout=300)
+    npm_once(BOARD_DIR, BOARD_DIR / "node_modules" / "centrifuge" / "dist" / "centrifuge.js", "ci")

@@ -11,6 +11,12 @@ import orjson
 import websockets
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
+#: the ttl of a token a test lets lapse. ``exp`` is whole seconds (RFC 7519 NumericDate, minted
+#: as ``int(now + ttl)``): a ttl=1 token expires 0-1 s after it is minted, possibly before a
+#: loaded server reads it (error 109 instead of the test's close); a ttl=2 one lives 1-2 s, and
+#: the server still tells ttl 1 (whole seconds left, at least 1) and closes the client 1 s
+#: after it accepted the token (credentials.py)
+LAPSING = 2
 
 
 def token(sub: str = "alice", ttl: float | None = 3600, secret: str = SECRET, **claims: Any) -> str:

@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import hashlib
 import os
+import shutil
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -67,6 +73,40 @@ def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[
     return {"uvloop": uvloop.new_event_loop}
 
 
+@contextlib.contextmanager
+def exclusive(what: str) -> Iterator[None]:
+    """Hold an inter-process lock named ``what`` for the block (an flock on a file in the
+    temporary directory): pytest-xdist's workers are separate processes, and two that install
+    into one directory at once break each other's install."""
+    digest = hashlib.sha256(what.encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"tidings-tests-{digest}.lock"
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
+def npm_once(directory: Path, done: Path, command: str = "install") -> None:
+    """``npm <command>`` in ``directory`` unless ``done`` (a file it installs) exists; one
+    process at a time (``exclusive``), so a second worker waits and finds it installed.
+
+    Raises:
+        pytest.fail.Exception: npm is missing under CI=true (``pytest.skip`` elsewhere).
+        subprocess.CalledProcessError: npm failed."""
+    if done.exists():
+        return
+    with exclusive(f"npm {directory.resolve()}"):
+        if done.exists():  # installed by another worker while this one waited
+            return
+        npm = shutil.which("npm")
+        if npm is None:
+            if IN_CI:
+                pytest.fail(f"npm is required under CI ({directory}: npm {command})")
+            pytest.skip("npm is not installed")
+        subprocess.run(
+            [npm, command, "--no-audit", "--no-fund"], cwd=directory, check=True, timeout=300
+        )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -98,6 +138,37 @@ class Running:
 Serve = Callable[..., Awaitable[Running]]
 
 
+class PromptServer(uvicorn.Server):
+    """uvicorn's server, whose main loop notices ``should_exit`` when it is set rather than at
+    its next 0.1 s tick: a test's teardown does not wait for the tick. Everything else (the
+    ticks' work, the shutdown) is uvicorn's own."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        self._wake: asyncio.Event | None = None
+        super().__init__(config)
+
+    @property
+    def should_exit(self) -> bool:
+        return self._should_exit
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        self._should_exit = value
+        if value and self._wake is not None:
+            self._wake.set()
+
+    async def main_loop(self) -> None:
+        self._wake = asyncio.Event()
+        if self._should_exit:
+            self._wake.set()
+        counter = 0
+        while not await self.on_tick(counter):
+            counter = (counter + 1) % 864000
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.1):  # uvicorn's tick
+                    await self._wake.wait()
+
+
 @contextlib.asynccontextmanager
 async def served(app: Any, **options: Any) -> AsyncIterator[tuple[int, uvicorn.Server]]:
     """Serve any ASGI app under uvicorn on a free loopback port in this loop."""
@@ -107,7 +178,7 @@ async def served(app: Any, **options: Any) -> AsyncIterator[tuple[int, uvicorn.S
     sock.bind(("127.0.0.1", 0))
     port = int(sock.getsockname()[1])
     config = uvicorn.Config(app, **{"log_level": "warning", "lifespan": "on", **options})
-    server = uvicorn.Server(config)
+    server = PromptServer(config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     try:
         for _ in range(1000):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import subprocess
 from pathlib import Path
 
 import orjson
 import pytest
 
 from .cfutil import SECRET, token
-from .conftest import IN_CI, Serve
+from .conftest import IN_CI, Serve, npm_once
 
 JS = Path(__file__).parent / "js"
 
@@ -24,10 +23,7 @@ def node() -> str:
         if IN_CI:
             pytest.fail("node is required under CI")
         pytest.skip("node is not installed")
-    if not (JS / "node_modules" / "centrifuge").is_dir():
-        npm = shutil.which("npm")
-        assert npm is not None, "npm is needed to install the centrifuge SDK"
-        subprocess.run([npm, "install", "--no-audit", "--no-fund"], cwd=JS, check=True, timeout=300)
+    npm_once(JS, JS / "node_modules" / "centrifuge" / "package.json")
     return found
 
 

@@ -7,7 +7,6 @@ once, in order, ``recovered: true``. On both server paths (the ``serve`` fixture
 from __future__ import annotations
 
 import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 from .cfutil import SECRET, token
-from .conftest import IN_CI, Running, Serve
+from .conftest import IN_CI, Running, Serve, npm_once
 from .test_centrifuge_js import JS
 from .test_demo_page import CHROMIUM, FLAGS
 
@@ -49,13 +48,7 @@ SETUP = """
 @pytest.fixture(scope="session")
 def bundle() -> None:
     """The SDK's protobuf build in tests/js/node_modules (npm install on first use)."""
-    if not BUNDLE.is_file():
-        npm = shutil.which("npm")
-        if npm is None:
-            if IN_CI:
-                pytest.fail("npm is required under CI (tests/js)")
-            pytest.skip("npm is not installed")
-        subprocess.run([npm, "install", "--no-audit", "--no-fund"], cwd=JS, check=True, timeout=300)
+    npm_once(JS, BUNDLE)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 from tidings import Settings
 from tidings.errors import PermissionDenied
 
-from .cfutil import SECRET, Raw, token
+from .cfutil import LAPSING, SECRET, Raw, token
 from .conftest import Running, Serve
 
 CHAT = {"chat": {"presence": True, "join_leave": True, "allow_publish": True}}
@@ -462,8 +462,8 @@ async def test_unrefreshed_token_closes_3005_and_refresh_extends(serve: Serve) -
     srv = await serve(token_hmac_secret=SECRET, expired_close_delay=0)
     c = await Raw.open(srv.ws)
     kept = await Raw.open(srv.ws)
-    assert (await c.connect(token=token("alice", ttl=1)))["ttl"] == 1
-    result = await kept.connect(token=token("alice", ttl=1))
+    assert (await c.connect(token=token("alice", ttl=LAPSING)))["ttl"] == 1
+    result = await kept.connect(token=token("alice", ttl=LAPSING))
     assert result["expires"] is True
     refreshed = await kept.call("refresh", token=token("alice", ttl=60))
     assert refreshed["refresh"]["expires"] is True and refreshed["refresh"]["ttl"] > 50
@@ -581,7 +581,7 @@ async def test_sub_refresh_extends_and_unrefreshed_subscription_closes_3006(
     kept, lapsed = await Raw.open(srv.ws), await Raw.open(srv.ws)
     for c in (kept, lapsed):
         await c.connect(token=token("alice"))
-        result = await c.subscribe("vip:x", token=token("alice", ttl=1, channel="vip:x"))
+        result = await c.subscribe("vip:x", token=token("alice", ttl=LAPSING, channel="vip:x"))
         assert result["expires"] is True and result["ttl"] == 1
     answer = await kept.call("sub_refresh", channel="vip:x", token=token("alice", channel="vip:x"))
     assert answer["sub_refresh"]["expires"] is True and answer["sub_refresh"]["ttl"] > 3000
