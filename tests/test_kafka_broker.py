@@ -435,6 +435,45 @@ async def test_a_node_started_later_counts_the_same_offsets(cluster: Cluster) ->
     assert (await late.publish("count", b"7", KEEP)).offset == 8
 
 
+async def test_the_stream_cap_forgets_the_same_streams_on_every_node(cluster: Cluster) -> None:
+    """history_max_streams bounds each node's streams by count, and every node forgets the same
+    ones (decided from the log): the least recently active stream of the partition goes, and its
+    channel's next record starts a new life (offset 1, a new epoch) on both nodes alike."""
+    nodes: list[KafkaBroker] = []
+    for _ in range(2):
+        broker = create_broker(cluster.url)
+        assert isinstance(broker, KafkaBroker)
+        broker.max_streams = 5
+        await broker.start(Recorder())
+        cluster.brokers.append(broker)
+        nodes.append(broker)
+    a, b = nodes
+    first = [await a.publish(f"cap{i}", b"old %d" % i, KEPT) for i in range(12)]
+    again = await b.publish("cap0", b"new", KEPT)  # written by the other node this time
+    assert again.offset == 1 and again.epoch != first[0].epoch
+    for node in nodes:
+        assert (await node.history("cap0", limit=0)).position == again
+        result = await node.history("cap0")
+        assert [(p.data, p.offset) for p in result.publications] == [(b"new", 1)]
+    # a channel forgotten and not published again: history starts it afresh (a touch), alike
+    forgotten = await a.history("cap1")
+    assert forgotten.publications == []
+    assert forgotten.position.offset == 0 and forgotten.position.epoch != first[1].epoch
+    assert (await b.history("cap1", limit=0)).position == forgotten.position
+    # the most recently active channel was kept, in its first life, on both nodes
+    for node in nodes:
+        assert (await node.history("cap11", limit=0)).position == first[11]
+    partitions = len(a._tps)
+    cap = max(1, 5 // partitions)
+    for node in nodes:
+        assert len(node._streams) <= max(5, partitions)
+        assert all(len(recent) <= cap for recent in node._activity.values())
+    # 12 + cap0 again + the touch of cap1 = 14 streams started; the cap kept what it could
+    assert a.streams_evicted == b.streams_evicted >= 14 - 5
+    if partitions == 1:
+        assert a.streams_evicted == 14 - 5
+
+
 async def test_malformed_records_are_skipped(cluster: Cluster) -> None:
     from aiokafka import AIOKafkaProducer
 

@@ -65,7 +65,7 @@ class Tidings:
         logs.install_redaction()
         self.settings = settings
         self.broker = create_broker(settings.broker_url)
-        if hasattr(self.broker, "max_streams"):  # engines with a cap (memory, Redis)
+        if hasattr(self.broker, "max_streams"):  # engines with a cap (memory, Redis, Kafka)
             self.broker.max_streams = settings.history_max_streams
         self.hub = Hub(self.broker, settings)
         self.tokens = TokenVerifier(settings)

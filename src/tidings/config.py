@@ -193,9 +193,11 @@ class Settings(BaseSettings):
     history_max_streams: int = Field(
         100_000,
         ge=0,
-        description="Channel streams (offset, epoch, history) the memory and Redis brokers "
-        "keep at most; past it the least recently used (Redis: published) one without "
-        "subscribers is forgotten and restarts with a new epoch (0: no cap).",
+        description="Channel streams (offset, epoch, history) the memory, Redis and Kafka "
+        "brokers keep at most; past it the least recently used (Redis: published) one without "
+        "subscribers is forgotten and restarts with a new epoch (Kafka: split over the topic's "
+        "partitions, at least 1 each; the least recently published or touched stream of the "
+        "partition, subscribed or not; the same on every node) (0: no cap).",
     )
     api_max_body_size: int = Field(
         1_048_576, ge=1024, description="Largest server API request body (a batch too), bytes."

@@ -59,7 +59,7 @@ class HubCollector(Collector):
             ),
         ]
         evicted = getattr(hub.broker, "streams_evicted", None)
-        if evicted is not None:  # an engine's cap (history_max_streams): memory, Redis
+        if evicted is not None:  # an engine's cap (history_max_streams): memory, Redis, Kafka
             counters.append(
                 (
                     "tidings_streams_evicted",

@@ -19,7 +19,22 @@ headers, never a node's own clock), are:
   of a stream never share an epoch, not even after the log itself was lost and rebuilt;
 - a publication adds 1 to the offset; a "touch" record (written by ``history()`` for a stream
   that does not exist yet, is expired, or will expire within half its ``meta_ttl``) starts or
-  refreshes a stream without adding to it; a "remove history" record drops kept publications.
+  refreshes a stream without adding to it; a "remove history" record drops kept publications;
+- each partition keeps at most ``max_streams // partitions`` streams (at least 1; setting
+  ``history_max_streams``, which must be the same on every node; 0: no cap): a record that
+  starts a stream of a channel the partition does not hold while it holds that many first
+  forgets the partition's least recently active stream (activity: its last publication or
+  touch record, in the partition's record order). A forgotten stream's next record starts a new
+  life, exactly as after expiry (a new epoch derived from that record), so a client recovering
+  from the old one is told ``recovered: false``. The rule is per partition because nodes read
+  partitions concurrently (an order across partitions would differ between nodes), and it
+  ignores subscribers, which differ between nodes: a subscribed channel can be forgotten too,
+  and its next publication then reaches the hub with a new epoch, whose subscribers are told
+  the stream was lost (Centrifugo's unsubscribe 2500, else close 3010). Each node counts the
+  streams it forgot in :attr:`KafkaBroker.streams_evicted` (metric ``tidings_streams_evicted``);
+  every node forgets the same ones. Expired streams stay counted until forgotten this way
+  (the sweep only drops their publications): when a node's clock sweeps them does not change
+  what the cap forgets.
 
 ``publish()`` writes the record (acks from every in-sync replica), then waits until this node's
 reader applied it and answers the offset the rules gave it; reads (``history()``) first wait
@@ -80,10 +95,11 @@ partition ends before that offset by then: another node was first), otherwise it
 saying so.
 
 Limits: every node replays the whole topic when it starts, and keeps in memory the history its
-channels keep (bounded by their history size). Records must not be deleted from the topic by
-retention while it is in use: a node started after a deletion would count offsets from a
-different point than older nodes (a node that finds a partition not starting at 0 logs an
-error). Adding partitions to the topic is a new log: every stream starts a new epoch.
+channels keep (bounded by their history size, and their count by ``max_streams``). Records
+must not be deleted from the topic by retention while it is in use: a node started after a
+deletion would count offsets from a different point than older nodes (a node that finds a
+partition not starting at 0 logs an error). Adding partitions to the topic is a new log:
+every stream starts a new epoch.
 """
 
 from __future__ import annotations
@@ -97,7 +113,7 @@ import random
 import re
 import time
 import zlib
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
@@ -111,6 +127,7 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError, TopicAlreadyEx
 from ..errors import LimitExceeded, NotAvailable
 from ._aiokafka import fetching_ended, sending_ended
 from .base import (
+    DEFAULT_MAX_STREAMS,
     DEFAULT_META_TTL,
     Broker,
     BrokerUnavailable,
@@ -291,6 +308,14 @@ class KafkaBroker(Broker):
         self._positions: dict[int, int] = {}  # partition -> next Kafka offset to apply
         self._last: dict[int, tuple[int, int, bytes]] = {}  # partition -> (offset, ts, id)
         self._streams: dict[str, _Stream] = {}
+        #: partition -> its streams' channels, least recently active first (the cap's order)
+        self._activity: dict[int, OrderedDict[str, None]] = {}
+        #: streams kept at most over the topic's partitions, split evenly (module docstring);
+        #: 0: no cap. The same on every node, set before ``start()``.
+        self.max_streams = DEFAULT_MAX_STREAMS
+        #: streams this node forgot to stay under ``max_streams`` (each restarts with a new
+        #: epoch); every node forgets the same ones
+        self.streams_evicted = 0
         self._channels: set[str] = set()
         self._pending: dict[bytes, asyncio.Future[StreamPosition]] = {}
         self._touching: dict[str, asyncio.Future[StreamPosition | None]] = {}
@@ -505,6 +530,7 @@ class KafkaBroker(Broker):
         if self._presence is not None:
             await self._presence.close()
         self._streams.clear()
+        self._activity.clear()
         self._channels.clear()
 
     async def ping(self) -> None:
@@ -600,6 +626,13 @@ class KafkaBroker(Broker):
             tags = meta.get("g")
         else:
             return
+        if self.max_streams:  # no cap: nothing to order (the sweep forgets expired streams)
+            recent = self._activity.setdefault(partition, OrderedDict())
+            if channel in recent:
+                recent.move_to_end(channel)
+            else:
+                self._make_room(recent)
+                recent[channel] = None
         if stream is None or at > stream.expires:
             stream = self._streams[channel] = _Stream(_epoch(partition, record.offset, ts, rid))
         stream.expires = max(stream.expires, at + meta_ttl)
@@ -619,6 +652,16 @@ class KafkaBroker(Broker):
             self.handler.on_publication(
                 Publication(channel, data, stream.offset, stream.epoch, info, tags, at)
             )
+
+    def _make_room(self, recent: OrderedDict[str, None]) -> None:
+        """Before a partition holds one more stream: forget its least recently active one if
+        it holds its share of ``max_streams`` already (decided from the log alone, see the
+        module docstring)."""
+        cap = max(1, self.max_streams // max(1, len(self._tps)))
+        while len(recent) >= cap:
+            name, _ = recent.popitem(last=False)
+            self._streams.pop(name, None)
+            self.streams_evicted += 1
 
     def _resolve(self, rid: bytes, position: StreamPosition | None) -> None:
         waiter = self._pending.pop(rid, None)
@@ -907,6 +950,7 @@ class KafkaBroker(Broker):
                 await self._reader
             self._reader = None
             self._streams.clear()
+            self._activity.clear()
             self._last.clear()
             self._positions.clear()
             self._stuck.clear()
@@ -942,10 +986,17 @@ class KafkaBroker(Broker):
 
     def sweep(self) -> None:
         """Forget streams idle for longer than their ``meta_ttl`` (a later record would start
-        them again anyway) and publications past their history ttl."""
+        them again anyway) and publications past their history ttl.
+
+        Under a cap (``max_streams``) an expired stream keeps its place (offset and epoch, no
+        publications) until the cap forgets it: what the cap forgets must follow from the log,
+        not from when this node's clock swept."""
         now = time.time()
         for name in [n for n, s in self._streams.items() if s.expires + _FORGET_MARGIN < now]:
-            del self._streams[name]
+            if self.max_streams:
+                self._streams[name].items.clear()
+            else:
+                del self._streams[name]
         for stream in self._streams.values():
             items = stream.items
             while items and items[0][0] <= now:
