@@ -118,8 +118,15 @@ async def test_long_targets_are_refused_and_queries_never_remembered(serve: Serv
             assert r.status_code == 401
         r = await http.post(f"{srv.url}/api/publish?{'q' * MAX_TARGET}", json={})
         assert r.status_code == 414
+        # the documented JSON error, as every other refusal of the server's own HTTP
+        assert r.headers["content-type"] == "application/json"
+        assert r.headers["connection"] == "close"
+        assert r.json() == {
+            "error": {"code": 107, "message": f"request target longer than {MAX_TARGET} bytes"}
+        }
         r = await http.get(f"{srv.url}/ws/news?token={'q' * MAX_TARGET}")
         assert r.status_code == 414
+        assert r.json()["error"]["code"] == 107
         # unique long paths are routed, not remembered
         for i in range(50):
             r = await http.post(f"{srv.url}/api/{i}{'p' * 1000}", json={})

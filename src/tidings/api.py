@@ -69,6 +69,11 @@ def headers_too_large(limit: int) -> Reply:
     return error_reply(BadRequest(f"request headers larger than {limit} bytes"), 431)
 
 
+def target_too_long(limit: int) -> Reply:
+    """414 (RFC 9110 section 15.5.15): a request target (path and query) over ``limit`` bytes."""
+    return error_reply(BadRequest(f"request target longer than {limit} bytes"), 414)
+
+
 def head_timed_out(seconds: float) -> Reply:
     """408 (RFC 9110 section 15.5.9): the request's head was not complete within ``seconds``."""
     return error_reply(BadRequest(f"request head not received within {seconds:g} s"), 408)

@@ -46,8 +46,7 @@ from ..api import (
     too_many_headers,
 )
 from ..config import Settings
-from ._internals import STATUS_LINE
-from .http import FastHttp
+from .http import FastHttp, closing_answer
 
 log = logging.getLogger("tidings.http")
 
@@ -117,14 +116,7 @@ class GuardedHttp(FastHttp):
         transport = self.transport
         if transport.is_closing():
             return
-        status, body = reply
-        head = [STATUS_LINE[status]]
-        head += [b"%s: %s\r\n" % h for h in self.server_state.default_headers]
-        head.append(
-            b"content-type: application/json\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n" % len(body)
-        )
-        transport.write(b"".join(head) + body)
+        transport.write(closing_answer(reply, self.server_state.default_headers))
         flush = getattr(transport, "flush", None)  # a Cork holds writes until the loop turns
         if flush is not None:
             flush()

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .. import eager
-from ..api import Reply
+from ..api import Reply, target_too_long
 from ._internals import STATUS_LINE, HttpToolsProtocol, uvicorn_fits
 from .front import INTERNAL_ERROR, Answer, Front
 
@@ -27,10 +27,19 @@ log = logging.getLogger("tidings.http")
 #: default (``large_client_header_buffers``) is 8 KiB.
 MAX_TARGET = 16 * 1024
 
-_URI_TOO_LONG = (
-    b"HTTP/1.1 414 URI Too Long\r\ncontent-type: text/plain; charset=utf-8\r\n"
-    b"content-length: 12\r\nconnection: close\r\n\r\nURI Too Long"
-)
+
+
+def closing_answer(reply: Reply, default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A final answer's bytes: ``reply``'s status and JSON body, the server's default headers
+    (``server``, ``date``) and ``connection: close`` (the request is not read any further)."""
+    status, body = reply
+    head = [STATUS_LINE[status]]
+    head += [b"%s: %s\r\n" % h for h in default_headers]
+    head.append(
+        b"content-type: application/json\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n\r\n" % len(body)
+    )
+    return b"".join(head) + body
 
 
 class TargetTooLong(Exception):
@@ -214,7 +223,9 @@ class FastHttp(CorkedHttpTools):
         if not self.too_long:
             super().send_400_response(msg)
             return
-        self.transport.write(_URI_TOO_LONG)
+        self.transport.write(
+            closing_answer(target_too_long(MAX_TARGET), self.server_state.default_headers)
+        )
         self.transport.close()
         #: the request being parsed arrived behind a response that closed the connection
         #: (HTTP/1.0, ``Connection: close``): it cannot be answered, so it is not executed
