@@ -193,3 +193,44 @@ async def test_eager_sends_run_as_the_writer_task_in_its_context(
             assert await asyncio.wait_for(ws.recv(), 5) == f"n{i}"
     assert eager[0] >= 5  # sent by the Flusher, not by a woken writer task
     assert timed.seen == ["websocket:/ws/news"] * 5
+
+
+@pytest.mark.parametrize("ws_impl", WS_IMPLS)
+async def test_the_server_transport_is_found_under_every_ws_impl(ws_impl: str) -> None:
+    """transport/asgi.py's one reach into a server's internals (to abort a socket whose close
+    hangs): the protocol object behind an ASGI ``send``, through FastAPI's middleware and a
+    user's own ``send``-wrapping middleware, has a ``transport`` with ``abort()``. One check
+    per uvicorn WebSocket implementation: if a release moves it, this fails, not production."""
+    from starlette.routing import WebSocketRoute
+
+    from tidings.transport.asgi import server_transport
+
+    class Probe:  # an ASGI app, as tidings' endpoints are (not a function taking a WebSocket)
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            await receive()  # websocket.connect
+            await send({"type": "websocket.accept"})
+            transport = server_transport(send)
+            found = "none" if transport is None else type(transport).__name__
+            await send({"type": "websocket.send", "text": found})
+            await send({"type": "websocket.close", "code": 1000})
+
+    def wrapping(app: ASGIApp) -> ASGIApp:
+        async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+            async def wrapped(message: Message) -> None:
+                await send(message)
+
+            await app(scope, receive, wrapped)
+
+        return middleware
+
+    app = FastAPI()
+    app.router.routes.append(WebSocketRoute("/probe", Probe()))
+    app.add_middleware(wrapping)  # type: ignore[arg-type]
+    async with served(app, ws=ws_impl) as (port, _):
+        ws = await websockets.connect(f"ws://127.0.0.1:{port}/probe")
+        try:
+            found = await asyncio.wait_for(ws.recv(), 10)
+        finally:
+            await ws.close()
+    assert found != "none"
+    assert "Transport" in str(found)  # asyncio's _SelectorSocketTransport or uvloop's TCPTransport

@@ -30,7 +30,11 @@ def server_transport(send: Send, depth: int = 6) -> _Abortable | None:
     object ``send`` is a method of (uvicorn's WebSocket protocols), looked for through the
     closures middleware wrap ``send`` in (Starlette's exception handling does), then of the
     protocol whose method runs the current task (the ASGI application's task). Duck typing
-    over servers' internals, used for one thing only: aborting a socket whose close hangs."""
+    over servers' internals, used for one thing only: aborting a socket whose close hangs.
+    ``tests/test_asgi_writer.py::test_the_server_transport_is_found_under_every_ws_impl``
+    checks it under each of uvicorn's WebSocket implementations (the pin in pyproject.toml),
+    behind FastAPI's middleware and a ``send``-wrapping one; under another server it may find
+    nothing, and a hung close then waits for the server's own timeout."""
     seen: set[int] = set()
     todo: list[tuple[Any, int]] = [(send, 0)]
     while todo:
