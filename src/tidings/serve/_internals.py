@@ -30,7 +30,9 @@ uvicorn (its protocol classes' constructor interface, ``Config`` and ``ServerSta
 * :data:`HTTP_PARTS`: what :class:`~.http.FastHttp` uses of ``HttpToolsProtocol`` beyond the
   asyncio protocol interface (it subclasses it); :func:`uvicorn_fits` checks them once at run
   time and `tidings serve` falls back to uvicorn's own path if any is missing;
-* ``STATUS_LINE``: httptools_impl's ready-made status lines.
+* ``STATUS_LINE``: httptools_impl's ready-made status lines;
+* :data:`INVALID_REQUEST`: the WARNING httptools_impl logs (logger ``uvicorn.error``) for every
+  parser error, logged before ``send_400_response`` is called.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ from websockets.protocol import Protocol as WsProtocol
 from websockets.server import ServerProtocol
 
 log = logging.getLogger("tidings.serve")
+
+#: httptools_impl's message (``uvicorn.error``, WARNING) for a parser error
+INVALID_REQUEST = "Invalid HTTP request received."
 
 #: ``uvicorn.Config`` attributes read by the protocols
 CONFIG_FIELDS = (
@@ -141,6 +146,7 @@ __all__ = [
     "CONFIG_FIELDS",
     "HTTP_PARTS",
     "HTTP_REQUEST_PARTS",
+    "INVALID_REQUEST",
     "SERVER_STATE_FIELDS",
     "STATUS_LINE",
     "HttpToolsProtocol",

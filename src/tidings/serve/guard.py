@@ -46,7 +46,7 @@ from ..api import (
     too_many_headers,
 )
 from ..config import Settings
-from .http import FastHttp, closing_answer
+from .http import FastHttp, closing_answer, refusal_answered, refusal_begins
 
 log = logging.getLogger("tidings.http")
 
@@ -165,6 +165,7 @@ class GuardedHttp(FastHttp):
             self._answer(headers_too_large(self.max_header_size))
 
     def send_400_response(self, msg: str) -> None:
+        refusal_answered()
         if self.refused is not None:  # our callback stopped the parser, not a bad request
             self._answer(self.refused)
             return
@@ -189,9 +190,11 @@ class GuardedHttp(FastHttp):
         self.header_size += len(name) + len(value) + 4
         if self.header_count > self.max_headers:
             self.refused = too_many_headers(self.max_headers)
+            refusal_begins()
             raise _Refused
         if self.header_size > self.max_header_size:
             self.refused = headers_too_large(self.max_header_size)
+            refusal_begins()
             raise _Refused
         super().on_header(name, value)
 

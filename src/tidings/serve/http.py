@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import eager
 from ..api import Reply, target_too_long
-from ._internals import STATUS_LINE, HttpToolsProtocol, uvicorn_fits
+from ._internals import INVALID_REQUEST, STATUS_LINE, HttpToolsProtocol, uvicorn_fits
 from .front import INTERNAL_ERROR, Answer, Front
 
 log = logging.getLogger("tidings.http")
@@ -40,6 +40,33 @@ def closing_answer(reply: Reply, default_headers: list[tuple[bytes, bytes]]) -> 
         b"connection: close\r\n\r\n" % len(body)
     )
     return b"".join(head) + body
+
+
+class _OwnRefusals(logging.Filter):
+    """Drops uvicorn's "Invalid HTTP request received." WARNING when the parser error is one a
+    callback raised on purpose to refuse a request (414, 431): that request is answered with
+    its own status and JSON error, it was not invalid HTTP, and a client sending such requests
+    on purpose should not fill the log. Any other parser error is still logged."""
+
+    #: a callback is stopping the parser on purpose; cleared by the next send_400_response
+    #: (called right after uvicorn's warning), so it never outlives the one refusal
+    refusing = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_OwnRefusals.refusing and record.msg == INVALID_REQUEST)
+
+
+logging.getLogger("uvicorn.error").addFilter(_OwnRefusals())
+
+
+def refusal_begins() -> None:
+    """Say that the parser error about to be raised is a refusal (:class:`_OwnRefusals`)."""
+    _OwnRefusals.refusing = True
+
+
+def refusal_answered() -> None:
+    """The refusal reached ``send_400_response``: log parser errors as usual again."""
+    _OwnRefusals.refusing = False
 
 
 class TargetTooLong(Exception):
@@ -216,10 +243,12 @@ class FastHttp(CorkedHttpTools):
         if len(self.url) > MAX_TARGET:
             self.too_long = True
             self.url = b""
+            refusal_begins()
             raise TargetTooLong
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a parser error; 414 when it was a target over MAX_TARGET."""
+        refusal_answered()
         if not self.too_long:
             super().send_400_response(msg)
             return
