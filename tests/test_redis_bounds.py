@@ -9,6 +9,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+import websockets
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
@@ -20,6 +21,7 @@ from tidings.metrics import exposition
 from tidings.session import Session
 from tidings.subscriptions import is_recovered
 
+from .conftest import Serve
 from .engines import ENGINES, WAIT, namespace
 from .test_hub import CountingEncoder as PassThrough
 from .test_hub import Recorder as FrameRecorder
@@ -135,3 +137,24 @@ async def test_an_evicted_channel_restarts_with_a_new_epoch_and_does_not_recover
         assert not is_recovered(history, before)
         kept = (await hub.history("old")).publications  # the new life only, never a splice
         assert [(p.offset, p.epoch) for p in kept] == [(1, after.epoch)]
+
+
+async def test_a_raw_replay_on_a_channel_without_history_leaves_no_keys(
+    serve: Serve, url: str
+) -> None:
+    """``/ws/CH?since=...`` on a channel that keeps no history: no stream is read (a read
+    would create one, keys for a channel that keeps none, 7 days each, a key per name a client
+    makes up); ``since=0`` subscribes, an offset cannot be continued: closed 3010."""
+    srv = await serve(broker_url=url, namespaces={"live": {"history_size": 0}})
+    broker = srv.hub.broker
+    assert isinstance(broker, RedisBroker)
+    async with websockets.connect(f"{srv.ws}/ws/live:a?since=0") as ws:
+        await until(lambda: srv.hub.subscribers("live:a") == 1)
+        await srv.hub.publish("live:a", "m1")
+        assert await asyncio.wait_for(ws.recv(), WAIT) == "m1"
+    for i in range(3):
+        async with websockets.connect(f"{srv.ws}/ws/live:b{i}?since=3&epoch=abcd") as ws:
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), WAIT)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 3010
+    assert await keys_of(broker) == []

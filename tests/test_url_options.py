@@ -58,6 +58,9 @@ def test_unknown_options_are_an_error_unless_passed_through() -> None:
         ("timeout=0", "timeout='0': expected a positive number of seconds"),
         ("timeout=-1", "timeout='-1': expected a positive number of seconds"),
         ("timeout=nan", "timeout='nan': expected a positive number of seconds"),
+        # infinity is no number of seconds: nats' max_age=inf failed at start, OverflowError
+        ("timeout=inf", "timeout='inf': expected a positive number of seconds"),
+        ("timeout=1e400", "timeout='1e400': expected a positive number of seconds"),
         ("timeout=", "timeout='': expected a positive number of seconds"),
         ("replicas=1.5", "replicas='1.5': expected a positive whole number"),
         ("replicas=0", "replicas='0': expected a positive whole number"),
@@ -101,6 +104,8 @@ def test_names_and_values_are_percent_decoded() -> None:
         ("postgresql://h/db?pool_size=2.5", "pool_size='2.5': expected a positive whole number"),
         ("postgresql://h/db?unlogged=maybe", "unlogged='maybe': expected true or false"),
         ("nats://127.0.0.1?timeout=1&timeout=2", "nats URL option timeout is given more"),
+        ("nats://127.0.0.1?max_age=inf", "max_age='inf': expected a positive number of"),
+        ("redis://127.0.0.1/0?ping_interval=inf", "ping_interval='inf': expected a positive"),
         ("nats://127.0.0.1?replicas=1.5", "replicas='1.5': expected a positive whole number"),
         ("nats://127.0.0.1?x=1", r"unknown nats URL option\(s\): x; known: prefix, timeout"),
         ("kafka://k:9092?x=1", r"unknown kafka URL option\(s\): x; known: prefix, topic"),

@@ -273,6 +273,13 @@ class RawEndpoint:
         replay with a hole. ``offset`` 0 asks for everything kept."""
         hub, wire = self.tidings.hub, session.format
         assert isinstance(wire, RawText)
+        if hub.streamless(channel):
+            # no stream to read (a read would create one: broker keys for a channel that keeps
+            # none) and no offsets: only "everything kept", which is nothing, can be honoured
+            if offset:
+                raise INSUFFICIENT_STATE()
+            await hub.subscribe(session, channel, wire)
+            return
         await hub.subscribe(session, channel, wire, buffer=True)
         try:
             history = await hub.history(channel)

@@ -414,7 +414,7 @@ class Hub:
                 local.op = None
                 done.set_result(None)
 
-    def _streamless(self, channel: str) -> bool:
+    def streamless(self, channel: str) -> bool:
         """Whether the broker keeps no stream for ``channel`` (it keeps no history and the
         engine keeps no offsets for such channels): its publications carry no offset."""
         if self.broker.streams_without_history:
@@ -428,7 +428,7 @@ class Hub:
         """Read the stream position the broker subscription starts from, so a publication lost
         before the channel's first delivery is noticed too (a gap, or another epoch). None for
         a channel without a stream: the read would create one."""
-        if self._streamless(channel):
+        if self.streamless(channel):
             return
         try:
             position = (
@@ -564,12 +564,12 @@ class Hub:
     def on_resync(self) -> None:
         """The broker may have missed deliveries (it reconnected): catch every channel up.
 
-        A channel without a stream (:meth:`_streamless`) has no offsets to tell whether it
+        A channel without a stream (:meth:`streamless`) has no offsets to tell whether it
         missed any: its subscribers are told they may have (as for a lost stream)."""
         for channel, local in list(self._local.items()):
             if local.epoch and local.healing is None:
                 self._heal(channel, local, [])
-            elif local.subscribed and self._streamless(channel):
+            elif local.subscribed and self.streamless(channel):
                 self._lose(channel, local, "what was published while the broker reconnected")
 
     def _heal(self, channel: str, local: _Local, held: list[Publication]) -> None:

@@ -262,7 +262,7 @@ class Broker(abc.ABC):
 # -- URL options -------------------------------------------------------------------------------
 
 #: How an engine declares one of its URL options (:func:`url_options`): ``str`` (any text),
-#: ``float`` (a positive number of seconds), ``int`` (a positive whole number), ``bool`` (a
+#: ``float`` (a positive, finite number of seconds), ``int`` (a positive whole number), ``bool`` (a
 #: flag) or a tuple of the words it may be.
 OptionKind = type[str] | type[float] | type[int] | type[bool] | tuple[str, ...]
 
@@ -305,10 +305,11 @@ def _convert(engine: str, name: str, raw: str, kind: OptionKind) -> str | float 
             number = float(raw)  # "3", "3.0" and "1e2" alike
         except ValueError:
             number = math.nan
-        if kind is float and number > 0:
-            return number
-        if number > 0 and math.isfinite(number) and number == int(number):
-            return int(number)
+        if number > 0 and math.isfinite(number):  # inf is no number of seconds
+            if kind is float:
+                return number
+            if number == int(number):
+                return int(number)
         expected = "a positive number of seconds" if kind is float else "a positive whole number"
     else:
         return raw
