@@ -202,3 +202,34 @@ async def test_a_late_live_copy_of_a_healed_publication_is_not_sent_twice() -> N
         await n.publish("room", b"3")
         await until(lambda: len(rec.frames) >= 3)
         assert rec.frames == [b"1", b"2", b"3"]
+
+
+async def test_a_reconnect_before_any_baseline_tells_the_subscribers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The baseline read at subscribe failed (a broker in trouble), and the broker reconnected
+    before the channel delivered anything: what was published meanwhile cannot be known, so
+    the subscribers are told (3010 here), never left to take the next publication as if
+    nothing was missed."""
+    async with node("no-baseline") as n:
+        real = n.broker.history
+        failures = [1]
+
+        async def failing_once(*args: object, **kwargs: object) -> object:
+            if failures[0]:
+                failures[0] -= 1
+                raise ConnectionError("the broker is restarting")
+            return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(n.broker, "history", failing_once)
+        async with subscriber(n.hub, "room") as rec:
+            await until(lambda: not failures[0])
+            n.drop("room")
+            await n.publish("room", b"1")  # never reaches this node
+            n.restore("room")
+            n.hub.on_resync()
+            await n.publish("room", b"2")
+            await until(lambda: rec.closed is not None or len(rec.frames) >= 1)
+            assert rec.closed == (3010, "insufficient state")
+            assert rec.frames == []
+            assert n.hub.metrics.gaps_lost >= 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 
 import httpx
@@ -442,3 +443,49 @@ async def test_mounted_header_limits_are_settings(serve: Serve) -> None:
         assert r.status_code == 200, r.text
         r = await http.post(f"{srv.url}/connection/uni_http_stream", content=b"{}", headers=many)
         assert r.status_code == 431, r.text
+
+
+@pytest.mark.one_path
+async def test_refusals_are_not_logged_as_invalid_requests(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    """uvicorn logs "Invalid HTTP request received." (WARNING) for every parser error; a 431
+    or 414 that tidings serve chose is answered with its own status, not logged as one (a
+    client sending them on purpose would fill the log). A request that is not HTTP still is:
+    the message checked here is uvicorn's own (serve/_internals.INVALID_REQUEST)."""
+    from tidings.serve._internals import INVALID_REQUEST
+    from tidings.serve.http import MAX_TARGET
+
+    srv = await serve(fast=True)
+    uvicorn_log = logging.getLogger("uvicorn.error")  # its parent "uvicorn" does not propagate
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        await refuse_then_garble(srv, caplog, INVALID_REQUEST, MAX_TARGET)
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+
+
+async def refuse_then_garble(
+    srv: Running, caplog: pytest.LogCaptureFixture, invalid: str, max_target: int
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="uvicorn.error"):
+        many = b"".join(b"X-%d: 1\r\n" % i for i in range(200))
+        for head in (
+            b"GET /health HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n",
+            b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+            b"GET /health?" + b"q" * max_target + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        ):
+            reader, writer = await open_raw(srv)
+            writer.write(head)
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            got = await answer(reader)
+            assert got.split(b" ", 2)[1] in (b"431", b"414")
+            writer.close()
+        assert invalid not in caplog.text
+        reader, writer = await open_raw(srv)
+        writer.write(b"\x16\x03\x01 not http at all\r\n\r\n")  # e.g. TLS to a plain port
+        got = await answer(reader)
+        assert got.split(b" ", 2)[1] == b"400"
+        writer.close()
+        assert caplog.text.count(invalid) == 1

@@ -104,6 +104,9 @@ class _Local:
     #: buffering sessions whose stream was lost meanwhile: told when they are activated
     #: (after their subscribe reply), not before it
     lost: set[Session] = field(default_factory=set)
+    #: the baseline could not be read (the broker failed the read): until a delivery gives a
+    #: position, nothing tells whether a reconnect lost publications of this channel
+    unknown: bool = False
 
 
 def encode_json(data: Any) -> bytes:
@@ -435,7 +438,9 @@ class Hub:
                 await self.broker.history(channel, limit=0, meta_ttl=self.settings.history_meta_ttl)
             ).position
         except Exception as exc:  # the subscription stands: gaps are noticed from the first
+            # delivery on; a reconnect before it tells the subscribers (on_resync)
             log.warning("could not read the stream position of %r: %s", channel, exc)
+            local.unknown = True
             return
         if not local.epoch:  # a publication delivered meanwhile is a newer baseline
             local.epoch, local.last = position.epoch, position.offset
@@ -564,12 +569,14 @@ class Hub:
     def on_resync(self) -> None:
         """The broker may have missed deliveries (it reconnected): catch every channel up.
 
-        A channel without a stream (:meth:`streamless`) has no offsets to tell whether it
-        missed any: its subscribers are told they may have (as for a lost stream)."""
+        A channel without a stream (:meth:`streamless`), or whose baseline could not be read
+        and that has delivered nothing since, has no position to tell whether it missed any:
+        its subscribers are told they may have (as for a lost stream), never left with a
+        silent gap."""
         for channel, local in list(self._local.items()):
             if local.epoch and local.healing is None:
                 self._heal(channel, local, [])
-            elif local.subscribed and self.streamless(channel):
+            elif local.subscribed and (local.unknown or self.streamless(channel)):
                 self._lose(channel, local, "what was published while the broker reconnected")
 
     def _heal(self, channel: str, local: _Local, held: list[Publication]) -> None:
