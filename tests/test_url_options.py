@@ -68,6 +68,8 @@ def test_unknown_options_are_an_error_unless_passed_through() -> None:
         ("replicas=two", "replicas='two': expected a positive whole number"),
         ("unlogged=maybe", "unlogged='maybe': expected true or false (or 1/0, yes/no, on/off)"),
         ("storage=disk", "storage='disk': expected file or memory"),
+        # an empty value (a failed ${VAR} substitution) is not the default
+        ("prefix=", "prefix='': expected a value (it is empty)"),
     ],
 )
 def test_a_bad_value_names_the_option_and_what_it_expects(query: str, expected: str) -> None:

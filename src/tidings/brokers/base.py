@@ -261,9 +261,9 @@ class Broker(abc.ABC):
 
 # -- URL options -------------------------------------------------------------------------------
 
-#: How an engine declares one of its URL options (:func:`url_options`): ``str`` (any text),
-#: ``float`` (a positive, finite number of seconds), ``int`` (a positive whole number), ``bool`` (a
-#: flag) or a tuple of the words it may be.
+#: How an engine declares one of its URL options (:func:`url_options`): ``str`` (any non-empty
+#: text), ``float`` (a positive, finite number of seconds), ``int`` (a positive whole number),
+#: ``bool`` (a flag) or a tuple of the words it may be.
 OptionKind = type[str] | type[float] | type[int] | type[bool] | tuple[str, ...]
 
 _TRUE = ("true", "1", "yes", "on")
@@ -311,8 +311,12 @@ def _convert(engine: str, name: str, raw: str, kind: OptionKind) -> str | float 
             if number == int(number):
                 return int(number)
         expected = "a positive number of seconds" if kind is float else "a positive whole number"
-    else:
+    elif raw:
         return raw
+    else:
+        # an empty value (a failed ${VAR} substitution) must not quietly mean the default: an
+        # empty prefix= would share the default deployment's keys
+        expected = "a value (it is empty)"
     raise ValueError(f"{engine} URL option {name}={raw!r}: expected {expected}")
 
 
