@@ -102,18 +102,24 @@ async def test_streams_past_history_max_streams_are_evicted_least_recent_first(u
             if i == CAP:  # what CAP streams cost (the cap is reached as of here)
                 capped = await memory_of(broker, await keys_of(broker))
         keys = await keys_of(broker)
-        metas = [k for k in keys if ":meta:" in k]
-        hists = [k for k in keys if ":hist:" in k]
+        # the cap counts streams without subscribers (README: "at most history_max_streams
+        # such channels without subscribers are kept"): "watched", popped from the index and
+        # put back as just used, is kept beside them; whether it is in the index at the end
+        # depends on ties between publications in the same millisecond
+        metas = [k for k in keys if ":meta:" in k and "{watched}" not in k]
+        hists = [k for k in keys if ":hist:" in k and "{watched}" not in k]
         assert len(metas) <= CAP and len(hists) <= CAP, (len(metas), len(hists))
-        assert len(keys) <= 2 * CAP + 1
+        assert f"{broker.prefix}:meta:{{watched}}" in keys
+        assert len(keys) <= 2 * (CAP + 1) + 1  # and the index
         # memory: what 200 streams leave is what CAP of them cost, give or take a stream
         assert await memory_of(broker, keys) <= capped * 1.1
         # the most recently published are kept, the oldest are gone
         assert f"{broker.prefix}:meta:{{c199}}" in keys
         assert f"{broker.prefix}:meta:{{c0}}" not in keys
-        assert broker.streams_evicted == 200 + 1 - CAP
+        # every other channel was evicted, and counted
+        assert broker.streams_evicted == 200 - len(metas) >= 200 - CAP
         metrics = exposition(hub)[0].decode()
-        assert f"tidings_streams_evicted_total {200 + 1 - CAP}.0" in metrics
+        assert f"tidings_streams_evicted_total {200 - len(metas)}.0" in metrics
         second = await hub.publish("watched", {"n": 2})
         assert second == StreamPosition(2, first.epoch)
         await until(lambda: len(transport.frames) == 2)
