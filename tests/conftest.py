@@ -252,3 +252,33 @@ async def serve(server_path: str) -> AsyncIterator[Serve]:
             return Running(app.state.tidings, port, server, fast)
 
         yield start
+
+
+# -- Chromium for the browser tests (README: Test) -----------------------------------------------
+
+CHROMIUM = os.environ.get("TIDINGS_TEST_CHROMIUM", "/usr/bin/chromium")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+@contextlib.asynccontextmanager
+async def chromium() -> AsyncIterator[Any]:
+    """A launched headless Chromium (a Playwright ``Browser``), closed on exit."""
+    if not shutil.which(CHROMIUM):
+        if IN_CI:
+            pytest.fail(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
+        pytest.skip("Chromium not installed")
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    """A headless Chromium for one test (:func:`chromium`)."""
+    async with chromium() as launched:
+        yield launched

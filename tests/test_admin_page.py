@@ -5,40 +5,19 @@ them)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tidings import ChannelOptions, Settings
 
 from .cfutil import SECRET, Raw, token
-from .conftest import IN_CI, Serve
+from .conftest import Serve
 
-CHROMIUM = os.environ.get("TIDINGS_TEST_CHROMIUM", "/usr/bin/chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 SIZES = {"desktop": {"width": 1280, "height": 900}, "phone": {"width": 390, "height": 844}}
 PASSWORD = "admin page test password, long enough"
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    if not shutil.which(CHROMIUM):
-        if IN_CI:
-            pytest.fail(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
-        pytest.skip("Chromium not installed")
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        try:
-            yield browser
-        finally:
-            await browser.close()
 
 
 def settings() -> Settings:

@@ -6,17 +6,14 @@ once, in order, ``recovered: true``. On both server paths (the ``serve`` fixture
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
 from .cfutil import SECRET, token
-from .conftest import IN_CI, Running, Serve, npm_once
+from .conftest import Running, Serve, npm_once
 from .test_centrifuge_js import JS
-from .test_demo_page import CHROMIUM, FLAGS
 
 BUNDLE = JS / "node_modules" / "centrifuge" / "dist" / "centrifuge.protobuf.js"
 WAIT = 20_000  # ms, Playwright's unit: generous for a loaded machine, never a timing claim
@@ -52,19 +49,9 @@ def bundle() -> None:
 
 
 @pytest.fixture
-async def browser(bundle: None) -> AsyncIterator[Any]:
-    if not shutil.which(CHROMIUM):
-        if IN_CI:
-            pytest.fail(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
-        pytest.skip("Chromium not installed")
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        try:
-            yield browser
-        finally:
-            await browser.close()
+def browser(bundle: None, browser: Any) -> Any:
+    """The shared Chromium (tests/conftest.py), with the SDK's protobuf build in place."""
+    return browser
 
 
 async def publish(srv: Running, data: Any) -> None:

@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import shutil
 import socket
 import struct
 import zlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -28,7 +26,7 @@ from tidings.frames import payload, text_frame
 from tidings.protocol import deflate
 from tidings.protocol.deflate import Compressor
 
-from .conftest import IN_CI, Running, Serve
+from .conftest import Running, Serve
 from .wsraw import close_code
 
 PATHS = [pytest.param(False, id="asgi"), pytest.param(True, id="fast")]
@@ -429,8 +427,6 @@ async def test_centrifuge_python_over_deflate(serve: Serve, fast: bool) -> None:
 
 # -- a browser -----------------------------------------------------------------------------------
 
-CHROMIUM = os.environ.get("TIDINGS_TEST_CHROMIUM", "/usr/bin/chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 PAGE_SCRIPT = """
 async (url) => {
@@ -454,20 +450,6 @@ async (url) => {
 """
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    if not shutil.which(CHROMIUM):
-        if IN_CI:
-            pytest.fail(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
-        pytest.skip("Chromium not installed")
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        launched = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        try:
-            yield launched
-        finally:
-            await launched.close()
 
 
 async def test_chromium_negotiates_deflate_and_gets_payloads_intact(

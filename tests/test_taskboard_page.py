@@ -5,8 +5,6 @@ chat, a private notification, and recovery after the network drops. Screenshots 
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,10 +16,8 @@ import uvicorn
 from examples.taskboard.store import Store
 
 from .boardutil import ARTIFACTS, add_users, board_app, database, install_sdk, password
-from .conftest import IN_CI, Running, Serve, free_port
+from .conftest import Running, Serve, free_port
 
-CHROMIUM = os.environ.get("TIDINGS_TEST_CHROMIUM", "/usr/bin/chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 #: ms: another user's change must show within this, in the same document (no reload, checked
 #: with window.__sameDocument): it can only have come live. Issue 13 asked "within 2 s"; on a
 #: quiet machine it shows in well under that, but under `pytest -n 4` on 2 cores the browser,
@@ -32,20 +28,10 @@ WAIT = 15_000  # ms: anything else (reconnecting after the network is back, say)
 
 
 @pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    if not shutil.which(CHROMIUM):
-        if IN_CI:
-            pytest.fail(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
-        pytest.skip("Chromium not installed")
+def browser(browser: Any) -> Any:
+    """The shared Chromium (tests/conftest.py), with the board's SDK installed."""
     install_sdk()
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        try:
-            yield browser
-        finally:
-            await browser.close()
+    return browser
 
 
 @pytest.fixture

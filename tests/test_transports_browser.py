@@ -5,7 +5,6 @@ and gets exactly those back, once, in order, ``recovered: true``; an ``EventSour
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,10 +13,9 @@ import orjson
 import pytest
 
 from .cfutil import SECRET, token
-from .conftest import IN_CI, Serve
+from .conftest import Serve, chromium
 from .engines import WAIT
 from .test_centrifuge_js import JS, node  # noqa: F401 (the fixture: npm install on first use)
-from .test_demo_page import CHROMIUM, FLAGS
 
 BUNDLE = JS / "node_modules" / "centrifuge" / "dist" / "centrifuge.js"
 API = {"x-api-key": "key"}
@@ -31,18 +29,8 @@ pytestmark = pytest.mark.usefixtures("node")
 @pytest.fixture
 async def context() -> AsyncIterator[Any]:
     """A fresh browser context in Chromium: its own network switch (``set_offline``)."""
-    if not shutil.which(CHROMIUM):
-        if IN_CI:
-            pytest.fail(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
-        pytest.skip("Chromium not installed")
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        try:
-            yield await browser.new_context()
-        finally:
-            await browser.close()
+    async with chromium() as browser:
+        yield await browser.new_context()
 
 
 CLIENT = """
