@@ -401,3 +401,11 @@ class Cluster:
     async def close(self) -> None:
         for broker in self.brokers:
             await broker.close()
+
+
+async def until(predicate: Callable[[], bool], wait: float = WAIT) -> None:
+    """Wait until ``predicate()`` is true, polling every 10 ms; TimeoutError after ``wait``
+    seconds (the bound only turns a hang into a failure)."""
+    async with asyncio.timeout(wait):
+        while not predicate():
+            await asyncio.sleep(0.01)

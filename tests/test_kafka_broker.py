@@ -13,7 +13,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -34,7 +34,7 @@ from tidings.hub import Hub
 from tidings.session import Session
 
 from .conftest import IN_CI, Serve, free_port
-from .engines import ENGINES, REDIS_URL, WAIT, Cluster, Recorder, Tansu, namespace
+from .engines import ENGINES, REDIS_URL, WAIT, Cluster, Recorder, Tansu, namespace, until
 from .proxy import Proxy
 from .test_broker_contract import KEEP
 from .test_hub import CountingEncoder as PassThrough
@@ -69,11 +69,6 @@ def tansu() -> Iterator[Tansu]:
     finally:
         server.kill()
 
-
-async def until(predicate: Callable[[], bool]) -> None:
-    async with asyncio.timeout(WAIT):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 @pytest.fixture

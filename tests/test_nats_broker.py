@@ -12,7 +12,7 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -37,7 +37,7 @@ from tidings.session import Session
 
 from .cfutil import Raw
 from .conftest import IN_CI, Serve, free_port
-from .engines import ENGINES, NATS_URL, WAIT, Cluster, Recorder, namespace, with_prefix
+from .engines import ENGINES, NATS_URL, WAIT, Cluster, Recorder, namespace, until, with_prefix
 from .proxy import Proxy
 from .test_broker_contract import KEEP, sentinel
 from .test_hub import CountingEncoder as PassThrough
@@ -56,11 +56,6 @@ async def cluster() -> AsyncIterator[Cluster]:
         finally:
             await nodes.close()
 
-
-async def until(predicate: Callable[[], bool]) -> None:
-    async with asyncio.timeout(WAIT):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 # -- names -------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -37,7 +37,7 @@ from tidings.hub import Hub
 from tidings.session import Session
 
 from .conftest import IN_CI, Serve, free_port
-from .engines import ENGINES, POSTGRES_URL, WAIT, Cluster, Recorder, namespace
+from .engines import ENGINES, POSTGRES_URL, WAIT, Cluster, Recorder, namespace, until
 from .proxy import Proxy
 from .test_broker_contract import KEEP, sentinel
 from .test_hub import CountingEncoder as PassThrough
@@ -66,11 +66,6 @@ async def db() -> AsyncIterator[asyncpg.Connection]:
     finally:
         await conn.close()
 
-
-async def until(predicate: Callable[[], bool]) -> None:
-    async with asyncio.timeout(WAIT):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 async def kill_listener(db: asyncpg.Connection, broker: PostgresBroker) -> None:

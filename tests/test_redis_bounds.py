@@ -6,7 +6,7 @@ Redis and on a Redis Cluster (the index has its own slot there)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 import websockets
@@ -22,7 +22,7 @@ from tidings.session import Session
 from tidings.subscriptions import is_recovered
 
 from .conftest import Serve
-from .engines import ENGINES, WAIT, namespace
+from .engines import ENGINES, WAIT, namespace, until
 from .test_hub import CountingEncoder as PassThrough
 from .test_hub import Recorder as FrameRecorder
 from .test_hub import _ignore as ignore
@@ -35,11 +35,6 @@ async def url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
     async with namespace(ENGINES[request.param]) as found:
         yield found
 
-
-async def until(predicate: Callable[[], bool], wait: float = WAIT) -> None:
-    async with asyncio.timeout(wait):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 async def keys_of(broker: RedisBroker) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -17,7 +17,7 @@ from tidings.brokers.redis import RedisBroker
 from tidings.hub import Hub
 from tidings.session import Session
 
-from .engines import ENGINES, REDIS_URL, WAIT, Cluster, Recorder, namespace, with_prefix
+from .engines import ENGINES, REDIS_URL, WAIT, Cluster, Recorder, namespace, until, with_prefix
 from .proxy import Proxy
 from .test_broker_contract import KEEP, sentinel
 from .test_hub import CountingEncoder as PassThrough
@@ -98,11 +98,6 @@ async def test_a_hub_catches_up_what_was_published_while_its_link_was_down(
         transport.gone.set()
         await serving
 
-
-async def until(predicate: Callable[[], bool]) -> None:
-    async with asyncio.timeout(WAIT):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 async def test_prefixes_keep_deployments_apart(cluster: Cluster) -> None:

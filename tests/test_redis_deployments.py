@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from redis.asyncio import Redis
@@ -19,7 +19,7 @@ from tidings.session import Session
 
 from . import redis_servers
 from .conftest import IN_CI
-from .engines import ENGINES, WAIT, namespace
+from .engines import ENGINES, namespace, until
 from .test_hub import CountingEncoder as PassThrough
 from .test_hub import Recorder as FrameRecorder
 from .test_hub import _ignore as ignore
@@ -27,11 +27,6 @@ from .test_hub import _ignore as ignore
 KEEP = HistoryOptions(size=100, ttl=120)
 FAILOVER_WAIT = 60.0  # seconds: Sentinel's down-after (1 s) plus an election, on a loaded machine
 
-
-async def until(predicate: Callable[[], bool], wait: float = WAIT) -> None:
-    async with asyncio.timeout(wait):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 @pytest.fixture
